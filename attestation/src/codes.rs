@@ -42,6 +42,8 @@ codes! {
     "A verifier refuses documents older than its maximum age (--max-age) and documents dated more than 60 s after the verification time. Request a fresh document.";
     "E-ATTEST-PCR-MISMATCH" => "a PCR does not have the expected value",
     "The enclave's measurement differs from the one expected: another image, runtime, parent role or instance, or a debug-mode enclave (all zeros).";
+    "E-ATTEST-NONCE" => "the document answers another challenge",
+    "A verifier that sent a nonce accepts only a document carrying that nonce; any other is a replay of an older document or an answer to someone else's challenge.";
     "E-PLATFORM-EXISTS" => "the platform directory already has a root",
     "`platform init` never replaces a platform root: every verifier that trusts it would break. Use another directory, or `platform renew` to issue a new NSM certificate.";
     "E-PLATFORM-MISSING" => "not a platform directory",
@@ -58,4 +60,117 @@ codes! {
     "Private key files must be mode 0600 (or stricter); run chmod 600 on the file.";
     "E-KEYFILE-EXISTS" => "the file exists and will not be overwritten",
     "Key files are never overwritten silently. Remove the file or choose another path.";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CODES;
+    use crate::document::DocumentError;
+    use crate::keyfile::KeyFileError;
+    use crate::nsm::NsmError;
+    use crate::pcr::PcrError;
+    use crate::verify::VerifyError;
+    use cloister_proto::ErrorCode;
+
+    #[test]
+    fn every_error_variant_has_an_explained_code() {
+        let io = || std::io::Error::other("x");
+        let doc = DocumentError::Cbor(String::new());
+        let errors: Vec<Box<dyn ErrorCode>> = vec![
+            Box::new(PcrError::OutOfRange(0)),
+            Box::new(PcrError::ReadOnly(0)),
+            Box::new(PcrError::Locked(0)),
+            Box::new(DocumentError::TooLarge { len: 0, max: 0 }),
+            Box::new(DocumentError::Cose(String::new())),
+            Box::new(DocumentError::Algorithm(String::new())),
+            Box::new(doc.clone()),
+            Box::new(DocumentError::Field {
+                field: "f",
+                problem: String::new(),
+            }),
+            Box::new(DocumentError::FieldTooLarge {
+                field: "f",
+                len: 0,
+                max: 0,
+            }),
+            Box::new(VerifyError::Document(doc)),
+            Box::new(VerifyError::NoTrustAnchors),
+            Box::new(VerifyError::UntrustedRoot {
+                subject: String::new(),
+                fingerprint: String::new(),
+            }),
+            Box::new(VerifyError::Certificate {
+                which: String::new(),
+                problem: String::new(),
+            }),
+            Box::new(VerifyError::CertificateTime {
+                which: String::new(),
+                subject: String::new(),
+                at: String::new(),
+                not_before: String::new(),
+                not_after: String::new(),
+            }),
+            Box::new(VerifyError::Chain(String::new())),
+            Box::new(VerifyError::KeyMismatch {
+                alg: "",
+                key: String::new(),
+            }),
+            Box::new(VerifyError::Signature),
+            Box::new(VerifyError::TooOld {
+                age_secs: 0,
+                max_secs: 0,
+            }),
+            Box::new(VerifyError::FromTheFuture {
+                timestamp: String::new(),
+                at: String::new(),
+            }),
+            Box::new(VerifyError::PcrMismatch {
+                index: 0,
+                expected: String::new(),
+                actual: String::new(),
+            }),
+            Box::new(VerifyError::PcrMissing(0)),
+            Box::new(VerifyError::NonceMismatch {
+                expected: String::new(),
+                actual: String::new(),
+            }),
+            Box::new(NsmError::AlreadyInitialised("d".into())),
+            Box::new(NsmError::NotAPlatform {
+                path: "d".into(),
+                problem: String::new(),
+            }),
+            Box::new(NsmError::Certificate(String::new())),
+            Box::new(NsmError::Expired {
+                dir: "d".into(),
+                expired: String::new(),
+            }),
+            Box::new(KeyFileError::Read {
+                path: "p".into(),
+                source: io(),
+            }),
+            Box::new(KeyFileError::Write {
+                path: "p".into(),
+                source: io(),
+            }),
+            Box::new(KeyFileError::Format {
+                path: "p".into(),
+                what: "",
+                problem: String::new(),
+            }),
+            Box::new(KeyFileError::Permissions {
+                path: "p".into(),
+                mode: 0,
+            }),
+            Box::new(KeyFileError::Exists("p".into())),
+        ];
+        for e in errors {
+            assert!(
+                cloister_proto::codes::lookup(&[CODES], e.code()).is_some(),
+                "{} has no explanation",
+                e.code()
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        assert!(CODES.iter().all(|c| seen.insert(c.code)), "duplicate code");
+    }
 }

@@ -80,6 +80,8 @@ pub enum VerifyError {
     },
     #[error("PCR{0} is expected but the document does not include it")]
     PcrMissing(usize),
+    #[error("the document's nonce is {actual}, expected {expected}: it answers another challenge")]
+    NonceMismatch { expected: String, actual: String },
 }
 
 impl ErrorCode for VerifyError {
@@ -95,6 +97,7 @@ impl ErrorCode for VerifyError {
             VerifyError::Signature => "E-ATTEST-SIGNATURE",
             VerifyError::TooOld { .. } | VerifyError::FromTheFuture { .. } => "E-ATTEST-STALE",
             VerifyError::PcrMismatch { .. } | VerifyError::PcrMissing(_) => "E-ATTEST-PCR-MISMATCH",
+            VerifyError::NonceMismatch { .. } => "E-ATTEST-NONCE",
         }
     }
 }
@@ -158,6 +161,8 @@ pub struct VerifyOptions {
     pub max_age: Option<Duration>,
     /// PCR values the document must have.
     pub expected_pcrs: BTreeMap<usize, Vec<u8>>,
+    /// The challenge the document must answer (its `nonce`).
+    pub expected_nonce: Option<Vec<u8>>,
 }
 
 /// A document whose signature, chain and freshness have been checked.
@@ -314,6 +319,15 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifiedDocument, Ve
                 actual: hex::encode(actual),
             });
         }
+    }
+
+    if let Some(expected) = &opts.expected_nonce
+        && doc.nonce.as_ref() != Some(expected)
+    {
+        return Err(VerifyError::NonceMismatch {
+            expected: hex::encode(expected),
+            actual: doc.nonce.as_ref().map_or("absent".into(), hex::encode),
+        });
     }
 
     let zero = [0u8; PCR_LEN];

@@ -214,6 +214,22 @@ fn emulated_document_verifies_with_its_platform_root() {
 }
 
 #[test]
+fn the_nonce_must_answer_the_challenge() {
+    let e = emulated();
+    let doc = e.nsm.attest(&request(), SystemTime::now()).unwrap();
+    let mut opts = opts_for(&e);
+    opts.expected_nonce = Some(vec![7; 20]);
+    verify(&doc, &opts).unwrap();
+    opts.expected_nonce = Some(vec![8; 20]);
+    let err = verify(&doc, &opts).unwrap_err();
+    assert_eq!(err.code(), "E-ATTEST-NONCE");
+    let mut req = request();
+    req.nonce = None;
+    let err = verify(&e.nsm.attest(&req, SystemTime::now()).unwrap(), &opts).unwrap_err();
+    assert!(err.to_string().contains("is absent"), "{err}");
+}
+
+#[test]
 fn debug_documents_are_flagged() {
     let e = emulated();
     let mut req = request();

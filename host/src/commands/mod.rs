@@ -1,0 +1,58 @@
+//! One module per top-level command.
+
+pub mod attestation;
+pub mod explain;
+pub mod pcr;
+pub mod platform;
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::errors::UsageError;
+
+/// Prints a value as pretty JSON on stdout, as nitro-cli does.
+pub fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Parses `N=HEX` (a PCR index and its value).
+pub fn parse_pcr_arg(arg: &str) -> Result<(usize, Vec<u8>), UsageError> {
+    let bad = |why: &str| {
+        UsageError(format!(
+            "--pcr/--expect-pcr {arg:?}: {why} (write N=HEX, e.g. 0=a6cd...)"
+        ))
+    };
+    let (index, value) = arg.split_once('=').ok_or_else(|| bad("no `=`"))?;
+    let index: usize = index
+        .trim_start_matches("PCR")
+        .parse()
+        .ok()
+        .filter(|i| *i < cloister_attestation::pcr::PCR_COUNT)
+        .ok_or_else(|| bad("the index is not 0 to 31"))?;
+    let value = hex::decode(value).map_err(|_| bad("the value is not hex"))?;
+    if value.len() != cloister_attestation::pcr::PCR_LEN {
+        return Err(bad(&format!(
+            "the value is {} bytes, a SHA-384 PCR is 48",
+            value.len()
+        )));
+    }
+    Ok((index, value))
+}
+
+/// Parses a hex option value.
+pub fn parse_hex_arg(name: &str, arg: &str) -> Result<Vec<u8>, UsageError> {
+    hex::decode(arg).map_err(|_| UsageError(format!("{name} {arg:?} is not hex")))
+}
+
+/// Reads a whole input file with its name in the error.
+pub fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Writes an output file atomically: either the whole file appears or nothing.
+pub fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    cloister_attestation::keyfile::write_public(path, bytes, true)?;
+    Ok(())
+}

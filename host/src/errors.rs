@@ -1,0 +1,81 @@
+//! How the CLI reports errors: `error[CODE]: message` on stderr, the code found in
+//! the typed error somewhere in the chain, and a pointer to `cloister explain`.
+
+use cloister_attestation::keyfile::KeyFileError;
+use cloister_attestation::{DocumentError, NsmError, PcrError, VerifyError};
+use cloister_proto::{AddressError, ErrorCode, FrameError, TransportError};
+
+/// A mistake in how the command was called that clap cannot see.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+impl ErrorCode for UsageError {
+    fn code(&self) -> &'static str {
+        "E-CLI-USAGE"
+    }
+}
+
+/// The codes of the CLI itself.
+pub const CODES: &[cloister_proto::CodeInfo] = &[cloister_proto::CodeInfo {
+    code: "E-CLI-USAGE",
+    summary: "the command was called with an invalid value",
+    explanation: "An option's value could not be understood (a PCR written other than N=HEX, \
+        a time that is neither RFC 3339 nor Unix milliseconds, an unknown code). The message \
+        names the option; `cloister COMMAND --help` shows the syntax.",
+}];
+
+/// Every code table, for `cloister explain`.
+pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 3] {
+    [
+        cloister_proto::codes::CODES,
+        cloister_attestation::codes::CODES,
+        CODES,
+    ]
+}
+
+/// The stable code of the first typed error in the chain.
+pub fn code_of(err: &anyhow::Error) -> Option<&'static str> {
+    macro_rules! try_types {
+        ($e:expr, $($t:ty),*) => {
+            $(if let Some(x) = $e.downcast_ref::<$t>() { return Some(x.code()); })*
+        };
+    }
+    for cause in err.chain() {
+        try_types!(
+            cause,
+            UsageError,
+            AddressError,
+            FrameError,
+            TransportError,
+            DocumentError,
+            VerifyError,
+            NsmError,
+            KeyFileError,
+            PcrError
+        );
+    }
+    None
+}
+
+pub fn report(err: &anyhow::Error) {
+    // Typed errors often repeat their source's text in their own message; print
+    // each cause only when it adds something.
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    match code_of(err) {
+        Some(code) => {
+            eprintln!("error[{code}]: {message}");
+            eprintln!("  (run `cloister explain {code}` for more)");
+        }
+        None => eprintln!("error: {message}"),
+    }
+}
