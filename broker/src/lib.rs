@@ -1,2 +1,5 @@
-//! The Cloister key broker (KMS analog). Filled by the key-broker issue: keys,
-//! AWS-style two-factor policies, signed principal requests, attested key release.
+//! The Cloister key broker (KMS analog).
+//!
+//! - [`policy`]: AWS-style identity and key policies and the two-factor check.
+
+pub mod policy;

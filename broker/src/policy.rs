@@ -1,0 +1,735 @@
+//! AWS-style policies: the JSON grammar of IAM / KMS key policies and their
+//! evaluation, for Cloister's two-factor authorization.
+//!
+//! A request is allowed only when the caller's *identity policy* allows it AND the
+//! key's *key policy* allows it; an explicit `Deny` in either wins. Within one
+//! policy, statements are ORed; within a statement, Principal, Action, Resource
+//! and every condition must all match. Within a condition, several values for one
+//! key are ORed and several keys (and operators) are ANDed — AWS's semantics.
+//!
+//! Supported grammar: `Version` ("2012-10-17" or "2008-10-17"), `Id`, `Statement`
+//! (object or list) with `Sid`, `Effect`, `Principal` (key policies only: `"*"`
+//! or `{"AWS": name | [names]}`), `Action` / `NotAction`, `Resource` /
+//! `NotResource` (wildcards `*` and `?`), and `Condition` with `StringEquals`,
+//! `StringNotEquals`, `StringEqualsIgnoreCase`, `StringNotEqualsIgnoreCase`,
+//! `StringLike`, `StringNotLike` (each also `...IfExists`) and `Null`.
+//! Condition keys: `kms:RecipientAttestation:ImageSha384`,
+//! `kms:RecipientAttestation:PCR0`..`PCR31`, `kms:EncryptionContext:<key>`,
+//! `kms:CallerPrincipal`; the prefix `cloister:` is an alias of `kms:`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::Value;
+
+/// Which kind of policy a document is; they differ in whether `Principal` is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Attached to a principal; has no `Principal` element.
+    Identity,
+    /// Attached to a key; every statement names a `Principal`.
+    Key,
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyKind::Identity => "identity policy",
+            PolicyKind::Key => "key policy",
+        })
+    }
+}
+
+/// Why a policy document was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind}: {problem}")]
+pub struct PolicyError {
+    pub kind: PolicyKind,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Matcher {
+    /// `Action` / `Resource`: matches when any pattern matches.
+    Any(Vec<String>),
+    /// `NotAction` / `NotResource`: matches when no pattern matches.
+    None(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operator {
+    StringEquals,
+    StringNotEquals,
+    StringEqualsIgnoreCase,
+    StringNotEqualsIgnoreCase,
+    StringLike,
+    StringNotLike,
+    Null,
+}
+
+impl Operator {
+    fn parse(name: &str) -> Option<(Operator, bool)> {
+        let (base, if_exists) = match name.strip_suffix("IfExists") {
+            Some(base) => (base, true),
+            None => (name, false),
+        };
+        let op = match base {
+            "StringEquals" => Operator::StringEquals,
+            "StringNotEquals" => Operator::StringNotEquals,
+            "StringEqualsIgnoreCase" => Operator::StringEqualsIgnoreCase,
+            "StringNotEqualsIgnoreCase" => Operator::StringNotEqualsIgnoreCase,
+            "StringLike" => Operator::StringLike,
+            "StringNotLike" => Operator::StringNotLike,
+            "Null" if !if_exists => Operator::Null,
+            _ => return None,
+        };
+        Some((op, if_exists))
+    }
+
+    fn negated(self) -> bool {
+        matches!(
+            self,
+            Operator::StringNotEquals
+                | Operator::StringNotEqualsIgnoreCase
+                | Operator::StringNotLike
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Condition {
+    operator_name: String,
+    operator: Operator,
+    if_exists: bool,
+    /// The key as written, for messages.
+    key: String,
+    /// The canonical key, as request contexts are keyed.
+    canonical: String,
+    values: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Statement {
+    sid: Option<String>,
+    index: usize,
+    effect: Effect,
+    /// `None` = anyone (`"*"`); only key policies have principals.
+    principals: Option<Vec<String>>,
+    action: Matcher,
+    resource: Matcher,
+    conditions: Vec<Condition>,
+}
+
+impl Statement {
+    fn label(&self) -> String {
+        match &self.sid {
+            Some(sid) => format!("statement {sid:?}"),
+            None => format!("statement #{}", self.index + 1),
+        }
+    }
+}
+
+/// A parsed, validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub kind: PolicyKind,
+    statements: Vec<Statement>,
+}
+
+/// What a request looks like to a policy.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    /// e.g. `kms:Decrypt`.
+    pub action: String,
+    /// The key ARN, or `*` for actions on no particular key.
+    pub resource: String,
+    /// The authenticated principal's name.
+    pub principal: String,
+    /// Condition key values, keyed by [`canonical_condition_key`].
+    pub values: BTreeMap<String, String>,
+}
+
+impl RequestContext {
+    /// Sets a condition key's value (the key is canonicalised).
+    pub fn set(&mut self, key: &str, value: impl Into<String>) {
+        if let Some(k) = canonical_condition_key(key) {
+            self.values.insert(k, value.into());
+        }
+    }
+}
+
+/// The outcome of evaluating one policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evaluation {
+    /// A statement allows the request.
+    Allow { statement: String },
+    /// A Deny statement matches: the request is refused whatever else allows it.
+    ExplicitDeny { statement: String },
+    /// Nothing allows the request; `why` names the closest statement's failure.
+    ImplicitDeny { why: String },
+}
+
+/// Maps a condition key to its canonical form: the `cloister:` prefix to `kms:`,
+/// everything lower case except the encryption-context key name (AWS treats
+/// context keys case-sensitively). `None` for keys Cloister does not know.
+pub fn canonical_condition_key(key: &str) -> Option<String> {
+    let (prefix, rest) = key.split_once(':')?;
+    if !prefix.eq_ignore_ascii_case("kms") && !prefix.eq_ignore_ascii_case("cloister") {
+        return None;
+    }
+    const CONTEXT: &str = "encryptioncontext:";
+    if rest.len() > CONTEXT.len() && rest[..CONTEXT.len()].eq_ignore_ascii_case(CONTEXT) {
+        return Some(format!("kms:encryptioncontext:{}", &rest[CONTEXT.len()..]));
+    }
+    let rest = rest.to_ascii_lowercase();
+    let known = match rest.as_str() {
+        "callerprincipal" | "recipientattestation:imagesha384" => true,
+        r => r
+            .strip_prefix("recipientattestation:pcr")
+            .is_some_and(|n| n.parse::<u8>().is_ok_and(|i| i < 32 && i.to_string() == n)),
+    };
+    known.then(|| format!("kms:{rest}"))
+}
+
+/// Whether a canonical key is one of the attestation keys.
+pub fn is_attestation_key(canonical: &str) -> bool {
+    canonical.starts_with("kms:recipientattestation:")
+}
+
+/// `*` matches any run of characters, `?` any one character.
+pub fn wildcard_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+fn err(kind: PolicyKind, problem: impl Into<String>) -> PolicyError {
+    PolicyError {
+        kind,
+        problem: problem.into(),
+    }
+}
+
+/// A string or a list of strings; numbers and booleans become their text (AWS
+/// accepts `true` and `"true"` alike in conditions).
+fn strings(kind: PolicyKind, what: &str, v: &Value) -> Result<Vec<String>, PolicyError> {
+    let one = |v: &Value| match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Bool(b) => Ok(b.to_string()),
+        Value::Number(n) => Ok(n.to_string()),
+        _ => Err(err(
+            kind,
+            format!("{what} must be a string or a list of strings"),
+        )),
+    };
+    match v {
+        Value::Array(items) if items.is_empty() => {
+            Err(err(kind, format!("{what} is an empty list")))
+        }
+        Value::Array(items) => items.iter().map(one).collect(),
+        v => one(v).map(|s| vec![s]),
+    }
+}
+
+impl Policy {
+    /// Parses and validates a policy document. Every problem is refused here, at
+    /// put time, so that evaluation never meets an invalid policy.
+    pub fn parse(json: &str, kind: PolicyKind) -> Result<Policy, PolicyError> {
+        let doc: Value =
+            serde_json::from_str(json).map_err(|e| err(kind, format!("not JSON: {e}")))?;
+        let Value::Object(top) = doc else {
+            return Err(err(kind, "the policy must be a JSON object"));
+        };
+        for k in top.keys() {
+            if !matches!(k.as_str(), "Version" | "Id" | "Statement") {
+                return Err(err(
+                    kind,
+                    format!("unknown element {k:?} (expected Version, Id, Statement)"),
+                ));
+            }
+        }
+        match top.get("Version") {
+            Some(Value::String(v)) if v == "2012-10-17" || v == "2008-10-17" => {}
+            Some(v) => return Err(err(kind, format!("Version {v} is not \"2012-10-17\""))),
+            None => return Err(err(kind, "Version is missing (use \"2012-10-17\")")),
+        }
+        let statements = match top.get("Statement") {
+            Some(Value::Array(list)) if !list.is_empty() => list.iter().collect::<Vec<_>>(),
+            Some(Value::Array(_)) => return Err(err(kind, "Statement is an empty list")),
+            Some(v @ Value::Object(_)) => vec![v],
+            Some(_) => {
+                return Err(err(
+                    kind,
+                    "Statement must be an object or a list of objects",
+                ));
+            }
+            None => return Err(err(kind, "Statement is missing")),
+        };
+        let mut sids = std::collections::HashSet::new();
+        let statements = statements
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| Self::parse_statement(kind, i, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        for s in &statements {
+            if let Some(sid) = &s.sid
+                && !sids.insert(sid.clone())
+            {
+                return Err(err(kind, format!("Sid {sid:?} is used by two statements")));
+            }
+        }
+        Ok(Policy { kind, statements })
+    }
+
+    fn parse_statement(
+        kind: PolicyKind,
+        index: usize,
+        v: &Value,
+    ) -> Result<Statement, PolicyError> {
+        let at = |problem: String| err(kind, format!("statement #{}: {problem}", index + 1));
+        let Value::Object(s) = v else {
+            return Err(at("a statement must be a JSON object".into()));
+        };
+        for k in s.keys() {
+            if !matches!(
+                k.as_str(),
+                "Sid"
+                    | "Effect"
+                    | "Principal"
+                    | "Action"
+                    | "NotAction"
+                    | "Resource"
+                    | "NotResource"
+                    | "Condition"
+            ) {
+                let hint = if k == "NotPrincipal" {
+                    " (NotPrincipal is not supported)"
+                } else {
+                    ""
+                };
+                return Err(at(format!("unknown element {k:?}{hint}")));
+            }
+        }
+        let sid = match s.get("Sid") {
+            None => None,
+            Some(Value::String(sid)) => Some(sid.clone()),
+            Some(_) => return Err(at("Sid must be a string".into())),
+        };
+        let effect = match s.get("Effect") {
+            Some(Value::String(e)) if e == "Allow" => Effect::Allow,
+            Some(Value::String(e)) if e == "Deny" => Effect::Deny,
+            Some(e) => return Err(at(format!("Effect {e} must be \"Allow\" or \"Deny\""))),
+            None => return Err(at("Effect is missing".into())),
+        };
+        let principals = match (kind, s.get("Principal")) {
+            (PolicyKind::Identity, Some(_)) => {
+                return Err(at("an identity policy has no Principal: it applies to the principal it is attached to".into()));
+            }
+            (PolicyKind::Identity, None) => None,
+            (PolicyKind::Key, None) => {
+                return Err(at("a key policy statement needs a Principal".into()));
+            }
+            (PolicyKind::Key, Some(Value::String(p))) if p == "*" => None,
+            (PolicyKind::Key, Some(Value::Object(map))) => {
+                let mut names = Vec::new();
+                for (k, v) in map {
+                    if k != "AWS" {
+                        return Err(at(format!(
+                            "Principal type {k:?} is not supported (use \"AWS\")"
+                        )));
+                    }
+                    names.extend(strings(kind, "Principal.AWS", v).map_err(|e| at(e.problem))?);
+                }
+                if names.is_empty() {
+                    return Err(at("Principal names no one".into()));
+                }
+                if names.iter().any(|n| n == "*") {
+                    None
+                } else {
+                    Some(names)
+                }
+            }
+            (PolicyKind::Key, Some(_)) => {
+                return Err(at("Principal must be \"*\" or {\"AWS\": ...}".into()));
+            }
+        };
+        let action = match (s.get("Action"), s.get("NotAction")) {
+            (Some(a), None) => Matcher::Any(strings(kind, "Action", a).map_err(|e| at(e.problem))?),
+            (None, Some(a)) => {
+                Matcher::None(strings(kind, "NotAction", a).map_err(|e| at(e.problem))?)
+            }
+            (Some(_), Some(_)) => return Err(at("Action and NotAction cannot both appear".into())),
+            (None, None) => return Err(at("Action (or NotAction) is missing".into())),
+        };
+        let (Matcher::Any(actions) | Matcher::None(actions)) = &action;
+        for a in actions {
+            let service = a.split_once(':').map(|(svc, _)| svc.to_ascii_lowercase());
+            if a != "*" && !matches!(service.as_deref(), Some("kms") | Some("cloister")) {
+                return Err(at(format!(
+                    "action {a:?} must be \"*\" or start with \"kms:\" or \"cloister:\""
+                )));
+            }
+        }
+        let resource = match (s.get("Resource"), s.get("NotResource")) {
+            (Some(r), None) => {
+                Matcher::Any(strings(kind, "Resource", r).map_err(|e| at(e.problem))?)
+            }
+            (None, Some(r)) => {
+                Matcher::None(strings(kind, "NotResource", r).map_err(|e| at(e.problem))?)
+            }
+            (Some(_), Some(_)) => {
+                return Err(at("Resource and NotResource cannot both appear".into()));
+            }
+            (None, None) => {
+                return Err(at("Resource (or NotResource) is missing; use \"*\"".into()));
+            }
+        };
+        let mut conditions = Vec::new();
+        match s.get("Condition") {
+            None => {}
+            Some(Value::Object(ops)) => {
+                for (op_name, block) in ops {
+                    if op_name.contains(':') {
+                        return Err(at(format!(
+                            "set operator {op_name:?} is not supported: Cloister's condition keys are single-valued"
+                        )));
+                    }
+                    let (operator, if_exists) = Operator::parse(op_name).ok_or_else(|| {
+                        at(format!("condition operator {op_name:?} is not supported"))
+                    })?;
+                    let Value::Object(keys) = block else {
+                        return Err(at(format!("{op_name} must map condition keys to values")));
+                    };
+                    if keys.is_empty() {
+                        return Err(at(format!("{op_name} has no condition keys")));
+                    }
+                    for (key, values) in keys {
+                        let canonical = canonical_condition_key(key).ok_or_else(|| {
+                            at(format!(
+                                "condition key {key:?} is not known (kms:RecipientAttestation:ImageSha384, \
+                                 kms:RecipientAttestation:PCR0..PCR31, kms:EncryptionContext:<key>, \
+                                 kms:CallerPrincipal)"
+                            ))
+                        })?;
+                        let values = strings(kind, &format!("{op_name} {key}"), values)
+                            .map_err(|e| at(e.problem))?;
+                        if operator == Operator::Null
+                            && values.iter().any(|v| v != "true" && v != "false")
+                        {
+                            return Err(at(format!("Null {key} takes \"true\" or \"false\"")));
+                        }
+                        conditions.push(Condition {
+                            operator_name: op_name.clone(),
+                            operator,
+                            if_exists,
+                            key: key.clone(),
+                            canonical,
+                            values,
+                        });
+                    }
+                }
+            }
+            Some(_) => return Err(at("Condition must be an object".into())),
+        }
+        Ok(Statement {
+            sid,
+            index,
+            effect,
+            principals,
+            action,
+            resource,
+            conditions,
+        })
+    }
+
+    /// Evaluates the policy for one request.
+    pub fn evaluate(&self, ctx: &RequestContext) -> Evaluation {
+        let mut allow = None;
+        let mut closest: Option<(u8, String)> = None;
+        for s in &self.statements {
+            match statement_matches(s, ctx) {
+                Ok(()) => match s.effect {
+                    Effect::Deny => {
+                        return Evaluation::ExplicitDeny {
+                            statement: s.label(),
+                        };
+                    }
+                    Effect::Allow => {
+                        allow.get_or_insert_with(|| s.label());
+                    }
+                },
+                Err((rank, why)) if s.effect == Effect::Allow => {
+                    if closest.as_ref().is_none_or(|(r, _)| rank > *r) {
+                        closest = Some((rank, format!("{} {why}", s.label())));
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        match allow {
+            Some(statement) => Evaluation::Allow { statement },
+            None => Evaluation::ImplicitDeny {
+                why: closest
+                    .map_or_else(|| "no statement allows anything".to_owned(), |(_, why)| why),
+            },
+        }
+    }
+
+    /// Warnings about policies that are valid but probably not what was meant.
+    pub fn lint(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        const ATTESTED: [&str; 3] = ["kms:Decrypt", "kms:GenerateDataKey", "kms:GenerateRandom"];
+        for action in ATTESTED {
+            let allows: Vec<&Statement> = self
+                .statements
+                .iter()
+                .filter(|s| s.effect == Effect::Allow && action_matches(&s.action, action))
+                .collect();
+            let pinned: Vec<&&Statement> = allows
+                .iter()
+                .filter(|s| {
+                    s.conditions.iter().any(|c| {
+                        is_attestation_key(&c.canonical) && !c.if_exists && !c.operator.negated()
+                    })
+                })
+                .collect();
+            if pinned.is_empty() {
+                continue;
+            }
+            for open in allows.iter().filter(|s| {
+                !s.conditions
+                    .iter()
+                    .any(|c| is_attestation_key(&c.canonical))
+            }) {
+                warnings.push(format!(
+                    "{} allows {action} without attestation conditions, so the attestation conditions of {} \
+                     are moot for {action}: statements are ORed, and a caller without an enclave is \
+                     allowed by the unconditioned one",
+                    open.label(),
+                    pinned.iter().map(|s| s.label()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        for s in &self.statements {
+            for c in &s.conditions {
+                if is_attestation_key(&c.canonical) {
+                    if c.if_exists && !c.operator.negated() {
+                        warnings.push(format!(
+                            "{}: {} {} is satisfied by a request WITHOUT an attestation document; \
+                             drop IfExists to require one",
+                            s.label(),
+                            c.operator_name,
+                            c.key
+                        ));
+                    }
+                    if matches!(
+                        c.operator,
+                        Operator::StringEquals | Operator::StringNotEquals
+                    ) && c
+                        .values
+                        .iter()
+                        .any(|v| v.chars().any(|ch| ch.is_ascii_uppercase()))
+                    {
+                        warnings.push(format!(
+                            "{}: {} {} compares with upper-case hex, but measurements are lower-case hex; \
+                             use lower case or StringEqualsIgnoreCase",
+                            s.label(),
+                            c.operator_name,
+                            c.key
+                        ));
+                    }
+                }
+            }
+            if self.kind == PolicyKind::Key
+                && s.effect == Effect::Allow
+                && s.principals.is_none()
+                && s.conditions.is_empty()
+            {
+                warnings.push(format!(
+                    "{} allows every principal with no condition: only the identity policies stand between \
+                     any caller and this key",
+                    s.label()
+                ));
+            }
+        }
+        warnings
+    }
+}
+
+fn action_matches(m: &Matcher, action: &str) -> bool {
+    // Actions are case-insensitive in AWS.
+    let a = action.to_ascii_lowercase();
+    match m {
+        Matcher::Any(p) => p
+            .iter()
+            .any(|p| wildcard_match(&p.to_ascii_lowercase(), &a)),
+        Matcher::None(p) => !p
+            .iter()
+            .any(|p| wildcard_match(&p.to_ascii_lowercase(), &a)),
+    }
+}
+
+fn resource_matches(m: &Matcher, resource: &str) -> bool {
+    match m {
+        Matcher::Any(p) => p.iter().any(|p| wildcard_match(p, resource)),
+        Matcher::None(p) => !p.iter().any(|p| wildcard_match(p, resource)),
+    }
+}
+
+/// `Ok` when the statement applies; otherwise how far it got (for choosing the
+/// most useful explanation) and why it stopped.
+fn statement_matches(s: &Statement, ctx: &RequestContext) -> Result<(), (u8, String)> {
+    if let Some(names) = &s.principals
+        && !names.iter().any(|n| n == &ctx.principal)
+    {
+        return Err((0, format!("does not name principal {:?}", ctx.principal)));
+    }
+    if !action_matches(&s.action, &ctx.action) {
+        return Err((1, format!("does not cover action {}", ctx.action)));
+    }
+    if !resource_matches(&s.resource, &ctx.resource) {
+        return Err((2, format!("does not cover resource {}", ctx.resource)));
+    }
+    for c in &s.conditions {
+        condition_holds(c, ctx).map_err(|why| (3, why))?;
+    }
+    Ok(())
+}
+
+fn condition_holds(c: &Condition, ctx: &RequestContext) -> Result<(), String> {
+    let fail = |seen: String| {
+        Err(format!(
+            "failed condition {} {}: requires {} {:?}, the request has {seen}",
+            c.operator_name,
+            c.key,
+            if c.operator.negated() {
+                "none of"
+            } else {
+                "one of"
+            },
+            c.values
+        ))
+    };
+    let Some(value) = ctx.values.get(&c.canonical) else {
+        if c.operator == Operator::Null {
+            return if c.values.iter().any(|v| v == "true") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "failed condition Null {}: requires the key to be present, the request has none",
+                    c.key
+                ))
+            };
+        }
+        // AWS: a missing key fails a positive operator and satisfies a negated
+        // one; `...IfExists` satisfies any operator.
+        if c.if_exists || c.operator.negated() {
+            return Ok(());
+        }
+        let hint = if is_attestation_key(&c.canonical) {
+            " (no attestation document)"
+        } else {
+            ""
+        };
+        return fail(format!("no {}{hint}", c.key));
+    };
+    let any = |f: &dyn Fn(&str) -> bool| c.values.iter().any(|v| f(v));
+    let holds = match c.operator {
+        Operator::StringEquals => any(&|v| v == value),
+        Operator::StringNotEquals => !any(&|v| v == value),
+        Operator::StringEqualsIgnoreCase => any(&|v| v.to_lowercase() == value.to_lowercase()),
+        Operator::StringNotEqualsIgnoreCase => !any(&|v| v.to_lowercase() == value.to_lowercase()),
+        Operator::StringLike => any(&|v| wildcard_match(v, value)),
+        Operator::StringNotLike => !any(&|v| wildcard_match(v, value)),
+        Operator::Null => c.values.iter().any(|v| v == "false"),
+    };
+    if holds {
+        Ok(())
+    } else {
+        fail(format!("{value:?}"))
+    }
+}
+
+/// The result of the two-factor check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Which policy and statement decided, and why.
+    pub reason: String,
+}
+
+/// Two-factor authorization: the identity policy AND (when the action is on a
+/// key) the key policy must allow; an explicit Deny in either wins.
+pub fn authorize(
+    identity: &Policy,
+    key: Option<(&str, &Policy)>,
+    ctx: &RequestContext,
+) -> Decision {
+    let id = identity.evaluate(ctx);
+    let key_eval = key.map(|(key_id, p)| (key_id, p.evaluate(ctx)));
+    let deny = |reason: String| Decision {
+        allowed: false,
+        reason,
+    };
+    if let Evaluation::ExplicitDeny { statement } = &id {
+        return deny(format!(
+            "explicit Deny in the identity policy of {:?}, {statement}",
+            ctx.principal
+        ));
+    }
+    if let Some((key_id, Evaluation::ExplicitDeny { statement })) = &key_eval {
+        return deny(format!(
+            "explicit Deny in the key policy of {key_id}, {statement}"
+        ));
+    }
+    let id_allow = match id {
+        Evaluation::Allow { statement } => statement,
+        Evaluation::ImplicitDeny { why } => {
+            return deny(format!(
+                "the identity policy of {:?} does not allow {} on {}: {why}",
+                ctx.principal, ctx.action, ctx.resource
+            ));
+        }
+        Evaluation::ExplicitDeny { .. } => unreachable!("handled above"),
+    };
+    match key_eval {
+        None => Decision {
+            allowed: true,
+            reason: format!("allowed by the identity policy ({id_allow})"),
+        },
+        Some((key_id, Evaluation::Allow { statement })) => Decision {
+            allowed: true,
+            reason: format!(
+                "allowed by the identity policy ({id_allow}) and the key policy of {key_id} ({statement})"
+            ),
+        },
+        Some((key_id, Evaluation::ImplicitDeny { why })) => deny(format!(
+            "the key policy of {key_id} does not allow {} by {:?}: {why}",
+            ctx.action, ctx.principal
+        )),
+        Some((_, Evaluation::ExplicitDeny { .. })) => unreachable!("handled above"),
+    }
+}
