@@ -1,5 +1,15 @@
 //! The Cloister key broker (KMS analog).
 //!
 //! - [`policy`]: AWS-style identity and key policies and the two-factor check.
+//! - [`crypto`]: the root key, the ciphertext blob format, encryption contexts.
+//! - [`recipient`]: HPKE `CiphertextForRecipient` for attested operations.
+//! - [`error`]: AWS-style exceptions with stable codes.
 
+pub mod audit;
+pub mod crypto;
+pub mod error;
+pub mod keystore;
 pub mod policy;
+pub mod recipient;
+
+pub use error::{ErrorKind, KmsError};

@@ -1,0 +1,586 @@
+//! The audit log (CloudTrail analog): one JSON line per request, append-only,
+//! hash-chained, fsynced before the response is sent, with signed checkpoints.
+//!
+//! Each line carries `seq` (1, 2, ...) and `prev`, the SHA-256 (hex) of the
+//! previous line's bytes (64 zeros for the first). Checkpoint lines carry an
+//! Ed25519 signature by the broker's key over
+//! `"cloister-audit-checkpoint-v1\0" || seq (u64 BE) || prev (32 bytes)`.
+//! After each fsync the writer records the head (seq and hash of the last line)
+//! in the keystore, so that truncation — which a hash chain alone cannot see —
+//! is detected too.
+//!
+//! Writes are group-committed: one writer thread takes every record waiting,
+//! writes them, fsyncs once and then answers all their requests.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::mpsc;
+
+use base64::Engine;
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use rusqlite::{Connection, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{self, KmsError};
+
+const CHECKPOINT_LABEL: &[u8] = b"cloister-audit-checkpoint-v1\0";
+const CHECKPOINT_EVERY: u64 = 1000;
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The outcome a record reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    Allow,
+    Deny,
+    Error,
+}
+
+/// What a request contributes to its audit line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub principal: String,
+    pub action: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key_id: Option<String>,
+    pub decision: Decision,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub recipient_pcr0: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub recipient_module_id: Option<String>,
+}
+
+/// One line of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub seq: u64,
+    /// `request`, `checkpoint`, `startup` or `shutdown`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub time: String,
+    #[serde(flatten)]
+    pub request: Option<RequestRecord>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub signature: Option<String>,
+    pub prev: String,
+}
+
+enum Job {
+    Append(Line, mpsc::SyncSender<Result<u64, KmsError>>),
+}
+
+/// The writer's handle. Cloning is cheap; all clones feed one writer thread.
+#[derive(Clone)]
+pub struct AuditLog {
+    jobs: mpsc::Sender<Job>,
+}
+
+fn now_rfc3339() -> String {
+    cloister_attestation::verify::rfc3339(std::time::SystemTime::now())
+}
+
+fn line_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn checkpoint_message(seq: u64, prev: &str) -> Vec<u8> {
+    let mut m = CHECKPOINT_LABEL.to_vec();
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(&hex::decode(prev).unwrap_or_default());
+    m
+}
+
+struct Writer {
+    file: File,
+    next_seq: u64,
+    prev: String,
+    signing_key: SigningKey,
+    head_db: Connection,
+    failed: Option<String>,
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log, checks it against the head the keystore
+    /// recorded, and starts the writer thread. A startup checkpoint is written.
+    pub fn open(path: &Path, keystore_path: &Path, signing_key: SigningKey) -> Result<Self, KmsError> {
+        let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io)?;
+        let mut text = Vec::new();
+        file.read_to_end(&mut text).map_err(io)?;
+        // A line without its newline was never acknowledged (the response waits
+        // for the fsync); drop it and say so in the startup record.
+        let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let discarded = text.len() - complete;
+        if discarded > 0 {
+            file.set_len(complete as u64).map_err(io)?;
+            file.seek(SeekFrom::End(0)).map_err(io)?;
+        }
+        let (next_seq, prev) = match text[..complete].split(|b| *b == b'\n').rev().nth(1) {
+            Some(last) => {
+                let line: Line = serde_json::from_slice(last)
+                    .map_err(|e| error::internal(format!("audit log {}: last line is malformed: {e}", path.display())))?;
+                (line.seq + 1, line_hash(last))
+            }
+            None => (1, GENESIS.to_owned()),
+        };
+        let head_db = Connection::open(keystore_path).map_err(|e| error::internal(format!("keystore: {e}")))?;
+        head_db.pragma_update(None, "synchronous", "FULL").map_err(|e| error::internal(e.to_string()))?;
+        head_db.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| error::internal(e.to_string()))?;
+        if let Some((head_seq, head_hash)) = read_head(&head_db)? {
+            let found = find_hash(&text[..complete], head_seq);
+            if found.as_deref() != Some(head_hash.as_str()) {
+                return Err(error::internal(format!(
+                    "the audit log {} does not contain the recorded head (line {head_seq}): it was truncated or \
+                     edited; run `cloister kms audit verify`",
+                    path.display()
+                )));
+            }
+        }
+        let mut writer = Writer {
+            file,
+            next_seq,
+            prev,
+            signing_key,
+            head_db,
+            failed: None,
+        };
+        let note = (discarded > 0).then(|| format!("discarded {discarded} bytes of an unacknowledged partial line"));
+        writer.write_batch(vec![writer.system_line("startup", note)])?;
+        let (jobs, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("cloister-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| error::internal(format!("cannot start the audit writer: {e}")))?;
+        Ok(AuditLog { jobs })
+    }
+
+    /// Appends a request record and returns once it is on disk.
+    pub fn record(&self, request: RequestRecord) -> Result<u64, KmsError> {
+        let line = Line {
+            seq: 0,
+            kind: "request".into(),
+            time: now_rfc3339(),
+            request: Some(request),
+            note: None,
+            signature: None,
+            prev: String::new(),
+        };
+        self.append(line)
+    }
+
+    /// Writes a signed shutdown checkpoint.
+    pub fn shutdown(&self) -> Result<u64, KmsError> {
+        self.append(Line {
+            seq: 0,
+            kind: "shutdown".into(),
+            time: now_rfc3339(),
+            request: None,
+            note: None,
+            signature: None,
+            prev: String::new(),
+        })
+    }
+
+    fn append(&self, line: Line) -> Result<u64, KmsError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Job::Append(line, tx))
+            .map_err(|_| error::internal("the audit writer has stopped"))?;
+        rx.recv().map_err(|_| error::internal("the audit writer has stopped"))?
+    }
+}
+
+impl Writer {
+    fn system_line(&self, kind: &str, note: Option<String>) -> Line {
+        Line {
+            seq: 0,
+            kind: kind.into(),
+            time: now_rfc3339(),
+            request: None,
+            note,
+            signature: None,
+            prev: String::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                jobs.push(more);
+                if jobs.len() >= 4096 {
+                    break;
+                }
+            }
+            let (lines, waiters): (Vec<Line>, Vec<_>) = jobs
+                .into_iter()
+                .map(|Job::Append(line, done)| (line, done))
+                .unzip();
+            let result = self.write_batch(lines);
+            for (i, done) in waiters.into_iter().enumerate() {
+                let _ = done.send(result.clone().map(|first| first + i as u64));
+            }
+        }
+    }
+
+    /// Writes lines (plus periodic checkpoints), fsyncs, records the head.
+    /// Returns the seq of the first given line.
+    fn write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError> {
+        if let Some(why) = &self.failed {
+            return Err(error::internal(format!("the audit log cannot be written ({why}); nothing is served until restart")));
+        }
+        let result = self.try_write_batch(lines);
+        if let Err(e) = &result {
+            self.failed = Some(e.message.clone());
+        }
+        result
+    }
+
+    fn try_write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError> {
+        let io = |e: std::io::Error| error::internal(format!("audit log: {e}"));
+        let mut out = Vec::new();
+        let mut first_seq = None;
+        let mut seqs = Vec::new();
+        for mut line in lines {
+            let signed = line.kind != "request";
+            self.stamp(&mut line, signed, &mut out)?;
+            first_seq.get_or_insert(line.seq);
+            seqs.push(line.seq);
+            if line.seq % CHECKPOINT_EVERY == 0 {
+                let mut cp = self.system_line("checkpoint", None);
+                self.stamp(&mut cp, true, &mut out)?;
+            }
+        }
+        self.file.write_all(&out).map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        self.head_db
+            .execute(
+                "INSERT INTO meta VALUES ('audit_head', ?1) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                params![format!("{}:{}", self.next_seq - 1, self.prev).into_bytes()],
+            )
+            .map_err(|e| error::internal(format!("cannot record the audit head: {e}")))?;
+        Ok(first_seq.unwrap_or(self.next_seq))
+    }
+
+    fn stamp(&mut self, line: &mut Line, signed: bool, out: &mut Vec<u8>) -> Result<(), KmsError> {
+        line.seq = self.next_seq;
+        line.prev = self.prev.clone();
+        if signed {
+            let sig = self.signing_key.sign(&checkpoint_message(line.seq, &line.prev));
+            line.signature = Some(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
+        }
+        let bytes = serde_json::to_vec(line).map_err(|e| error::internal(format!("audit record: {e}")))?;
+        self.prev = line_hash(&bytes);
+        self.next_seq += 1;
+        out.extend_from_slice(&bytes);
+        out.push(b'\n');
+        Ok(())
+    }
+}
+
+fn read_head(conn: &Connection) -> Result<Option<(u64, String)>, KmsError> {
+    let value: Option<Vec<u8>> = conn
+        .query_row("SELECT value FROM meta WHERE name = 'audit_head'", [], |r| r.get(0))
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })
+        .map_err(|e| error::internal(format!("keystore: {e}")))?;
+    let Some(value) = value else { return Ok(None) };
+    let text = String::from_utf8(value).map_err(|_| error::internal("malformed audit head"))?;
+    let (seq, hash) = text.split_once(':').ok_or_else(|| error::internal("malformed audit head"))?;
+    Ok(Some((seq.parse().map_err(|_| error::internal("malformed audit head"))?, hash.to_owned())))
+}
+
+fn find_hash(text: &[u8], seq: u64) -> Option<String> {
+    text.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .find(|l| serde_json::from_slice::<Line>(l).is_ok_and(|line| line.seq == seq))
+        .map(line_hash)
+}
+
+/// What `audit verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifySummary {
+    pub lines: u64,
+    pub checkpoints: u64,
+    pub head_hash: String,
+}
+
+/// Where a log stops being trustworthy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit log line {line}: {problem}")]
+pub struct AuditError {
+    pub line: u64,
+    pub problem: String,
+}
+
+/// Verifies a log: every line well-formed, seq consecutive from 1, each `prev`
+/// the hash of the line before, every signature valid, and the recorded head (if
+/// any) present with the same hash.
+pub fn verify_log(path: &Path, broker_key: &VerifyingKey, head: Option<(u64, String)>) -> Result<VerifySummary, AuditError> {
+    let file = File::open(path).map_err(|e| AuditError { line: 0, problem: format!("cannot read {}: {e}", path.display()) })?;
+    let mut reader = BufReader::new(file);
+    let mut prev = GENESIS.to_owned();
+    let mut n = 0u64;
+    let mut checkpoints = 0;
+    let mut head_seen = head.is_none();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let read = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| AuditError { line: n + 1, problem: e.to_string() })?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        let fail = |problem: String| AuditError { line: n, problem };
+        if buf.last() != Some(&b'\n') {
+            return Err(fail("the line is incomplete (no newline): the log was cut".into()));
+        }
+        let bytes = &buf[..buf.len() - 1];
+        let line: Line = serde_json::from_slice(bytes).map_err(|e| fail(format!("not a valid record ({e}): the line was edited")))?;
+        if line.seq != n {
+            return Err(fail(format!(
+                "seq is {}, expected {n}: a line was deleted, inserted or moved",
+                line.seq
+            )));
+        }
+        if line.prev != prev {
+            return Err(fail(format!(
+                "prev does not match the hash of line {}: that line was edited, or lines were reordered",
+                n - 1
+            )));
+        }
+        if line.kind != "request" {
+            let sig = line
+                .signature
+                .as_deref()
+                .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+                .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+                .ok_or_else(|| fail(format!("{} line without a valid signature", line.kind)))?;
+            broker_key
+                .verify(&checkpoint_message(line.seq, &line.prev), &sig)
+                .map_err(|_| fail(format!("the {} signature does not verify with the broker's key", line.kind)))?;
+            checkpoints += 1;
+        }
+        prev = line_hash(bytes);
+        if let Some((head_seq, head_hash)) = &head
+            && *head_seq == n
+        {
+            if &prev != head_hash {
+                return Err(fail("the line differs from the head the keystore recorded".into()));
+            }
+            head_seen = true;
+        }
+    }
+    if !head_seen {
+        let (head_seq, _) = head.unwrap_or_default();
+        return Err(AuditError {
+            line: n,
+            problem: format!("the log ends at line {n} but the keystore recorded line {head_seq}: the log was truncated"),
+        });
+    }
+    Ok(VerifySummary {
+        lines: n,
+        checkpoints,
+        head_hash: prev,
+    })
+}
+
+/// The head the keystore at `keystore_path` recorded.
+pub fn recorded_head(keystore_path: &Path) -> Result<Option<(u64, String)>, KmsError> {
+    let conn = Connection::open(keystore_path).map_err(|e| error::internal(format!("keystore: {e}")))?;
+    read_head(&conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        key: SigningKey,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = Connection::open(dir.path().join("ks.db")).unwrap();
+            conn.execute_batch("CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)").unwrap();
+            Fixture {
+                dir,
+                key: SigningKey::generate(&mut rand_core::OsRng),
+            }
+        }
+        fn log(&self) -> PathBuf {
+            self.dir.path().join("audit.log")
+        }
+        fn db(&self) -> PathBuf {
+            self.dir.path().join("ks.db")
+        }
+        fn open(&self) -> Result<AuditLog, KmsError> {
+            AuditLog::open(&self.log(), &self.db(), self.key.clone())
+        }
+        fn verify(&self) -> Result<VerifySummary, AuditError> {
+            verify_log(&self.log(), &self.key.verifying_key(), recorded_head(&self.db()).unwrap())
+        }
+        fn lines(&self) -> Vec<String> {
+            std::fs::read_to_string(self.log()).unwrap().lines().map(str::to_owned).collect()
+        }
+        fn write_lines(&self, lines: &[String]) {
+            std::fs::write(self.log(), lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        }
+    }
+
+    fn record(i: usize) -> RequestRecord {
+        RequestRecord {
+            request_id: format!("req-{i}"),
+            principal: "app".into(),
+            action: "kms:Decrypt".into(),
+            key_id: Some("k".into()),
+            decision: if i % 2 == 0 { Decision::Allow } else { Decision::Deny },
+            reason: "because".into(),
+            recipient_pcr0: None,
+            recipient_module_id: None,
+        }
+    }
+
+    fn filled(n: usize) -> Fixture {
+        let f = Fixture::new();
+        let log = f.open().unwrap();
+        for i in 0..n {
+            log.record(record(i)).unwrap();
+        }
+        log.shutdown().unwrap();
+        f
+    }
+
+    #[test]
+    fn a_written_log_verifies_and_round_trips() {
+        let f = filled(5);
+        let s = f.verify().unwrap();
+        assert_eq!(s.lines, 7); // startup + 5 + shutdown
+        assert_eq!(s.checkpoints, 2);
+        let line: Line = serde_json::from_str(&f.lines()[1]).unwrap();
+        assert_eq!(line.request, Some(record(0)));
+        // Reopening continues the chain.
+        let log = f.open().unwrap();
+        log.record(record(9)).unwrap();
+        assert_eq!(f.verify().unwrap().lines, 9);
+    }
+
+    #[test]
+    fn concurrent_appends_are_all_recorded_in_one_chain() {
+        let f = Fixture::new();
+        let log = f.open().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || (0..50).map(|i| log.record(record(t * 100 + i)).unwrap()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut seqs: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        seqs.sort();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 400, "every record got its own seq");
+        assert_eq!(f.verify().unwrap().lines, 401);
+    }
+
+    #[test]
+    fn an_edited_line_is_found() {
+        let f = filled(4);
+        let mut lines = f.lines();
+        lines[2] = lines[2].replace("\"Deny\"", "\"Allow\"");
+        f.write_lines(&lines);
+        let err = f.verify().unwrap_err();
+        assert_eq!(err.line, 4, "{err}");
+        assert!(err.problem.contains("hash of line 3"), "{err}");
+    }
+
+    #[test]
+    fn an_edited_last_line_is_found_through_the_head() {
+        let f = filled(2);
+        let mut lines = f.lines();
+        let last = lines.len() - 1;
+        lines[last] = lines[last].replace("shutdown", "Shutdown");
+        f.write_lines(&lines);
+        assert!(f.verify().is_err());
+    }
+
+    #[test]
+    fn deleted_reordered_and_truncated_logs_are_found() {
+        let f = filled(4);
+        let lines = f.lines();
+
+        let mut deleted = lines.clone();
+        deleted.remove(2);
+        f.write_lines(&deleted);
+        let err = f.verify().unwrap_err();
+        assert!(err.problem.contains("deleted, inserted or moved"), "{err}");
+        assert_eq!(err.line, 3);
+
+        let mut reordered = lines.clone();
+        reordered.swap(2, 3);
+        f.write_lines(&reordered);
+        let err = f.verify().unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+
+        f.write_lines(&lines[..lines.len() - 2]);
+        let err = f.verify().unwrap_err();
+        assert!(err.problem.contains("was truncated"), "{err}");
+
+        let mut cut = lines.join("\n").into_bytes();
+        cut.truncate(cut.len() - 5);
+        std::fs::write(f.log(), &cut).unwrap();
+        assert!(f.verify().is_err());
+    }
+
+    #[test]
+    fn a_forged_checkpoint_signature_is_found() {
+        let f = filled(1);
+        let other = SigningKey::generate(&mut rand_core::OsRng);
+        let err = verify_log(&f.log(), &other.verifying_key(), None).unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.problem.contains("signature does not verify"), "{err}");
+    }
+
+    #[test]
+    fn the_broker_refuses_to_start_on_a_truncated_log() {
+        let f = filled(3);
+        let lines = f.lines();
+        f.write_lines(&lines[..2]);
+        let err = f.open().err().unwrap();
+        assert!(err.message.contains("truncated or edited"), "{err}");
+    }
+
+    #[test]
+    fn a_partial_unacknowledged_line_is_discarded_at_startup() {
+        let f = filled(1);
+        let mut bytes = std::fs::read(f.log()).unwrap();
+        bytes.extend_from_slice(b"{\"seq\":99,\"ty");
+        std::fs::write(f.log(), &bytes).unwrap();
+        f.open().unwrap().record(record(1)).unwrap();
+        assert!(f.lines().iter().any(|l| l.contains("discarded 13 bytes")));
+        f.verify().unwrap();
+    }
+
+    #[test]
+    fn when_the_log_cannot_be_written_requests_fail() {
+        let f = Fixture::new();
+        let log = f.open().unwrap();
+        // Make the head unrecordable: the next batch fails and so does every later one.
+        Connection::open(f.db()).unwrap().execute_batch("DROP TABLE meta").unwrap();
+        assert!(log.record(record(0)).is_err());
+        let err = log.record(record(1)).unwrap_err();
+        assert!(err.message.contains("nothing is served until restart"), "{err}");
+    }
+}

@@ -1,0 +1,634 @@
+//! The keystore: SQLite (WAL, synchronous=FULL) as the durable record, and an
+//! in-memory copy that requests read without touching the database.
+//!
+//! Key material is encrypted at rest under the root key with AES-256-GCM, bound to
+//! its key id and version. Every change runs in one SQLite transaction; a
+//! `before_commit` hook (the audit log) runs inside it, so a change the audit log
+//! could not record is rolled back. The in-memory copy is updated only after the
+//! commit succeeds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Mutex, RwLock};
+
+use ed25519_dalek::VerifyingKey;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::crypto::{KeyId, KeyMaterial, RootKey};
+use crate::error::{self, KmsError};
+use crate::policy::{Policy, PolicyKind};
+
+const SCHEMA_VERSION: i64 = 1;
+const ROOT_CHECK_AAD: &[u8] = b"cloister-kms-root-check-v1";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    key_id BLOB PRIMARY KEY,
+    description TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('Enabled', 'Disabled', 'PendingDeletion')),
+    created_ms INTEGER NOT NULL,
+    deletion_ms INTEGER,
+    policy TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_versions (
+    key_id BLOB NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    material BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    alias TEXT PRIMARY KEY,
+    key_id BLOB NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS principals (
+    name TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    policy TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trust_roots (
+    label TEXT PRIMARY KEY,
+    der BLOB NOT NULL,
+    added_ms INTEGER NOT NULL
+);
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KeyState {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+}
+
+impl KeyState {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "Enabled",
+            KeyState::Disabled => "Disabled",
+            KeyState::PendingDeletion => "PendingDeletion",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "Enabled" => Some(KeyState::Enabled),
+            "Disabled" => Some(KeyState::Disabled),
+            "PendingDeletion" => Some(KeyState::PendingDeletion),
+            _ => None,
+        }
+    }
+}
+
+/// A customer master key: metadata, policy and every version's material.
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub description: String,
+    pub state: KeyState,
+    pub created_ms: u64,
+    pub deletion_ms: Option<u64>,
+    pub policy_json: String,
+    pub policy: Policy,
+    /// Version n's material is `versions[n - 1]`.
+    pub versions: Vec<KeyMaterial>,
+}
+
+impl KeyRecord {
+    pub fn current_version(&self) -> u32 {
+        self.versions.len() as u32
+    }
+    pub fn material(&self, version: u32) -> Option<&KeyMaterial> {
+        version.checked_sub(1).and_then(|i| self.versions.get(i as usize))
+    }
+}
+
+/// A principal: a name, its Ed25519 public key and its identity policy.
+#[derive(Clone)]
+pub struct PrincipalRecord {
+    pub name: String,
+    pub public_key: VerifyingKey,
+    pub policy_json: String,
+    pub policy: Policy,
+    pub created_ms: u64,
+}
+
+#[derive(Default)]
+struct State {
+    keys: HashMap<KeyId, KeyRecord>,
+    aliases: BTreeMap<String, KeyId>,
+    principals: BTreeMap<String, PrincipalRecord>,
+    trust_roots: BTreeMap<String, Vec<u8>>,
+}
+
+pub struct Keystore {
+    conn: Mutex<Connection>,
+    root: RootKey,
+    state: RwLock<State>,
+}
+
+fn db_err(e: rusqlite::Error) -> KmsError {
+    error::internal(format!("keystore: {e}"))
+}
+
+fn material_aad(id: KeyId, version: u32) -> Vec<u8> {
+    [b"cloister-kms-material-v1".as_slice(), &id.0, &version.to_be_bytes()].concat()
+}
+
+fn open_connection(path: &Path) -> Result<Connection, KmsError> {
+    let conn = Connection::open(path).map_err(db_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+    Ok(conn)
+}
+
+impl Keystore {
+    /// Creates a new keystore; refuses a path that already holds one.
+    pub fn create(path: &Path, root: RootKey, extra_meta: &[(&str, &[u8])]) -> Result<Self, KmsError> {
+        if path.exists() {
+            return Err(error::already_exists(format!("{} already exists", path.display())));
+        }
+        let mut conn = open_connection(path)?;
+        let tx = conn.transaction().map_err(db_err)?;
+        tx.execute_batch(SCHEMA).map_err(db_err)?;
+        tx.execute("INSERT INTO meta VALUES ('schema_version', ?1)", params![SCHEMA_VERSION])
+            .map_err(db_err)?;
+        tx.execute("INSERT INTO meta VALUES ('root_check', ?1)", params![root.seal(ROOT_CHECK_AAD, b"ok")])
+            .map_err(db_err)?;
+        for (name, value) in extra_meta {
+            tx.execute("INSERT INTO meta VALUES (?1, ?2)", params![name, value]).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(Keystore {
+            conn: Mutex::new(conn),
+            root,
+            state: RwLock::new(State::default()),
+        })
+    }
+
+    /// Reads a keystore's meta value without the root key (e.g. the passphrase salt).
+    pub fn read_meta(path: &Path, name: &str) -> Result<Option<Vec<u8>>, KmsError> {
+        let conn = open_connection(path)?;
+        conn.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| r.get(0))
+            .optional()
+            .map_err(db_err)
+    }
+
+    /// Opens an existing keystore and loads it into memory.
+    pub fn open(path: &Path, root: RootKey) -> Result<Self, KmsError> {
+        if !path.exists() {
+            return Err(error::not_found(format!(
+                "no keystore at {}; run `cloister kms init`",
+                path.display()
+            )));
+        }
+        let conn = open_connection(path)?;
+        let version: i64 = conn
+            .query_row("SELECT value FROM meta WHERE name = 'schema_version'", [], |r| r.get(0))
+            .map_err(db_err)?;
+        if version != SCHEMA_VERSION {
+            return Err(error::internal(format!("keystore schema {version} is not supported (expected {SCHEMA_VERSION})")));
+        }
+        let check: Vec<u8> = conn
+            .query_row("SELECT value FROM meta WHERE name = 'root_check'", [], |r| r.get(0))
+            .map_err(db_err)?;
+        if root.open(ROOT_CHECK_AAD, &check).is_none() {
+            return Err(error::internal("the root key does not open this keystore (wrong key file or passphrase)"));
+        }
+        let state = load(&conn, &root)?;
+        Ok(Keystore {
+            conn: Mutex::new(conn),
+            root,
+            state: RwLock::new(state),
+        })
+    }
+
+    fn write<T>(
+        &self,
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, KmsError>,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<T, KmsError> {
+        let mut conn = self.conn.lock().map_err(|_| error::internal("keystore lock poisoned"))?;
+        let tx = conn.transaction().map_err(db_err)?;
+        let out = change(&tx)?;
+        before_commit()?;
+        tx.commit().map_err(db_err)?;
+        Ok(out)
+    }
+
+    fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, State>, KmsError> {
+        self.state.read().map_err(|_| error::internal("keystore state poisoned"))
+    }
+
+    fn write_state(&self) -> Result<std::sync::RwLockWriteGuard<'_, State>, KmsError> {
+        self.state.write().map_err(|_| error::internal("keystore state poisoned"))
+    }
+
+    /// Runs `f` with a key, found by id, ARN, alias name or alias ARN.
+    pub fn with_key<T>(&self, key_ref: &str, f: impl FnOnce(&KeyRecord) -> Result<T, KmsError>) -> Result<T, KmsError> {
+        let state = self.read_state()?;
+        let id = resolve(&state, key_ref)?;
+        let key = state.keys.get(&id).ok_or_else(|| error::not_found(format!("key {key_ref} does not exist")))?;
+        f(key)
+    }
+
+    /// Runs `f` with the key a blob names (by its id).
+    pub fn with_key_id<T>(&self, id: KeyId, f: impl FnOnce(&KeyRecord) -> Result<T, KmsError>) -> Result<T, KmsError> {
+        let state = self.read_state()?;
+        let key = state.keys.get(&id).ok_or_else(|| error::not_found(format!("key {id} does not exist")))?;
+        f(key)
+    }
+
+    /// Resolves a key reference to its id.
+    pub fn resolve(&self, key_ref: &str) -> Result<KeyId, KmsError> {
+        resolve(&*self.read_state()?, key_ref)
+    }
+
+    pub fn list_keys(&self) -> Result<Vec<(KeyId, KeyState)>, KmsError> {
+        let state = self.read_state()?;
+        let mut keys: Vec<_> = state.keys.values().map(|k| (k.id, k.state)).collect();
+        keys.sort_by_key(|(id, _)| *id);
+        Ok(keys)
+    }
+
+    pub fn list_aliases(&self) -> Result<Vec<(String, KeyId)>, KmsError> {
+        Ok(self.read_state()?.aliases.iter().map(|(a, k)| (a.clone(), *k)).collect())
+    }
+
+    pub fn principal(&self, name: &str) -> Result<Option<PrincipalRecord>, KmsError> {
+        Ok(self.read_state()?.principals.get(name).cloned())
+    }
+
+    pub fn list_principals(&self) -> Result<Vec<PrincipalRecord>, KmsError> {
+        Ok(self.read_state()?.principals.values().cloned().collect())
+    }
+
+    pub fn trust_roots(&self) -> Result<Vec<(String, Vec<u8>)>, KmsError> {
+        Ok(self.read_state()?.trust_roots.iter().map(|(l, d)| (l.clone(), d.clone())).collect())
+    }
+
+    /// Creates a key with one version of fresh material.
+    pub fn create_key(
+        &self,
+        description: &str,
+        policy_json: &str,
+        now_ms: u64,
+        before_commit: impl FnOnce(KeyId) -> Result<(), KmsError>,
+    ) -> Result<KeyId, KmsError> {
+        let policy = Policy::parse(policy_json, PolicyKind::Key).map_err(|e| error::validation(e.to_string()))?;
+        let id = KeyId::random();
+        let material = crate::crypto::random_key();
+        let sealed = self.root.seal(&material_aad(id, 1), material.as_ref());
+        self.write(
+            |tx| {
+                tx.execute(
+                    "INSERT INTO keys (key_id, description, state, created_ms, deletion_ms, policy) VALUES (?1, ?2, 'Enabled', ?3, NULL, ?4)",
+                    params![id.0, description, now_ms as i64, policy_json],
+                )
+                .map_err(db_err)?;
+                tx.execute(
+                    "INSERT INTO key_versions VALUES (?1, 1, ?2, ?3)",
+                    params![id.0, sealed, now_ms as i64],
+                )
+                .map_err(db_err)
+            },
+            || before_commit(id),
+        )?;
+        self.write_state()?.keys.insert(
+            id,
+            KeyRecord {
+                id,
+                description: description.to_owned(),
+                state: KeyState::Enabled,
+                created_ms: now_ms,
+                deletion_ms: None,
+                policy_json: policy_json.to_owned(),
+                policy,
+                versions: vec![material],
+            },
+        );
+        Ok(id)
+    }
+
+    /// Adds a version of fresh material; it becomes the one Encrypt uses.
+    pub fn rotate_key(&self, id: KeyId, now_ms: u64, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<u32, KmsError> {
+        let version = self.with_key_id(id, |k| Ok(k.current_version() + 1))?;
+        let material = crate::crypto::random_key();
+        let sealed = self.root.seal(&material_aad(id, version), material.as_ref());
+        self.write(
+            |tx| {
+                tx.execute(
+                    "INSERT INTO key_versions VALUES (?1, ?2, ?3, ?4)",
+                    params![id.0, version, sealed, now_ms as i64],
+                )
+                .map_err(db_err)
+            },
+            before_commit,
+        )?;
+        let mut state = self.write_state()?;
+        let key = state.keys.get_mut(&id).ok_or_else(|| error::not_found("key vanished"))?;
+        key.versions.push(material);
+        Ok(version)
+    }
+
+    /// Sets a key's state and deletion date.
+    pub fn set_state(
+        &self,
+        id: KeyId,
+        new_state: KeyState,
+        deletion_ms: Option<u64>,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
+        self.write(
+            |tx| {
+                tx.execute(
+                    "UPDATE keys SET state = ?2, deletion_ms = ?3 WHERE key_id = ?1",
+                    params![id.0, new_state.as_str(), deletion_ms.map(|d| d as i64)],
+                )
+                .map_err(db_err)
+            },
+            before_commit,
+        )?;
+        let mut state = self.write_state()?;
+        let key = state.keys.get_mut(&id).ok_or_else(|| error::not_found("key vanished"))?;
+        key.state = new_state;
+        key.deletion_ms = deletion_ms;
+        Ok(())
+    }
+
+    pub fn put_key_policy(&self, id: KeyId, policy_json: &str, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+        let policy = Policy::parse(policy_json, PolicyKind::Key).map_err(|e| error::validation(e.to_string()))?;
+        self.write(
+            |tx| {
+                tx.execute("UPDATE keys SET policy = ?2 WHERE key_id = ?1", params![id.0, policy_json])
+                    .map_err(db_err)
+            },
+            before_commit,
+        )?;
+        let mut state = self.write_state()?;
+        let key = state.keys.get_mut(&id).ok_or_else(|| error::not_found("key vanished"))?;
+        key.policy = policy;
+        key.policy_json = policy_json.to_owned();
+        Ok(())
+    }
+
+    pub fn create_alias(&self, alias: &str, id: KeyId, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+        let valid = alias
+            .strip_prefix("alias/")
+            .is_some_and(|n| !n.is_empty() && n.len() <= 250 && n.chars().all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c)) && !n.starts_with("aws/"));
+        if !valid {
+            return Err(error::validation(format!(
+                "alias {alias:?} must be alias/NAME with letters, digits, '/', '_' or '-' (and not alias/aws/...)"
+            )));
+        }
+        if self.read_state()?.aliases.contains_key(alias) {
+            return Err(error::already_exists(format!("alias {alias} already exists")));
+        }
+        self.write(
+            |tx| {
+                tx.execute("INSERT INTO aliases VALUES (?1, ?2)", params![alias, id.0])
+                    .map_err(db_err)
+            },
+            before_commit,
+        )?;
+        self.write_state()?.aliases.insert(alias.to_owned(), id);
+        Ok(())
+    }
+
+    pub fn add_principal(
+        &self,
+        name: &str,
+        public_key: VerifyingKey,
+        policy_json: &str,
+        now_ms: u64,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
+        if name.is_empty() || name.len() > 512 || name.chars().any(char::is_control) {
+            return Err(error::validation("a principal name is 1 to 512 printable characters"));
+        }
+        let policy = Policy::parse(policy_json, PolicyKind::Identity).map_err(|e| error::validation(e.to_string()))?;
+        if self.read_state()?.principals.contains_key(name) {
+            return Err(error::already_exists(format!("principal {name:?} already exists")));
+        }
+        self.write(
+            |tx| {
+                tx.execute(
+                    "INSERT INTO principals VALUES (?1, ?2, ?3, ?4)",
+                    params![name, public_key.to_bytes(), policy_json, now_ms as i64],
+                )
+                .map_err(db_err)
+            },
+            before_commit,
+        )?;
+        self.write_state()?.principals.insert(
+            name.to_owned(),
+            PrincipalRecord {
+                name: name.to_owned(),
+                public_key,
+                policy_json: policy_json.to_owned(),
+                policy,
+                created_ms: now_ms,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn remove_principal(&self, name: &str, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+        if !self.read_state()?.principals.contains_key(name) {
+            return Err(error::not_found(format!("principal {name:?} does not exist")));
+        }
+        self.write(
+            |tx| tx.execute("DELETE FROM principals WHERE name = ?1", params![name]).map_err(db_err),
+            before_commit,
+        )?;
+        self.write_state()?.principals.remove(name);
+        Ok(())
+    }
+
+    pub fn add_trust_root(&self, label: &str, der: &[u8], now_ms: u64, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+        let state = self.read_state()?;
+        if state.trust_roots.contains_key(label) {
+            return Err(error::already_exists(format!("trust root {label:?} already exists")));
+        }
+        if let Some((other, _)) = state.trust_roots.iter().find(|(_, d)| d.as_slice() == der) {
+            return Err(error::already_exists(format!("this root is already trusted as {other:?}")));
+        }
+        drop(state);
+        self.write(
+            |tx| {
+                tx.execute("INSERT INTO trust_roots VALUES (?1, ?2, ?3)", params![label, der, now_ms as i64])
+                    .map_err(db_err)
+            },
+            before_commit,
+        )?;
+        self.write_state()?.trust_roots.insert(label.to_owned(), der.to_vec());
+        Ok(())
+    }
+
+    pub fn remove_trust_root(&self, label: &str, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+        if !self.read_state()?.trust_roots.contains_key(label) {
+            return Err(error::not_found(format!("trust root {label:?} does not exist")));
+        }
+        self.write(
+            |tx| tx.execute("DELETE FROM trust_roots WHERE label = ?1", params![label]).map_err(db_err),
+            before_commit,
+        )?;
+        self.write_state()?.trust_roots.remove(label);
+        Ok(())
+    }
+
+    /// Keys pending deletion whose date has come.
+    pub fn due_for_deletion(&self, now_ms: u64) -> Result<Vec<KeyId>, KmsError> {
+        Ok(self
+            .read_state()?
+            .keys
+            .values()
+            .filter(|k| k.state == KeyState::PendingDeletion && k.deletion_ms.is_some_and(|d| d <= now_ms))
+            .map(|k| k.id)
+            .collect())
+    }
+
+    /// Destroys a key: its material, versions and aliases.
+    pub fn destroy_key(&self, id: KeyId, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+        self.write(
+            |tx| tx.execute("DELETE FROM keys WHERE key_id = ?1", params![id.0]).map_err(db_err),
+            before_commit,
+        )?;
+        let mut state = self.write_state()?;
+        state.keys.remove(&id);
+        state.aliases.retain(|_, k| *k != id);
+        Ok(())
+    }
+
+    /// Runs SQLite's integrity check (for tests and `kms doctor`).
+    pub fn integrity_check(&self) -> Result<String, KmsError> {
+        let conn = self.conn.lock().map_err(|_| error::internal("keystore lock poisoned"))?;
+        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(db_err)
+    }
+}
+
+fn resolve(state: &State, key_ref: &str) -> Result<KeyId, KmsError> {
+    let alias = key_ref
+        .strip_prefix("arn:cloister:kms:local:")
+        .filter(|r| r.starts_with("alias/"))
+        .unwrap_or(key_ref);
+    if alias.starts_with("alias/") {
+        return state
+            .aliases
+            .get(alias)
+            .copied()
+            .ok_or_else(|| error::not_found(format!("alias {alias} does not exist")));
+    }
+    let id = key_ref.strip_prefix("arn:cloister:kms:local:key/").unwrap_or(key_ref);
+    KeyId::parse(id).ok_or_else(|| {
+        error::validation(format!("{key_ref:?} is not a key id, key ARN, alias name or alias ARN"))
+    })
+}
+
+fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
+    let mut state = State::default();
+    let mut stmt = conn
+        .prepare("SELECT key_id, description, state, created_ms, deletion_ms, policy FROM keys")
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .map_err(db_err)?;
+    for row in rows {
+        let (id, description, key_state, created, deletion, policy_json) = row.map_err(db_err)?;
+        let id = KeyId(id.try_into().map_err(|_| error::internal("keystore: malformed key id"))?);
+        let key_state = KeyState::parse(&key_state).ok_or_else(|| error::internal("keystore: malformed key state"))?;
+        let policy = Policy::parse(&policy_json, PolicyKind::Key)
+            .map_err(|e| error::internal(format!("keystore: stored policy of {id} is invalid: {e}")))?;
+        state.keys.insert(
+            id,
+            KeyRecord {
+                id,
+                description,
+                state: key_state,
+                created_ms: created as u64,
+                deletion_ms: deletion.map(|d| d as u64),
+                policy_json,
+                policy,
+                versions: Vec::new(),
+            },
+        );
+    }
+    let mut stmt = conn
+        .prepare("SELECT key_id, version, material FROM key_versions ORDER BY key_id, version")
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u32>(1)?, r.get::<_, Vec<u8>>(2)?)))
+        .map_err(db_err)?;
+    for row in rows {
+        let (id, version, sealed) = row.map_err(db_err)?;
+        let id = KeyId(id.try_into().map_err(|_| error::internal("keystore: malformed key id"))?);
+        let key = state.keys.get_mut(&id).ok_or_else(|| error::internal("keystore: version without key"))?;
+        if version != key.current_version() + 1 {
+            return Err(error::internal(format!("keystore: key {id} is missing version {}", key.current_version() + 1)));
+        }
+        let plain = root
+            .open(&material_aad(id, version), &sealed)
+            .ok_or_else(|| error::internal(format!("keystore: material of {id} v{version} does not decrypt")))?;
+        let material: [u8; 32] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| error::internal("keystore: material is not 32 bytes"))?;
+        key.versions.push(zeroize::Zeroizing::new(material));
+    }
+    if let Some(k) = state.keys.values().find(|k| k.versions.is_empty()) {
+        return Err(error::internal(format!("keystore: key {} has no material", k.id)));
+    }
+    let mut stmt = conn.prepare("SELECT alias, key_id FROM aliases").map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .map_err(db_err)?;
+    for row in rows {
+        let (alias, id) = row.map_err(db_err)?;
+        let id = KeyId(id.try_into().map_err(|_| error::internal("keystore: malformed key id"))?);
+        state.aliases.insert(alias, id);
+    }
+    let mut stmt = conn
+        .prepare("SELECT name, public_key, policy, created_ms FROM principals")
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+        })
+        .map_err(db_err)?;
+    for row in rows {
+        let (name, pk, policy_json, created) = row.map_err(db_err)?;
+        let pk: [u8; 32] = pk.try_into().map_err(|_| error::internal("keystore: malformed public key"))?;
+        let public_key = VerifyingKey::from_bytes(&pk).map_err(|_| error::internal("keystore: malformed public key"))?;
+        let policy = Policy::parse(&policy_json, PolicyKind::Identity)
+            .map_err(|e| error::internal(format!("keystore: stored policy of {name} is invalid: {e}")))?;
+        state.principals.insert(
+            name.clone(),
+            PrincipalRecord {
+                name,
+                public_key,
+                policy_json,
+                policy,
+                created_ms: created as u64,
+            },
+        );
+    }
+    let mut stmt = conn.prepare("SELECT label, der FROM trust_roots").map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .map_err(db_err)?;
+    for row in rows {
+        let (label, der) = row.map_err(db_err)?;
+        state.trust_roots.insert(label, der);
+    }
+    Ok(state)
+}
