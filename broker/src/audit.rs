@@ -5,9 +5,9 @@
 //! previous line's bytes (64 zeros for the first). Checkpoint lines carry an
 //! Ed25519 signature by the broker's key over
 //! `"cloister-audit-checkpoint-v1\0" || seq (u64 BE) || prev (32 bytes)`.
-//! After each fsync the writer records the head (seq and hash of the last line)
-//! in the keystore, so that truncation — which a hash chain alone cannot see —
-//! is detected too.
+//! After each fsync the writer records the head (seq and hash of the last line,
+//! signed by the broker) in a head file beside the log, replaced atomically, so
+//! that truncation — which a hash chain alone cannot see — is detected too.
 //!
 //! Writes are group-committed: one writer thread takes every record waiting,
 //! writes them, fsyncs once and then answers all their requests.
@@ -19,13 +19,13 @@ use std::sync::mpsc;
 
 use base64::Engine;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
-use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{self, KmsError};
 
 const CHECKPOINT_LABEL: &[u8] = b"cloister-audit-checkpoint-v1\0";
+const HEAD_LABEL: &[u8] = b"cloister-audit-head-v1\0";
 const CHECKPOINT_EVERY: u64 = 1000;
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -89,7 +89,11 @@ fn line_hash(bytes: &[u8]) -> String {
 }
 
 fn checkpoint_message(seq: u64, prev: &str) -> Vec<u8> {
-    let mut m = CHECKPOINT_LABEL.to_vec();
+    signed_message(CHECKPOINT_LABEL, seq, prev)
+}
+
+fn signed_message(label: &[u8], seq: u64, prev: &str) -> Vec<u8> {
+    let mut m = label.to_vec();
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(&hex::decode(prev).unwrap_or_default());
     m
@@ -100,16 +104,21 @@ struct Writer {
     next_seq: u64,
     prev: String,
     signing_key: SigningKey,
-    head_db: Connection,
+    head_path: std::path::PathBuf,
     failed: Option<String>,
 }
 
 impl AuditLog {
     /// Opens (or creates) the log, checks it against the head the keystore
     /// recorded, and starts the writer thread. A startup checkpoint is written.
-    pub fn open(path: &Path, keystore_path: &Path, signing_key: SigningKey) -> Result<Self, KmsError> {
+    pub fn open(path: &Path, head_path: &Path, signing_key: SigningKey) -> Result<Self, KmsError> {
         let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
-        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
         let mut text = Vec::new();
         file.read_to_end(&mut text).map_err(io)?;
         // A line without its newline was never acknowledged (the response waits
@@ -122,16 +131,18 @@ impl AuditLog {
         }
         let (next_seq, prev) = match text[..complete].split(|b| *b == b'\n').rev().nth(1) {
             Some(last) => {
-                let line: Line = serde_json::from_slice(last)
-                    .map_err(|e| error::internal(format!("audit log {}: last line is malformed: {e}", path.display())))?;
+                let line: Line = serde_json::from_slice(last).map_err(|e| {
+                    error::internal(format!(
+                        "audit log {}: last line is malformed: {e}",
+                        path.display()
+                    ))
+                })?;
                 (line.seq + 1, line_hash(last))
             }
             None => (1, GENESIS.to_owned()),
         };
-        let head_db = Connection::open(keystore_path).map_err(|e| error::internal(format!("keystore: {e}")))?;
-        head_db.pragma_update(None, "synchronous", "FULL").map_err(|e| error::internal(e.to_string()))?;
-        head_db.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| error::internal(e.to_string()))?;
-        if let Some((head_seq, head_hash)) = read_head(&head_db)? {
+        if let Some((head_seq, head_hash)) = recorded_head(head_path, &signing_key.verifying_key())?
+        {
             let found = find_hash(&text[..complete], head_seq);
             if found.as_deref() != Some(head_hash.as_str()) {
                 return Err(error::internal(format!(
@@ -146,10 +157,11 @@ impl AuditLog {
             next_seq,
             prev,
             signing_key,
-            head_db,
+            head_path: head_path.to_path_buf(),
             failed: None,
         };
-        let note = (discarded > 0).then(|| format!("discarded {discarded} bytes of an unacknowledged partial line"));
+        let note = (discarded > 0)
+            .then(|| format!("discarded {discarded} bytes of an unacknowledged partial line"));
         writer.write_batch(vec![writer.system_line("startup", note)])?;
         let (jobs, rx) = mpsc::channel();
         std::thread::Builder::new()
@@ -191,7 +203,8 @@ impl AuditLog {
         self.jobs
             .send(Job::Append(line, tx))
             .map_err(|_| error::internal("the audit writer has stopped"))?;
-        rx.recv().map_err(|_| error::internal("the audit writer has stopped"))?
+        rx.recv()
+            .map_err(|_| error::internal("the audit writer has stopped"))?
     }
 }
 
@@ -232,7 +245,9 @@ impl Writer {
     /// Returns the seq of the first given line.
     fn write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError> {
         if let Some(why) = &self.failed {
-            return Err(error::internal(format!("the audit log cannot be written ({why}); nothing is served until restart")));
+            return Err(error::internal(format!(
+                "the audit log cannot be written ({why}); nothing is served until restart"
+            )));
         }
         let result = self.try_write_batch(lines);
         if let Err(e) = &result {
@@ -258,11 +273,17 @@ impl Writer {
         }
         self.file.write_all(&out).map_err(io)?;
         self.file.sync_data().map_err(io)?;
-        self.head_db
-            .execute(
-                "INSERT INTO meta VALUES ('audit_head', ?1) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                params![format!("{}:{}", self.next_seq - 1, self.prev).into_bytes()],
-            )
+        let head_seq = self.next_seq - 1;
+        let sig = self
+            .signing_key
+            .sign(&signed_message(HEAD_LABEL, head_seq, &self.prev));
+        let head = Head {
+            seq: head_seq,
+            hash: self.prev.clone(),
+            signature: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
+        };
+        let bytes = serde_json::to_vec(&head).map_err(|e| error::internal(e.to_string()))?;
+        cloister_attestation::keyfile::write_public(&self.head_path, &bytes, true)
             .map_err(|e| error::internal(format!("cannot record the audit head: {e}")))?;
         Ok(first_seq.unwrap_or(self.next_seq))
     }
@@ -271,10 +292,13 @@ impl Writer {
         line.seq = self.next_seq;
         line.prev = self.prev.clone();
         if signed {
-            let sig = self.signing_key.sign(&checkpoint_message(line.seq, &line.prev));
+            let sig = self
+                .signing_key
+                .sign(&checkpoint_message(line.seq, &line.prev));
             line.signature = Some(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
         }
-        let bytes = serde_json::to_vec(line).map_err(|e| error::internal(format!("audit record: {e}")))?;
+        let bytes =
+            serde_json::to_vec(line).map_err(|e| error::internal(format!("audit record: {e}")))?;
         self.prev = line_hash(&bytes);
         self.next_seq += 1;
         out.extend_from_slice(&bytes);
@@ -283,19 +307,41 @@ impl Writer {
     }
 }
 
-fn read_head(conn: &Connection) -> Result<Option<(u64, String)>, KmsError> {
-    let value: Option<Vec<u8>> = conn
-        .query_row("SELECT value FROM meta WHERE name = 'audit_head'", [], |r| r.get(0))
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })
-        .map_err(|e| error::internal(format!("keystore: {e}")))?;
-    let Some(value) = value else { return Ok(None) };
-    let text = String::from_utf8(value).map_err(|_| error::internal("malformed audit head"))?;
-    let (seq, hash) = text.split_once(':').ok_or_else(|| error::internal("malformed audit head"))?;
-    Ok(Some((seq.parse().map_err(|_| error::internal("malformed audit head"))?, hash.to_owned())))
+/// The head file: the last line's seq and hash, signed by the broker.
+#[derive(Serialize, Deserialize)]
+struct Head {
+    seq: u64,
+    hash: String,
+    signature: String,
+}
+
+/// The head recorded beside a log, checked against the broker's key; `None`
+/// when no head was recorded yet.
+pub fn recorded_head(
+    head_path: &Path,
+    broker_key: &VerifyingKey,
+) -> Result<Option<(u64, String)>, KmsError> {
+    let bytes = match std::fs::read(head_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(error::internal(format!("{}: {e}", head_path.display()))),
+    };
+    let bad = || {
+        error::internal(format!(
+            "the audit head {} is malformed or not signed by this broker",
+            head_path.display()
+        ))
+    };
+    let head: Head = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(&head.signature)
+        .ok()
+        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+        .ok_or_else(bad)?;
+    broker_key
+        .verify(&signed_message(HEAD_LABEL, head.seq, &head.hash), &sig)
+        .map_err(|_| bad())?;
+    Ok(Some((head.seq, head.hash)))
 }
 
 fn find_hash(text: &[u8], seq: u64) -> Option<String> {
@@ -324,8 +370,15 @@ pub struct AuditError {
 /// Verifies a log: every line well-formed, seq consecutive from 1, each `prev`
 /// the hash of the line before, every signature valid, and the recorded head (if
 /// any) present with the same hash.
-pub fn verify_log(path: &Path, broker_key: &VerifyingKey, head: Option<(u64, String)>) -> Result<VerifySummary, AuditError> {
-    let file = File::open(path).map_err(|e| AuditError { line: 0, problem: format!("cannot read {}: {e}", path.display()) })?;
+pub fn verify_log(
+    path: &Path,
+    broker_key: &VerifyingKey,
+    head: Option<(u64, String)>,
+) -> Result<VerifySummary, AuditError> {
+    let file = File::open(path).map_err(|e| AuditError {
+        line: 0,
+        problem: format!("cannot read {}: {e}", path.display()),
+    })?;
     let mut reader = BufReader::new(file);
     let mut prev = GENESIS.to_owned();
     let mut n = 0u64;
@@ -334,19 +387,23 @@ pub fn verify_log(path: &Path, broker_key: &VerifyingKey, head: Option<(u64, Str
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let read = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| AuditError { line: n + 1, problem: e.to_string() })?;
+        let read = reader.read_until(b'\n', &mut buf).map_err(|e| AuditError {
+            line: n + 1,
+            problem: e.to_string(),
+        })?;
         if read == 0 {
             break;
         }
         n += 1;
         let fail = |problem: String| AuditError { line: n, problem };
         if buf.last() != Some(&b'\n') {
-            return Err(fail("the line is incomplete (no newline): the log was cut".into()));
+            return Err(fail(
+                "the line is incomplete (no newline): the log was cut".into(),
+            ));
         }
         let bytes = &buf[..buf.len() - 1];
-        let line: Line = serde_json::from_slice(bytes).map_err(|e| fail(format!("not a valid record ({e}): the line was edited")))?;
+        let line: Line = serde_json::from_slice(bytes)
+            .map_err(|e| fail(format!("not a valid record ({e}): the line was edited")))?;
         if line.seq != n {
             return Err(fail(format!(
                 "seq is {}, expected {n}: a line was deleted, inserted or moved",
@@ -368,7 +425,12 @@ pub fn verify_log(path: &Path, broker_key: &VerifyingKey, head: Option<(u64, Str
                 .ok_or_else(|| fail(format!("{} line without a valid signature", line.kind)))?;
             broker_key
                 .verify(&checkpoint_message(line.seq, &line.prev), &sig)
-                .map_err(|_| fail(format!("the {} signature does not verify with the broker's key", line.kind)))?;
+                .map_err(|_| {
+                    fail(format!(
+                        "the {} signature does not verify with the broker's key",
+                        line.kind
+                    ))
+                })?;
             checkpoints += 1;
         }
         prev = line_hash(bytes);
@@ -376,7 +438,9 @@ pub fn verify_log(path: &Path, broker_key: &VerifyingKey, head: Option<(u64, Str
             && *head_seq == n
         {
             if &prev != head_hash {
-                return Err(fail("the line differs from the head the keystore recorded".into()));
+                return Err(fail(
+                    "the line differs from the head the keystore recorded".into(),
+                ));
             }
             head_seen = true;
         }
@@ -385,7 +449,9 @@ pub fn verify_log(path: &Path, broker_key: &VerifyingKey, head: Option<(u64, Str
         let (head_seq, _) = head.unwrap_or_default();
         return Err(AuditError {
             line: n,
-            problem: format!("the log ends at line {n} but the keystore recorded line {head_seq}: the log was truncated"),
+            problem: format!(
+                "the log ends at line {n} but the keystore recorded line {head_seq}: the log was truncated"
+            ),
         });
     }
     Ok(VerifySummary {
@@ -393,12 +459,6 @@ pub fn verify_log(path: &Path, broker_key: &VerifyingKey, head: Option<(u64, Str
         checkpoints,
         head_hash: prev,
     })
-}
-
-/// The head the keystore at `keystore_path` recorded.
-pub fn recorded_head(keystore_path: &Path) -> Result<Option<(u64, String)>, KmsError> {
-    let conn = Connection::open(keystore_path).map_err(|e| error::internal(format!("keystore: {e}")))?;
-    read_head(&conn)
 }
 
 #[cfg(test)]
@@ -414,8 +474,6 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let conn = Connection::open(dir.path().join("ks.db")).unwrap();
-            conn.execute_batch("CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)").unwrap();
             Fixture {
                 dir,
                 key: SigningKey::generate(&mut rand_core::OsRng),
@@ -424,20 +482,32 @@ mod tests {
         fn log(&self) -> PathBuf {
             self.dir.path().join("audit.log")
         }
-        fn db(&self) -> PathBuf {
-            self.dir.path().join("ks.db")
+        fn head(&self) -> PathBuf {
+            self.dir.path().join("audit.head")
         }
         fn open(&self) -> Result<AuditLog, KmsError> {
-            AuditLog::open(&self.log(), &self.db(), self.key.clone())
+            AuditLog::open(&self.log(), &self.head(), self.key.clone())
         }
         fn verify(&self) -> Result<VerifySummary, AuditError> {
-            verify_log(&self.log(), &self.key.verifying_key(), recorded_head(&self.db()).unwrap())
+            verify_log(
+                &self.log(),
+                &self.key.verifying_key(),
+                recorded_head(&self.head(), &self.key.verifying_key()).unwrap(),
+            )
         }
         fn lines(&self) -> Vec<String> {
-            std::fs::read_to_string(self.log()).unwrap().lines().map(str::to_owned).collect()
+            std::fs::read_to_string(self.log())
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
         }
         fn write_lines(&self, lines: &[String]) {
-            std::fs::write(self.log(), lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+            std::fs::write(
+                self.log(),
+                lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+            )
+            .unwrap();
         }
     }
 
@@ -447,7 +517,11 @@ mod tests {
             principal: "app".into(),
             action: "kms:Decrypt".into(),
             key_id: Some("k".into()),
-            decision: if i % 2 == 0 { Decision::Allow } else { Decision::Deny },
+            decision: if i.is_multiple_of(2) {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
             reason: "because".into(),
             recipient_pcr0: None,
             recipient_module_id: None,
@@ -485,10 +559,17 @@ mod tests {
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let log = log.clone();
-                std::thread::spawn(move || (0..50).map(|i| log.record(record(t * 100 + i)).unwrap()).collect::<Vec<_>>())
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|i| log.record(record(t * 100 + i)).unwrap())
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
-        let mut seqs: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let mut seqs: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
         seqs.sort();
         seqs.dedup();
         assert_eq!(seqs.len(), 400, "every record got its own seq");
@@ -554,6 +635,14 @@ mod tests {
     }
 
     #[test]
+    fn a_forged_head_is_refused() {
+        let f = filled(1);
+        let other = SigningKey::generate(&mut rand_core::OsRng);
+        let err = recorded_head(&f.head(), &other.verifying_key()).unwrap_err();
+        assert!(err.message.contains("not signed by this broker"), "{err}");
+    }
+
+    #[test]
     fn the_broker_refuses_to_start_on_a_truncated_log() {
         let f = filled(3);
         let lines = f.lines();
@@ -578,9 +667,13 @@ mod tests {
         let f = Fixture::new();
         let log = f.open().unwrap();
         // Make the head unrecordable: the next batch fails and so does every later one.
-        Connection::open(f.db()).unwrap().execute_batch("DROP TABLE meta").unwrap();
+        std::fs::remove_file(f.head()).unwrap();
+        std::fs::create_dir(f.head()).unwrap();
         assert!(log.record(record(0)).is_err());
         let err = log.record(record(1)).unwrap_err();
-        assert!(err.message.contains("nothing is served until restart"), "{err}");
+        assert!(
+            err.message.contains("nothing is served until restart"),
+            "{err}"
+        );
     }
 }

@@ -57,7 +57,10 @@ impl KeyId {
 
     pub fn parse(s: &str) -> Option<Self> {
         let hex: String = s.chars().filter(|c| *c != '-').collect();
-        if s.len() != 36 || hex.len() != 32 || [8, 13, 18, 23].iter().any(|i| s.as_bytes()[*i] != b'-') {
+        if s.len() != 36
+            || hex.len() != 32
+            || [8, 13, 18, 23].iter().any(|i| s.as_bytes()[*i] != b'-')
+        {
             return None;
         }
         let bytes = hex::decode(hex).ok()?;
@@ -73,7 +76,15 @@ impl KeyId {
 impl std::fmt::Display for KeyId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let h = hex::encode(self.0);
-        write!(f, "{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
     }
 }
 
@@ -128,7 +139,13 @@ pub fn seal_blob(
     let mut aad = blob.clone();
     aad.extend_from_slice(&canonical_context(ctx));
     let ct = Aes256Gcm::new(key.into())
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
         .map_err(|_| error::internal("encryption failed"))?;
     blob.extend_from_slice(&ct);
     Ok(blob)
@@ -161,7 +178,11 @@ pub fn blob_header(blob: &[u8]) -> Result<BlobHeader, KmsError> {
 }
 
 /// Decrypts a blob with the key version its header names.
-pub fn open_blob(blob: &[u8], key: &[u8; 32], ctx: &BTreeMap<String, String>) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+pub fn open_blob(
+    blob: &[u8],
+    key: &[u8; 32],
+    ctx: &BTreeMap<String, String>,
+) -> Result<Zeroizing<Vec<u8>>, KmsError> {
     blob_header(blob)?;
     let mut aad = blob[..HEADER_LEN].to_vec();
     aad.extend_from_slice(&canonical_context(ctx));
@@ -189,7 +210,8 @@ impl RootKey {
     /// Reads a 32-byte root key file (mode 0600 or stricter).
     pub fn from_file(path: &Path) -> Result<Self, KmsError> {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| error::internal(format!("cannot read {}: {e}", path.display())))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| error::internal(format!("cannot read {}: {e}", path.display())))?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(error::internal(format!(
                 "{} is readable by other users; run `chmod 600 {}`",
@@ -197,11 +219,13 @@ impl RootKey {
                 path.display()
             )));
         }
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| error::internal(format!("cannot read {}: {e}", path.display())))?);
-        let key: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| error::internal(format!("{} is not a 32-byte root key", path.display())))?;
+        let bytes = Zeroizing::new(
+            std::fs::read(path)
+                .map_err(|e| error::internal(format!("cannot read {}: {e}", path.display())))?,
+        );
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            error::internal(format!("{} is not a 32-byte root key", path.display()))
+        })?;
         Ok(RootKey(Zeroizing::new(key)))
     }
 
@@ -223,7 +247,13 @@ impl RootKey {
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut nonce);
         let ct = Aes256Gcm::new(self.0.as_ref().into())
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .unwrap_or_default();
         [nonce.as_slice(), &ct].concat()
     }
@@ -233,7 +263,13 @@ impl RootKey {
             return None;
         }
         Aes256Gcm::new(self.0.as_ref().into())
-            .decrypt(Nonce::from_slice(&sealed[..12]), Payload { msg: &sealed[12..], aad })
+            .decrypt(
+                Nonce::from_slice(&sealed[..12]),
+                Payload {
+                    msg: &sealed[12..],
+                    aad,
+                },
+            )
             .ok()
             .map(Zeroizing::new)
     }
@@ -244,7 +280,10 @@ mod tests {
     use super::*;
 
     fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -267,7 +306,13 @@ mod tests {
         let id = KeyId::random();
         let c = ctx(&[("patient-set", "2026-q3"), ("dept", "cardio")]);
         let blob = seal_blob(id, 3, &key, b"secret", &c).unwrap();
-        assert_eq!(blob_header(&blob).unwrap(), BlobHeader { key_id: id, version: 3 });
+        assert_eq!(
+            blob_header(&blob).unwrap(),
+            BlobHeader {
+                key_id: id,
+                version: 3
+            }
+        );
         assert_eq!(open_blob(&blob, &key, &c).unwrap().as_slice(), b"secret");
 
         // Another context, another key, any changed byte, truncation: refused.
@@ -287,7 +332,10 @@ mod tests {
     #[test]
     fn canonical_context_is_unambiguous() {
         // Entries that would collide under naive concatenation differ here.
-        assert_ne!(canonical_context(&ctx(&[("ab", "c")])), canonical_context(&ctx(&[("a", "bc")])));
+        assert_ne!(
+            canonical_context(&ctx(&[("ab", "c")])),
+            canonical_context(&ctx(&[("a", "bc")]))
+        );
         assert_eq!(canonical_context(&BTreeMap::new()), vec![0, 0, 0, 0]);
     }
 
@@ -310,6 +358,11 @@ mod tests {
         let a = RootKey::from_passphrase(b"correct horse", b"0123456789abcdef").unwrap();
         let b = RootKey::from_passphrase(b"correct horse", b"0123456789abcdef").unwrap();
         assert_eq!(a.bytes(), b.bytes());
-        assert_ne!(a.bytes(), RootKey::from_passphrase(b"wrong", b"0123456789abcdef").unwrap().bytes());
+        assert_ne!(
+            a.bytes(),
+            RootKey::from_passphrase(b"wrong", b"0123456789abcdef")
+                .unwrap()
+                .bytes()
+        );
     }
 }

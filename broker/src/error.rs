@@ -96,16 +96,64 @@ impl ErrorCode for KmsError {
 
 /// The codes of the key broker.
 pub const CODES: &[CodeInfo] = &[
-    CodeInfo { code: "E-KMS-VALIDATION", summary: "ValidationException: the request is malformed", explanation: "A parameter is missing, out of range or of the wrong form (key spec, byte count, encryption context, policy JSON, pending window). The message names it." },
-    CodeInfo { code: "E-KMS-ACCESS-DENIED", summary: "AccessDeniedException: a policy refused the request", explanation: "Cloister requires BOTH the caller's identity policy and the key's policy to allow a request, and an explicit Deny in either wins. The message names the policy, the statement and the condition with the value seen; the audit log has the same reason. A Recipient whose attestation document does not verify is refused here too." },
-    CodeInfo { code: "E-KMS-NOT-FOUND", summary: "NotFoundException: no such key, alias, principal or trust root", explanation: "Check the key id, ARN or alias (alias/NAME). A key whose deletion completed is gone for good." },
-    CodeInfo { code: "E-KMS-ALREADY-EXISTS", summary: "AlreadyExistsException: the name is taken", explanation: "An alias, principal or trust-root label with that name exists already." },
-    CodeInfo { code: "E-KMS-INVALID-CIPHERTEXT", summary: "InvalidCiphertextException: the ciphertext blob does not decrypt", explanation: "The blob is truncated or altered, was made by another broker, or the encryption context differs from the one given at encryption (it is bound as AAD and must match exactly)." },
-    CodeInfo { code: "E-KMS-INCORRECT-KEY", summary: "IncorrectKeyException: the blob belongs to another key", explanation: "A KeyId was given with Decrypt and the ciphertext blob was made under a different key." },
-    CodeInfo { code: "E-KMS-DISABLED", summary: "DisabledException: the key is disabled", explanation: "Enable it with `cloister kms enable-key` to use it again." },
-    CodeInfo { code: "E-KMS-INVALID-STATE", summary: "KMSInvalidStateException: the key's state forbids the operation", explanation: "A key pending deletion cannot be used; cancel the deletion first. Only a key pending deletion can have its deletion cancelled." },
-    CodeInfo { code: "E-KMS-INVALID-SIGNATURE", summary: "InvalidSignatureException: the request is not authentic", explanation: "Every request is signed with the principal's Ed25519 key. The principal is unknown, the signature does not verify with its registered public key, or the request id was seen before (a replay)." },
-    CodeInfo { code: "E-KMS-REQUEST-EXPIRED", summary: "RequestExpiredException: the request's timestamp is outside the window", explanation: "Requests must be signed within 5 minutes of the broker's clock, and after the broker started. Check the client's clock and retry." },
-    CodeInfo { code: "E-KMS-LIMIT-EXCEEDED", summary: "LimitExceededException: too many requests", explanation: "The principal exceeded its request rate, or the broker its connection limit. Retry with backoff." },
-    CodeInfo { code: "E-KMS-INTERNAL", summary: "KMSInternalException: the broker could not complete the request", explanation: "The keystore or the audit log could not be written; nothing was released. The broker's log says more." },
+    CodeInfo {
+        code: "E-KMS-VALIDATION",
+        summary: "ValidationException: the request is malformed",
+        explanation: "A parameter is missing, out of range or of the wrong form (key spec, byte count, encryption context, policy JSON, pending window). The message names it.",
+    },
+    CodeInfo {
+        code: "E-KMS-ACCESS-DENIED",
+        summary: "AccessDeniedException: a policy refused the request",
+        explanation: "Cloister requires BOTH the caller's identity policy and the key's policy to allow a request, and an explicit Deny in either wins. The message names the policy, the statement and the condition with the value seen; the audit log has the same reason. A Recipient whose attestation document does not verify is refused here too.",
+    },
+    CodeInfo {
+        code: "E-KMS-NOT-FOUND",
+        summary: "NotFoundException: no such key, alias, principal or trust root",
+        explanation: "Check the key id, ARN or alias (alias/NAME). A key whose deletion completed is gone for good.",
+    },
+    CodeInfo {
+        code: "E-KMS-ALREADY-EXISTS",
+        summary: "AlreadyExistsException: the name is taken",
+        explanation: "An alias, principal or trust-root label with that name exists already.",
+    },
+    CodeInfo {
+        code: "E-KMS-INVALID-CIPHERTEXT",
+        summary: "InvalidCiphertextException: the ciphertext blob does not decrypt",
+        explanation: "The blob is truncated or altered, was made by another broker, or the encryption context differs from the one given at encryption (it is bound as AAD and must match exactly).",
+    },
+    CodeInfo {
+        code: "E-KMS-INCORRECT-KEY",
+        summary: "IncorrectKeyException: the blob belongs to another key",
+        explanation: "A KeyId was given with Decrypt and the ciphertext blob was made under a different key.",
+    },
+    CodeInfo {
+        code: "E-KMS-DISABLED",
+        summary: "DisabledException: the key is disabled",
+        explanation: "Enable it with `cloister kms enable-key` to use it again.",
+    },
+    CodeInfo {
+        code: "E-KMS-INVALID-STATE",
+        summary: "KMSInvalidStateException: the key's state forbids the operation",
+        explanation: "A key pending deletion cannot be used; cancel the deletion first. Only a key pending deletion can have its deletion cancelled.",
+    },
+    CodeInfo {
+        code: "E-KMS-INVALID-SIGNATURE",
+        summary: "InvalidSignatureException: the request is not authentic",
+        explanation: "Every request is signed with the principal's Ed25519 key. The principal is unknown, the signature does not verify with its registered public key, or the request id was seen before (a replay).",
+    },
+    CodeInfo {
+        code: "E-KMS-REQUEST-EXPIRED",
+        summary: "RequestExpiredException: the request's timestamp is outside the window",
+        explanation: "Requests must be signed within 5 minutes of the broker's clock, and after the broker started. Check the client's clock and retry.",
+    },
+    CodeInfo {
+        code: "E-KMS-LIMIT-EXCEEDED",
+        summary: "LimitExceededException: too many requests",
+        explanation: "The principal exceeded its request rate, or the broker its connection limit. Retry with backoff.",
+    },
+    CodeInfo {
+        code: "E-KMS-INTERNAL",
+        summary: "KMSInternalException: the broker could not complete the request",
+        explanation: "The keystore or the audit log could not be written; nothing was released. The broker's log says more.",
+    },
 ];

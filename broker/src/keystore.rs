@@ -98,7 +98,9 @@ impl KeyRecord {
         self.versions.len() as u32
     }
     pub fn material(&self, version: u32) -> Option<&KeyMaterial> {
-        version.checked_sub(1).and_then(|i| self.versions.get(i as usize))
+        version
+            .checked_sub(1)
+            .and_then(|i| self.versions.get(i as usize))
     }
 }
 
@@ -131,33 +133,56 @@ fn db_err(e: rusqlite::Error) -> KmsError {
 }
 
 fn material_aad(id: KeyId, version: u32) -> Vec<u8> {
-    [b"cloister-kms-material-v1".as_slice(), &id.0, &version.to_be_bytes()].concat()
+    [
+        b"cloister-kms-material-v1".as_slice(),
+        &id.0,
+        &version.to_be_bytes(),
+    ]
+    .concat()
 }
 
 fn open_connection(path: &Path) -> Result<Connection, KmsError> {
     let conn = Connection::open(path).map_err(db_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(db_err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(db_err)?;
     Ok(conn)
 }
 
 impl Keystore {
     /// Creates a new keystore; refuses a path that already holds one.
-    pub fn create(path: &Path, root: RootKey, extra_meta: &[(&str, &[u8])]) -> Result<Self, KmsError> {
+    pub fn create(
+        path: &Path,
+        root: RootKey,
+        extra_meta: &[(&str, &[u8])],
+    ) -> Result<Self, KmsError> {
         if path.exists() {
-            return Err(error::already_exists(format!("{} already exists", path.display())));
+            return Err(error::already_exists(format!(
+                "{} already exists",
+                path.display()
+            )));
         }
         let mut conn = open_connection(path)?;
         let tx = conn.transaction().map_err(db_err)?;
         tx.execute_batch(SCHEMA).map_err(db_err)?;
-        tx.execute("INSERT INTO meta VALUES ('schema_version', ?1)", params![SCHEMA_VERSION])
-            .map_err(db_err)?;
-        tx.execute("INSERT INTO meta VALUES ('root_check', ?1)", params![root.seal(ROOT_CHECK_AAD, b"ok")])
-            .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO meta VALUES ('schema_version', ?1)",
+            params![SCHEMA_VERSION],
+        )
+        .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO meta VALUES ('root_check', ?1)",
+            params![root.seal(ROOT_CHECK_AAD, b"ok")],
+        )
+        .map_err(db_err)?;
         for (name, value) in extra_meta {
-            tx.execute("INSERT INTO meta VALUES (?1, ?2)", params![name, value]).map_err(db_err)?;
+            tx.execute("INSERT INTO meta VALUES (?1, ?2)", params![name, value])
+                .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
         Ok(Keystore {
@@ -170,9 +195,13 @@ impl Keystore {
     /// Reads a keystore's meta value without the root key (e.g. the passphrase salt).
     pub fn read_meta(path: &Path, name: &str) -> Result<Option<Vec<u8>>, KmsError> {
         let conn = open_connection(path)?;
-        conn.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| r.get(0))
-            .optional()
-            .map_err(db_err)
+        conn.query_row(
+            "SELECT value FROM meta WHERE name = ?1",
+            params![name],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err)
     }
 
     /// Opens an existing keystore and loads it into memory.
@@ -185,16 +214,28 @@ impl Keystore {
         }
         let conn = open_connection(path)?;
         let version: i64 = conn
-            .query_row("SELECT value FROM meta WHERE name = 'schema_version'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE name = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .map_err(db_err)?;
         if version != SCHEMA_VERSION {
-            return Err(error::internal(format!("keystore schema {version} is not supported (expected {SCHEMA_VERSION})")));
+            return Err(error::internal(format!(
+                "keystore schema {version} is not supported (expected {SCHEMA_VERSION})"
+            )));
         }
         let check: Vec<u8> = conn
-            .query_row("SELECT value FROM meta WHERE name = 'root_check'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE name = 'root_check'",
+                [],
+                |r| r.get(0),
+            )
             .map_err(db_err)?;
         if root.open(ROOT_CHECK_AAD, &check).is_none() {
-            return Err(error::internal("the root key does not open this keystore (wrong key file or passphrase)"));
+            return Err(error::internal(
+                "the root key does not open this keystore (wrong key file or passphrase)",
+            ));
         }
         let state = load(&conn, &root)?;
         Ok(Keystore {
@@ -209,7 +250,10 @@ impl Keystore {
         change: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, KmsError>,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<T, KmsError> {
-        let mut conn = self.conn.lock().map_err(|_| error::internal("keystore lock poisoned"))?;
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| error::internal("keystore lock poisoned"))?;
         let tx = conn.transaction().map_err(db_err)?;
         let out = change(&tx)?;
         before_commit()?;
@@ -218,25 +262,43 @@ impl Keystore {
     }
 
     fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, State>, KmsError> {
-        self.state.read().map_err(|_| error::internal("keystore state poisoned"))
+        self.state
+            .read()
+            .map_err(|_| error::internal("keystore state poisoned"))
     }
 
     fn write_state(&self) -> Result<std::sync::RwLockWriteGuard<'_, State>, KmsError> {
-        self.state.write().map_err(|_| error::internal("keystore state poisoned"))
+        self.state
+            .write()
+            .map_err(|_| error::internal("keystore state poisoned"))
     }
 
     /// Runs `f` with a key, found by id, ARN, alias name or alias ARN.
-    pub fn with_key<T>(&self, key_ref: &str, f: impl FnOnce(&KeyRecord) -> Result<T, KmsError>) -> Result<T, KmsError> {
+    pub fn with_key<T>(
+        &self,
+        key_ref: &str,
+        f: impl FnOnce(&KeyRecord) -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
         let state = self.read_state()?;
         let id = resolve(&state, key_ref)?;
-        let key = state.keys.get(&id).ok_or_else(|| error::not_found(format!("key {key_ref} does not exist")))?;
+        let key = state
+            .keys
+            .get(&id)
+            .ok_or_else(|| error::not_found(format!("key {key_ref} does not exist")))?;
         f(key)
     }
 
     /// Runs `f` with the key a blob names (by its id).
-    pub fn with_key_id<T>(&self, id: KeyId, f: impl FnOnce(&KeyRecord) -> Result<T, KmsError>) -> Result<T, KmsError> {
+    pub fn with_key_id<T>(
+        &self,
+        id: KeyId,
+        f: impl FnOnce(&KeyRecord) -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
         let state = self.read_state()?;
-        let key = state.keys.get(&id).ok_or_else(|| error::not_found(format!("key {id} does not exist")))?;
+        let key = state
+            .keys
+            .get(&id)
+            .ok_or_else(|| error::not_found(format!("key {id} does not exist")))?;
         f(key)
     }
 
@@ -253,7 +315,12 @@ impl Keystore {
     }
 
     pub fn list_aliases(&self) -> Result<Vec<(String, KeyId)>, KmsError> {
-        Ok(self.read_state()?.aliases.iter().map(|(a, k)| (a.clone(), *k)).collect())
+        Ok(self
+            .read_state()?
+            .aliases
+            .iter()
+            .map(|(a, k)| (a.clone(), *k))
+            .collect())
     }
 
     pub fn principal(&self, name: &str) -> Result<Option<PrincipalRecord>, KmsError> {
@@ -265,7 +332,12 @@ impl Keystore {
     }
 
     pub fn trust_roots(&self) -> Result<Vec<(String, Vec<u8>)>, KmsError> {
-        Ok(self.read_state()?.trust_roots.iter().map(|(l, d)| (l.clone(), d.clone())).collect())
+        Ok(self
+            .read_state()?
+            .trust_roots
+            .iter()
+            .map(|(l, d)| (l.clone(), d.clone()))
+            .collect())
     }
 
     /// Creates a key with one version of fresh material.
@@ -276,7 +348,8 @@ impl Keystore {
         now_ms: u64,
         before_commit: impl FnOnce(KeyId) -> Result<(), KmsError>,
     ) -> Result<KeyId, KmsError> {
-        let policy = Policy::parse(policy_json, PolicyKind::Key).map_err(|e| error::validation(e.to_string()))?;
+        let policy = Policy::parse(policy_json, PolicyKind::Key)
+            .map_err(|e| error::validation(e.to_string()))?;
         let id = KeyId::random();
         let material = crate::crypto::random_key();
         let sealed = self.root.seal(&material_aad(id, 1), material.as_ref());
@@ -312,10 +385,17 @@ impl Keystore {
     }
 
     /// Adds a version of fresh material; it becomes the one Encrypt uses.
-    pub fn rotate_key(&self, id: KeyId, now_ms: u64, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<u32, KmsError> {
+    pub fn rotate_key(
+        &self,
+        id: KeyId,
+        now_ms: u64,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<u32, KmsError> {
         let version = self.with_key_id(id, |k| Ok(k.current_version() + 1))?;
         let material = crate::crypto::random_key();
-        let sealed = self.root.seal(&material_aad(id, version), material.as_ref());
+        let sealed = self
+            .root
+            .seal(&material_aad(id, version), material.as_ref());
         self.write(
             |tx| {
                 tx.execute(
@@ -327,7 +407,10 @@ impl Keystore {
             before_commit,
         )?;
         let mut state = self.write_state()?;
-        let key = state.keys.get_mut(&id).ok_or_else(|| error::not_found("key vanished"))?;
+        let key = state
+            .keys
+            .get_mut(&id)
+            .ok_or_else(|| error::not_found("key vanished"))?;
         key.versions.push(material);
         Ok(version)
     }
@@ -351,39 +434,65 @@ impl Keystore {
             before_commit,
         )?;
         let mut state = self.write_state()?;
-        let key = state.keys.get_mut(&id).ok_or_else(|| error::not_found("key vanished"))?;
+        let key = state
+            .keys
+            .get_mut(&id)
+            .ok_or_else(|| error::not_found("key vanished"))?;
         key.state = new_state;
         key.deletion_ms = deletion_ms;
         Ok(())
     }
 
-    pub fn put_key_policy(&self, id: KeyId, policy_json: &str, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
-        let policy = Policy::parse(policy_json, PolicyKind::Key).map_err(|e| error::validation(e.to_string()))?;
+    pub fn put_key_policy(
+        &self,
+        id: KeyId,
+        policy_json: &str,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
+        let policy = Policy::parse(policy_json, PolicyKind::Key)
+            .map_err(|e| error::validation(e.to_string()))?;
         self.write(
             |tx| {
-                tx.execute("UPDATE keys SET policy = ?2 WHERE key_id = ?1", params![id.0, policy_json])
-                    .map_err(db_err)
+                tx.execute(
+                    "UPDATE keys SET policy = ?2 WHERE key_id = ?1",
+                    params![id.0, policy_json],
+                )
+                .map_err(db_err)
             },
             before_commit,
         )?;
         let mut state = self.write_state()?;
-        let key = state.keys.get_mut(&id).ok_or_else(|| error::not_found("key vanished"))?;
+        let key = state
+            .keys
+            .get_mut(&id)
+            .ok_or_else(|| error::not_found("key vanished"))?;
         key.policy = policy;
         key.policy_json = policy_json.to_owned();
         Ok(())
     }
 
-    pub fn create_alias(&self, alias: &str, id: KeyId, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
-        let valid = alias
-            .strip_prefix("alias/")
-            .is_some_and(|n| !n.is_empty() && n.len() <= 250 && n.chars().all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c)) && !n.starts_with("aws/"));
+    pub fn create_alias(
+        &self,
+        alias: &str,
+        id: KeyId,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
+        let valid = alias.strip_prefix("alias/").is_some_and(|n| {
+            !n.is_empty()
+                && n.len() <= 250
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c))
+                && !n.starts_with("aws/")
+        });
         if !valid {
             return Err(error::validation(format!(
                 "alias {alias:?} must be alias/NAME with letters, digits, '/', '_' or '-' (and not alias/aws/...)"
             )));
         }
         if self.read_state()?.aliases.contains_key(alias) {
-            return Err(error::already_exists(format!("alias {alias} already exists")));
+            return Err(error::already_exists(format!(
+                "alias {alias} already exists"
+            )));
         }
         self.write(
             |tx| {
@@ -405,11 +514,16 @@ impl Keystore {
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         if name.is_empty() || name.len() > 512 || name.chars().any(char::is_control) {
-            return Err(error::validation("a principal name is 1 to 512 printable characters"));
+            return Err(error::validation(
+                "a principal name is 1 to 512 printable characters",
+            ));
         }
-        let policy = Policy::parse(policy_json, PolicyKind::Identity).map_err(|e| error::validation(e.to_string()))?;
+        let policy = Policy::parse(policy_json, PolicyKind::Identity)
+            .map_err(|e| error::validation(e.to_string()))?;
         if self.read_state()?.principals.contains_key(name) {
-            return Err(error::already_exists(format!("principal {name:?} already exists")));
+            return Err(error::already_exists(format!(
+                "principal {name:?} already exists"
+            )));
         }
         self.write(
             |tx| {
@@ -434,44 +548,77 @@ impl Keystore {
         Ok(())
     }
 
-    pub fn remove_principal(&self, name: &str, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+    pub fn remove_principal(
+        &self,
+        name: &str,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
         if !self.read_state()?.principals.contains_key(name) {
-            return Err(error::not_found(format!("principal {name:?} does not exist")));
+            return Err(error::not_found(format!(
+                "principal {name:?} does not exist"
+            )));
         }
         self.write(
-            |tx| tx.execute("DELETE FROM principals WHERE name = ?1", params![name]).map_err(db_err),
+            |tx| {
+                tx.execute("DELETE FROM principals WHERE name = ?1", params![name])
+                    .map_err(db_err)
+            },
             before_commit,
         )?;
         self.write_state()?.principals.remove(name);
         Ok(())
     }
 
-    pub fn add_trust_root(&self, label: &str, der: &[u8], now_ms: u64, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+    pub fn add_trust_root(
+        &self,
+        label: &str,
+        der: &[u8],
+        now_ms: u64,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
         let state = self.read_state()?;
         if state.trust_roots.contains_key(label) {
-            return Err(error::already_exists(format!("trust root {label:?} already exists")));
+            return Err(error::already_exists(format!(
+                "trust root {label:?} already exists"
+            )));
         }
         if let Some((other, _)) = state.trust_roots.iter().find(|(_, d)| d.as_slice() == der) {
-            return Err(error::already_exists(format!("this root is already trusted as {other:?}")));
+            return Err(error::already_exists(format!(
+                "this root is already trusted as {other:?}"
+            )));
         }
         drop(state);
         self.write(
             |tx| {
-                tx.execute("INSERT INTO trust_roots VALUES (?1, ?2, ?3)", params![label, der, now_ms as i64])
-                    .map_err(db_err)
+                tx.execute(
+                    "INSERT INTO trust_roots VALUES (?1, ?2, ?3)",
+                    params![label, der, now_ms as i64],
+                )
+                .map_err(db_err)
             },
             before_commit,
         )?;
-        self.write_state()?.trust_roots.insert(label.to_owned(), der.to_vec());
+        self.write_state()?
+            .trust_roots
+            .insert(label.to_owned(), der.to_vec());
         Ok(())
     }
 
-    pub fn remove_trust_root(&self, label: &str, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+    pub fn remove_trust_root(
+        &self,
+        label: &str,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
         if !self.read_state()?.trust_roots.contains_key(label) {
-            return Err(error::not_found(format!("trust root {label:?} does not exist")));
+            return Err(error::not_found(format!(
+                "trust root {label:?} does not exist"
+            )));
         }
         self.write(
-            |tx| tx.execute("DELETE FROM trust_roots WHERE label = ?1", params![label]).map_err(db_err),
+            |tx| {
+                tx.execute("DELETE FROM trust_roots WHERE label = ?1", params![label])
+                    .map_err(db_err)
+            },
             before_commit,
         )?;
         self.write_state()?.trust_roots.remove(label);
@@ -484,15 +631,24 @@ impl Keystore {
             .read_state()?
             .keys
             .values()
-            .filter(|k| k.state == KeyState::PendingDeletion && k.deletion_ms.is_some_and(|d| d <= now_ms))
+            .filter(|k| {
+                k.state == KeyState::PendingDeletion && k.deletion_ms.is_some_and(|d| d <= now_ms)
+            })
             .map(|k| k.id)
             .collect())
     }
 
     /// Destroys a key: its material, versions and aliases.
-    pub fn destroy_key(&self, id: KeyId, before_commit: impl FnOnce() -> Result<(), KmsError>) -> Result<(), KmsError> {
+    pub fn destroy_key(
+        &self,
+        id: KeyId,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
         self.write(
-            |tx| tx.execute("DELETE FROM keys WHERE key_id = ?1", params![id.0]).map_err(db_err),
+            |tx| {
+                tx.execute("DELETE FROM keys WHERE key_id = ?1", params![id.0])
+                    .map_err(db_err)
+            },
             before_commit,
         )?;
         let mut state = self.write_state()?;
@@ -503,8 +659,12 @@ impl Keystore {
 
     /// Runs SQLite's integrity check (for tests and `kms doctor`).
     pub fn integrity_check(&self) -> Result<String, KmsError> {
-        let conn = self.conn.lock().map_err(|_| error::internal("keystore lock poisoned"))?;
-        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(db_err)
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| error::internal("keystore lock poisoned"))?;
+        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(db_err)
     }
 }
 
@@ -520,9 +680,13 @@ fn resolve(state: &State, key_ref: &str) -> Result<KeyId, KmsError> {
             .copied()
             .ok_or_else(|| error::not_found(format!("alias {alias} does not exist")));
     }
-    let id = key_ref.strip_prefix("arn:cloister:kms:local:key/").unwrap_or(key_ref);
+    let id = key_ref
+        .strip_prefix("arn:cloister:kms:local:key/")
+        .unwrap_or(key_ref);
     KeyId::parse(id).ok_or_else(|| {
-        error::validation(format!("{key_ref:?} is not a key id, key ARN, alias name or alias ARN"))
+        error::validation(format!(
+            "{key_ref:?} is not a key id, key ARN, alias name or alias ARN"
+        ))
     })
 }
 
@@ -545,10 +709,15 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
         .map_err(db_err)?;
     for row in rows {
         let (id, description, key_state, created, deletion, policy_json) = row.map_err(db_err)?;
-        let id = KeyId(id.try_into().map_err(|_| error::internal("keystore: malformed key id"))?);
-        let key_state = KeyState::parse(&key_state).ok_or_else(|| error::internal("keystore: malformed key state"))?;
-        let policy = Policy::parse(&policy_json, PolicyKind::Key)
-            .map_err(|e| error::internal(format!("keystore: stored policy of {id} is invalid: {e}")))?;
+        let id = KeyId(
+            id.try_into()
+                .map_err(|_| error::internal("keystore: malformed key id"))?,
+        );
+        let key_state = KeyState::parse(&key_state)
+            .ok_or_else(|| error::internal("keystore: malformed key state"))?;
+        let policy = Policy::parse(&policy_json, PolicyKind::Key).map_err(|e| {
+            error::internal(format!("keystore: stored policy of {id} is invalid: {e}"))
+        })?;
         state.keys.insert(
             id,
             KeyRecord {
@@ -567,18 +736,37 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
         .prepare("SELECT key_id, version, material FROM key_versions ORDER BY key_id, version")
         .map_err(db_err)?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u32>(1)?, r.get::<_, Vec<u8>>(2)?)))
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })
         .map_err(db_err)?;
     for row in rows {
         let (id, version, sealed) = row.map_err(db_err)?;
-        let id = KeyId(id.try_into().map_err(|_| error::internal("keystore: malformed key id"))?);
-        let key = state.keys.get_mut(&id).ok_or_else(|| error::internal("keystore: version without key"))?;
+        let id = KeyId(
+            id.try_into()
+                .map_err(|_| error::internal("keystore: malformed key id"))?,
+        );
+        let key = state
+            .keys
+            .get_mut(&id)
+            .ok_or_else(|| error::internal("keystore: version without key"))?;
         if version != key.current_version() + 1 {
-            return Err(error::internal(format!("keystore: key {id} is missing version {}", key.current_version() + 1)));
+            return Err(error::internal(format!(
+                "keystore: key {id} is missing version {}",
+                key.current_version() + 1
+            )));
         }
         let plain = root
             .open(&material_aad(id, version), &sealed)
-            .ok_or_else(|| error::internal(format!("keystore: material of {id} v{version} does not decrypt")))?;
+            .ok_or_else(|| {
+                error::internal(format!(
+                    "keystore: material of {id} v{version} does not decrypt"
+                ))
+            })?;
         let material: [u8; 32] = plain
             .as_slice()
             .try_into()
@@ -586,15 +774,25 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
         key.versions.push(zeroize::Zeroizing::new(material));
     }
     if let Some(k) = state.keys.values().find(|k| k.versions.is_empty()) {
-        return Err(error::internal(format!("keystore: key {} has no material", k.id)));
+        return Err(error::internal(format!(
+            "keystore: key {} has no material",
+            k.id
+        )));
     }
-    let mut stmt = conn.prepare("SELECT alias, key_id FROM aliases").map_err(db_err)?;
+    let mut stmt = conn
+        .prepare("SELECT alias, key_id FROM aliases")
+        .map_err(db_err)?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
         .map_err(db_err)?;
     for row in rows {
         let (alias, id) = row.map_err(db_err)?;
-        let id = KeyId(id.try_into().map_err(|_| error::internal("keystore: malformed key id"))?);
+        let id = KeyId(
+            id.try_into()
+                .map_err(|_| error::internal("keystore: malformed key id"))?,
+        );
         state.aliases.insert(alias, id);
     }
     let mut stmt = conn
@@ -602,15 +800,24 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
         .map_err(db_err)?;
     let rows = stmt
         .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
         })
         .map_err(db_err)?;
     for row in rows {
         let (name, pk, policy_json, created) = row.map_err(db_err)?;
-        let pk: [u8; 32] = pk.try_into().map_err(|_| error::internal("keystore: malformed public key"))?;
-        let public_key = VerifyingKey::from_bytes(&pk).map_err(|_| error::internal("keystore: malformed public key"))?;
-        let policy = Policy::parse(&policy_json, PolicyKind::Identity)
-            .map_err(|e| error::internal(format!("keystore: stored policy of {name} is invalid: {e}")))?;
+        let pk: [u8; 32] = pk
+            .try_into()
+            .map_err(|_| error::internal("keystore: malformed public key"))?;
+        let public_key = VerifyingKey::from_bytes(&pk)
+            .map_err(|_| error::internal("keystore: malformed public key"))?;
+        let policy = Policy::parse(&policy_json, PolicyKind::Identity).map_err(|e| {
+            error::internal(format!("keystore: stored policy of {name} is invalid: {e}"))
+        })?;
         state.principals.insert(
             name.clone(),
             PrincipalRecord {
@@ -622,9 +829,13 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
             },
         );
     }
-    let mut stmt = conn.prepare("SELECT label, der FROM trust_roots").map_err(db_err)?;
+    let mut stmt = conn
+        .prepare("SELECT label, der FROM trust_roots")
+        .map_err(db_err)?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
         .map_err(db_err)?;
     for row in rows {
         let (label, der) = row.map_err(db_err)?;

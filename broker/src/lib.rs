@@ -6,10 +6,15 @@
 //! - [`error`]: AWS-style exceptions with stable codes.
 
 pub mod audit;
+pub mod client;
 pub mod crypto;
+pub mod datadir;
 pub mod error;
 pub mod keystore;
 pub mod policy;
+pub mod protocol;
 pub mod recipient;
+pub mod server;
+pub mod service;
 
 pub use error::{ErrorKind, KmsError};

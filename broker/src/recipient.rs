@@ -51,7 +51,12 @@ pub fn aad(attestation_document: &[u8]) -> Vec<u8> {
 }
 
 /// Seals `plaintext` to an X25519 public key (raw 32 bytes).
-pub fn seal(public_key: &[u8], info: Vec<u8>, aad: Vec<u8>, plaintext: &[u8]) -> Result<Sealed, KmsError> {
+pub fn seal(
+    public_key: &[u8],
+    info: Vec<u8>,
+    aad: Vec<u8>,
+    plaintext: &[u8],
+) -> Result<Sealed, KmsError> {
     let pk = <X25519HkdfSha256 as hpke::Kem>::PublicKey::from_bytes(public_key).map_err(|_| {
         error::validation(format!(
             "the attestation document's public_key must be a raw 32-byte X25519 key for {ALGORITHM} (it is {} bytes)",
@@ -69,7 +74,11 @@ pub fn seal(public_key: &[u8], info: Vec<u8>, aad: Vec<u8>, plaintext: &[u8]) ->
     .map_err(|e| error::internal(format!("HPKE seal failed: {e}")))?;
     let mut ciphertext = enc.to_bytes().to_vec();
     ciphertext.extend_from_slice(&ct);
-    Ok(Sealed { ciphertext, info, aad })
+    Ok(Sealed {
+        ciphertext,
+        info,
+        aad,
+    })
 }
 
 /// An X25519 key pair for receiving `CiphertextForRecipient`; the private half
@@ -84,7 +93,10 @@ impl RecipientKey {
         let (private, public) = X25519HkdfSha256::gen_keypair(&mut OsRng);
         let mut pk = [0u8; 32];
         pk.copy_from_slice(&public.to_bytes());
-        RecipientKey { private, public: pk }
+        RecipientKey {
+            private,
+            public: pk,
+        }
     }
 
     /// The raw public key to put in the attestation document's `public_key`.
@@ -93,9 +105,16 @@ impl RecipientKey {
     }
 
     /// Opens a `CiphertextForRecipient` with the expected `info` and `aad`.
-    pub fn open(&self, ciphertext: &[u8], info: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+    pub fn open(
+        &self,
+        ciphertext: &[u8],
+        info: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         if ciphertext.len() < ENC_LEN {
-            return Err(error::invalid_ciphertext("CiphertextForRecipient is shorter than its encapsulated key"));
+            return Err(error::invalid_ciphertext(
+                "CiphertextForRecipient is shorter than its encapsulated key",
+            ));
         }
         let enc = <X25519HkdfSha256 as hpke::Kem>::EncappedKey::from_bytes(&ciphertext[..ENC_LEN])
             .map_err(|_| error::invalid_ciphertext("bad encapsulated key"))?;
@@ -125,7 +144,12 @@ mod tests {
         let r = RecipientKey::generate();
         let info_a = info("arn:cloister:kms:local:key/a", "Decrypt", "req-1");
         let sealed = seal(&r.public_key(), info_a.clone(), aad(b"doc"), b"data key").unwrap();
-        assert_eq!(r.open(&sealed.ciphertext, &sealed.info, &sealed.aad).unwrap().as_slice(), b"data key");
+        assert_eq!(
+            r.open(&sealed.ciphertext, &sealed.info, &sealed.aad)
+                .unwrap()
+                .as_slice(),
+            b"data key"
+        );
         // Substituting another key id, operation, request or document fails.
         for other in [
             info("arn:cloister:kms:local:key/b", "Decrypt", "req-1"),
@@ -134,9 +158,19 @@ mod tests {
         ] {
             assert!(r.open(&sealed.ciphertext, &other, &sealed.aad).is_err());
         }
-        assert!(r.open(&sealed.ciphertext, &info_a, &aad(b"other doc")).is_err());
-        assert!(RecipientKey::generate().open(&sealed.ciphertext, &info_a, &sealed.aad).is_err());
-        assert!(r.open(&sealed.ciphertext[..20], &info_a, &sealed.aad).is_err());
+        assert!(
+            r.open(&sealed.ciphertext, &info_a, &aad(b"other doc"))
+                .is_err()
+        );
+        assert!(
+            RecipientKey::generate()
+                .open(&sealed.ciphertext, &info_a, &sealed.aad)
+                .is_err()
+        );
+        assert!(
+            r.open(&sealed.ciphertext[..20], &info_a, &sealed.aad)
+                .is_err()
+        );
     }
 
     #[test]

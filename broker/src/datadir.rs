@@ -1,0 +1,143 @@
+//! A broker's data directory: what `cloister kms init` makes and `serve` opens.
+//!
+//! | file | what |
+//! |---|---|
+//! | `keystore.db` | SQLite keystore (WAL, synchronous=FULL) |
+//! | `root.key` | the 32-byte root key, mode 0600 (absent in passphrase mode) |
+//! | `broker.key` / `broker.pub` | the broker's Ed25519 key: signs audit checkpoints |
+//! | `admin.key` / `admin.pub` | the first principal, `admin`, allowed everything |
+//! | `audit.log` | the hash-chained audit log |
+//! | `audit.head` | the log's last seq and hash, signed by the broker |
+
+use std::path::PathBuf;
+
+use ed25519_dalek::SigningKey;
+use zeroize::Zeroizing;
+
+use cloister_attestation::keyfile;
+
+use crate::audit::AuditLog;
+use crate::crypto::RootKey;
+use crate::error::{self, KmsError};
+use crate::keystore::Keystore;
+use crate::service::{Broker, BrokerConfig, now_ms};
+
+/// The name of the principal `init` creates.
+pub const ADMIN: &str = "admin";
+const ADMIN_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"Administrator","Effect":"Allow","Action":"*","Resource":"*"}]}"#;
+
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub dir: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DataDir { dir: dir.into() }
+    }
+    pub fn keystore(&self) -> PathBuf {
+        self.dir.join("keystore.db")
+    }
+    pub fn root_key(&self) -> PathBuf {
+        self.dir.join("root.key")
+    }
+    pub fn broker_key(&self) -> PathBuf {
+        self.dir.join("broker.key")
+    }
+    pub fn broker_pub(&self) -> PathBuf {
+        self.dir.join("broker.pub")
+    }
+    pub fn admin_key(&self) -> PathBuf {
+        self.dir.join("admin.key")
+    }
+    pub fn admin_pub(&self) -> PathBuf {
+        self.dir.join("admin.pub")
+    }
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+    pub fn audit_head(&self) -> PathBuf {
+        self.dir.join("audit.head")
+    }
+
+    /// Creates a data directory. With a passphrase the root key is derived with
+    /// Argon2id (its salt is kept in the keystore) and no key file is written.
+    pub fn init(&self, passphrase: Option<Zeroizing<String>>) -> Result<(), KmsError> {
+        let io = |e: std::io::Error| error::internal(format!("{}: {e}", self.dir.display()));
+        if self.keystore().exists() {
+            return Err(error::already_exists(format!(
+                "{} already holds a keystore; refusing to replace it",
+                self.dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let kf = |e: keyfile::KeyFileError| error::internal(e.to_string());
+        let (root, meta) = match &passphrase {
+            Some(p) => {
+                let mut salt = [0u8; 16];
+                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut salt);
+                (RootKey::from_passphrase(p.as_bytes(), &salt)?, Some(salt))
+            }
+            None => {
+                let root = RootKey::generate();
+                keyfile::write_secret(&self.root_key(), root.bytes(), false).map_err(kf)?;
+                (root, None)
+            }
+        };
+        let broker = SigningKey::generate(&mut rand_core::OsRng);
+        keyfile::write_signing_key(&self.broker_key(), &broker, false).map_err(kf)?;
+        keyfile::write_public(
+            &self.broker_pub(),
+            keyfile::verifying_key_pem(&broker.verifying_key()).as_bytes(),
+            false,
+        )
+        .map_err(kf)?;
+        let admin = SigningKey::generate(&mut rand_core::OsRng);
+        keyfile::write_signing_key(&self.admin_key(), &admin, false).map_err(kf)?;
+        keyfile::write_public(
+            &self.admin_pub(),
+            keyfile::verifying_key_pem(&admin.verifying_key()).as_bytes(),
+            false,
+        )
+        .map_err(kf)?;
+        let salt_meta: Vec<(&str, &[u8])> = meta
+            .as_ref()
+            .map(|s| vec![("root_salt", s.as_slice())])
+            .unwrap_or_default();
+        let keystore = Keystore::create(&self.keystore(), root, &salt_meta)?;
+        keystore.add_principal(ADMIN, admin.verifying_key(), ADMIN_POLICY, now_ms(), || {
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Opens the keystore and the audit log and returns a ready broker.
+    pub fn open(
+        &self,
+        passphrase: Option<Zeroizing<String>>,
+        config: BrokerConfig,
+    ) -> Result<Broker, KmsError> {
+        let root = self.root(passphrase)?;
+        let keystore = Keystore::open(&self.keystore(), root)?;
+        let broker_key = keyfile::read_signing_key(&self.broker_key())
+            .map_err(|e| error::internal(e.to_string()))?;
+        let audit = AuditLog::open(&self.audit_log(), &self.audit_head(), broker_key)?;
+        Ok(Broker::new(keystore, audit, config))
+    }
+
+    fn root(&self, passphrase: Option<Zeroizing<String>>) -> Result<RootKey, KmsError> {
+        if self.root_key().exists() {
+            return RootKey::from_file(&self.root_key());
+        }
+        let salt = Keystore::read_meta(&self.keystore(), "root_salt")?.ok_or_else(|| {
+            error::not_found(format!(
+                "{} has neither root.key nor a passphrase salt; is it a data directory made by `cloister kms init`?",
+                self.dir.display()
+            ))
+        })?;
+        let passphrase = passphrase.ok_or_else(|| {
+            error::validation("this keystore's root key is derived from a passphrase; set it in the environment variable given by --passphrase-env")
+        })?;
+        RootKey::from_passphrase(passphrase.as_bytes(), &salt)
+    }
+}

@@ -1,0 +1,296 @@
+//! The broker's wire protocol: CBOR messages in Cloister frames.
+//!
+//! A request is a [`SignedRequest`]: the CBOR bytes of a [`RequestPayload`] and an
+//! Ed25519 signature by the principal over `"cloister-kms-request-v1\0" || payload`.
+//! The broker verifies the signature over the exact bytes it received, then
+//! decodes them — no canonicalisation is needed. The reply is a [`Response`].
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::{Signer, SigningKey};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::KmsError;
+
+pub const REQUEST_LABEL: &[u8] = b"cloister-kms-request-v1\0";
+/// The largest request or response frame the broker exchanges.
+pub const MAX_MESSAGE: u32 = 256 * 1024;
+
+/// Secret bytes (plaintext, data keys): zeroized on drop, redacted in Debug.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(pub Zeroizing<Vec<u8>>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(Zeroizing::new(bytes))
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret([{} bytes redacted])", self.0.len())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let buf = serde_bytes::ByteBuf::deserialize(d)?;
+        Ok(Secret::new(buf.into_vec()))
+    }
+}
+
+pub type EncryptionContext = BTreeMap<String, String>;
+
+/// An attestation document offered so that the result is encrypted to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    pub key_encryption_algorithm: String,
+    #[serde(with = "serde_bytes")]
+    pub attestation_document: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operation {
+    CreateKey {
+        description: String,
+        policy: Option<String>,
+    },
+    DescribeKey {
+        key_id: String,
+    },
+    ListKeys,
+    CreateAlias {
+        alias_name: String,
+        target_key_id: String,
+    },
+    ListAliases,
+    Encrypt {
+        key_id: String,
+        plaintext: Secret,
+        encryption_context: EncryptionContext,
+    },
+    Decrypt {
+        #[serde(with = "serde_bytes")]
+        ciphertext_blob: Vec<u8>,
+        key_id: Option<String>,
+        encryption_context: EncryptionContext,
+        recipient: Option<Recipient>,
+    },
+    ReEncrypt {
+        #[serde(with = "serde_bytes")]
+        ciphertext_blob: Vec<u8>,
+        source_key_id: Option<String>,
+        source_encryption_context: EncryptionContext,
+        destination_key_id: String,
+        destination_encryption_context: EncryptionContext,
+    },
+    GenerateDataKey {
+        key_id: String,
+        key_spec: String,
+        encryption_context: EncryptionContext,
+        recipient: Option<Recipient>,
+    },
+    GenerateRandom {
+        number_of_bytes: u32,
+        recipient: Option<Recipient>,
+    },
+    PutKeyPolicy {
+        key_id: String,
+        policy: String,
+    },
+    GetKeyPolicy {
+        key_id: String,
+    },
+    EnableKey {
+        key_id: String,
+    },
+    DisableKey {
+        key_id: String,
+    },
+    RotateKey {
+        key_id: String,
+    },
+    ScheduleKeyDeletion {
+        key_id: String,
+        pending_window_in_days: u32,
+    },
+    CancelKeyDeletion {
+        key_id: String,
+    },
+    PrincipalAdd {
+        name: String,
+        #[serde(with = "serde_bytes")]
+        public_key: Vec<u8>,
+        policy: String,
+    },
+    PrincipalList,
+    PrincipalRemove {
+        name: String,
+    },
+    TrustAdd {
+        label: String,
+        #[serde(with = "serde_bytes")]
+        root_der: Vec<u8>,
+    },
+    TrustList,
+    TrustRemove {
+        label: String,
+    },
+}
+
+impl Operation {
+    /// The policy action this operation needs (ReEncrypt needs two, see the broker).
+    pub fn action(&self) -> &'static str {
+        match self {
+            Operation::CreateKey { .. } => "kms:CreateKey",
+            Operation::DescribeKey { .. } => "kms:DescribeKey",
+            Operation::ListKeys => "kms:ListKeys",
+            Operation::CreateAlias { .. } => "kms:CreateAlias",
+            Operation::ListAliases => "kms:ListAliases",
+            Operation::Encrypt { .. } => "kms:Encrypt",
+            Operation::Decrypt { .. } => "kms:Decrypt",
+            Operation::ReEncrypt { .. } => "kms:ReEncryptFrom",
+            Operation::GenerateDataKey { .. } => "kms:GenerateDataKey",
+            Operation::GenerateRandom { .. } => "kms:GenerateRandom",
+            Operation::PutKeyPolicy { .. } => "kms:PutKeyPolicy",
+            Operation::GetKeyPolicy { .. } => "kms:GetKeyPolicy",
+            Operation::EnableKey { .. } => "kms:EnableKey",
+            Operation::DisableKey { .. } => "kms:DisableKey",
+            Operation::RotateKey { .. } => "kms:RotateKeyOnDemand",
+            Operation::ScheduleKeyDeletion { .. } => "kms:ScheduleKeyDeletion",
+            Operation::CancelKeyDeletion { .. } => "kms:CancelKeyDeletion",
+            Operation::PrincipalAdd { .. } => "cloister:PrincipalAdd",
+            Operation::PrincipalList => "cloister:PrincipalList",
+            Operation::PrincipalRemove { .. } => "cloister:PrincipalRemove",
+            Operation::TrustAdd { .. } => "cloister:TrustAdd",
+            Operation::TrustList => "cloister:TrustList",
+            Operation::TrustRemove { .. } => "cloister:TrustRemove",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestPayload {
+    pub principal: String,
+    pub timestamp_ms: u64,
+    pub request_id: String,
+    pub operation: Operation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRequest {
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SignedRequest {
+    /// Encodes and signs a payload.
+    pub fn sign(
+        payload: &RequestPayload,
+        key: &SigningKey,
+    ) -> Result<Self, cloister_proto::FrameError> {
+        let payload = cloister_proto::frame::encode(payload)?;
+        let signature = key
+            .sign(&[REQUEST_LABEL, &payload].concat())
+            .to_bytes()
+            .to_vec();
+        Ok(SignedRequest { payload, signature })
+    }
+}
+
+/// A result encrypted to a recipient, with the exact HPKE `info` and `aad`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CiphertextForRecipient {
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub info: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub aad: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyMetadata {
+    pub key_id: String,
+    pub arn: String,
+    pub description: String,
+    pub key_state: String,
+    pub creation_date: String,
+    pub deletion_date: Option<String>,
+    pub current_version: u32,
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrincipalInfo {
+    pub name: String,
+    pub public_key_hex: String,
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustRootInfo {
+    pub label: String,
+    pub subject: String,
+    pub fingerprint_sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    KeyMetadata(KeyMetadata),
+    Keys(Vec<(String, String)>),
+    Aliases(Vec<(String, String)>),
+    Ciphertext {
+        key_id: String,
+        #[serde(with = "serde_bytes")]
+        ciphertext_blob: Vec<u8>,
+    },
+    ReEncrypted {
+        source_key_id: String,
+        key_id: String,
+        #[serde(with = "serde_bytes")]
+        ciphertext_blob: Vec<u8>,
+    },
+    Plaintext {
+        key_id: Option<String>,
+        plaintext: Option<Secret>,
+        ciphertext_for_recipient: Option<CiphertextForRecipient>,
+    },
+    DataKey {
+        key_id: String,
+        #[serde(with = "serde_bytes")]
+        ciphertext_blob: Vec<u8>,
+        plaintext: Option<Secret>,
+        ciphertext_for_recipient: Option<CiphertextForRecipient>,
+    },
+    KeyPolicy(String),
+    Rotated {
+        key_id: String,
+        version: u32,
+    },
+    DeletionScheduled {
+        key_id: String,
+        deletion_date: String,
+    },
+    Principals(Vec<PrincipalInfo>),
+    TrustRoots(Vec<TrustRootInfo>),
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub request_id: String,
+    pub result: Result<Output, KmsError>,
+}

@@ -1,0 +1,171 @@
+//! The broker's network service: framed requests over any Cloister transport,
+//! bounded connections, idle timeouts, graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use cloister_proto::frame::{self, FrameError};
+use cloister_proto::{Listener, Stream};
+
+use crate::error::{self, KmsError};
+use crate::protocol::{MAX_MESSAGE, Response};
+use crate::service::{Broker, now_ms};
+
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 512,
+            idle_timeout: Duration::from_secs(120),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets requests in
+/// flight finish, and writes the audit log's shutdown checkpoint.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listeners: Vec<Listener>,
+    limits: ServerLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), KmsError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut tasks = JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(accept_loop(
+            broker.clone(),
+            listener,
+            permits.clone(),
+            limits.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    tasks.spawn(purge_loop(broker.clone(), stop_rx.clone()));
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(limits.drain_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    let audit = broker.audit().clone();
+    tokio::task::spawn_blocking(move || audit.shutdown())
+        .await
+        .map_err(|e| error::internal(e.to_string()))??;
+    Ok(())
+}
+
+async fn purge_loop(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let b = broker.clone();
+        let _ = tokio::task::spawn_blocking(move || b.purge_due_keys(now_ms())).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn accept_loop(
+    broker: Arc<Broker>,
+    listener: Listener,
+    permits: Arc<Semaphore>,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => break,
+        };
+        let Ok((mut stream, _peer)) = accepted else {
+            // Transient accept errors (EMFILE, aborted handshakes): back off briefly.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let refusal = Response {
+                request_id: String::new(),
+                result: Err(error::limit_exceeded(
+                    "the broker is at its connection limit; retry later",
+                )),
+            };
+            tokio::spawn(async move {
+                let _ = frame::send(&mut stream, &refusal, MAX_MESSAGE).await;
+            });
+            continue;
+        };
+        let broker = broker.clone();
+        let limits = limits.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            connection(broker, stream, limits, stop).await;
+            drop(permit);
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+async fn connection(
+    broker: Arc<Broker>,
+    mut stream: Stream,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let read = tokio::select! {
+            r = tokio::time::timeout(limits.idle_timeout, frame::read_frame(&mut stream, MAX_MESSAGE)) => r,
+            _ = stop.changed() => return,
+        };
+        let request = match read {
+            Err(_) | Ok(Ok(None)) => return, // idle or closed
+            Ok(Ok(Some(bytes))) => bytes,
+            Ok(Err(e)) => {
+                // The stream is no longer in step with frames: answer and close.
+                let reply = Response {
+                    request_id: String::new(),
+                    result: Err(frame_error(&e)),
+                };
+                let _ = frame::send(&mut stream, &reply, MAX_MESSAGE).await;
+                return;
+            }
+        };
+        let b = broker.clone();
+        let response = match tokio::task::spawn_blocking(move || b.handle(&request)).await {
+            Ok(r) => r,
+            Err(e) => Response {
+                request_id: String::new(),
+                result: Err(error::internal(format!("request handler failed: {e}"))),
+            },
+        };
+        if frame::send(&mut stream, &response, MAX_MESSAGE)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn frame_error(e: &FrameError) -> KmsError {
+    match e {
+        FrameError::TooLarge { .. } => error::validation(format!("request refused: {e}")),
+        _ => error::validation(format!("malformed request frame: {e}")),
+    }
+}

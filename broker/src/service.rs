@@ -1,0 +1,1013 @@
+//! The broker's request handling: authentication, two-factor authorization,
+//! attested key release, the operations, and one audit record per request.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+use cloister_attestation::verify::{TrustAnchor, VerifyOptions, rfc3339};
+
+use crate::audit::{AuditLog, Decision, RequestRecord};
+use crate::crypto::{self, KeyId};
+use crate::error::{self, ErrorKind, KmsError};
+use crate::keystore::{KeyRecord, KeyState, Keystore, PrincipalRecord};
+use crate::policy::{self, RequestContext};
+use crate::protocol::*;
+use crate::recipient;
+
+/// Tunables of a broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// How old a Recipient's attestation document may be.
+    pub max_document_age: Duration,
+    /// How far a request's timestamp may be from the broker's clock.
+    pub clock_skew: Duration,
+    /// Sustained requests per second per principal.
+    pub rate_per_sec: f64,
+    /// Burst allowance per principal.
+    pub burst: f64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_document_age: Duration::from_secs(300),
+            clock_skew: Duration::from_secs(120),
+            rate_per_sec: 10_000.0,
+            burst: 20_000.0,
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms_to_rfc3339(ms: u64) -> String {
+    rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// Request ids seen within the acceptance window, as 16-byte digests.
+#[derive(Default)]
+struct ReplayCache {
+    seen: HashSet<[u8; 16]>,
+    order: VecDeque<(u64, [u8; 16])>,
+}
+
+impl ReplayCache {
+    /// Records an id; false if it was seen already.
+    fn insert(&mut self, principal: &str, request_id: &str, expires_ms: u64, now_ms: u64) -> bool {
+        while self.order.front().is_some_and(|(exp, _)| *exp < now_ms) {
+            if let Some((_, d)) = self.order.pop_front() {
+                self.seen.remove(&d);
+            }
+        }
+        let mut h = Sha256::new();
+        h.update(principal.as_bytes());
+        h.update([0]);
+        h.update(request_id.as_bytes());
+        let digest: [u8; 16] = h.finalize()[..16].try_into().unwrap_or_default();
+        if !self.seen.insert(digest) {
+            return false;
+        }
+        self.order.push_back((expires_ms, digest));
+        true
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    last_ms: u64,
+}
+
+pub struct Broker {
+    keystore: Keystore,
+    audit: AuditLog,
+    config: BrokerConfig,
+    started_ms: u64,
+    replay: Mutex<ReplayCache>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+/// The parts of a verified Recipient that the request needs.
+struct AttestedRecipient {
+    document: Vec<u8>,
+    public_key: Vec<u8>,
+    pcrs: std::collections::BTreeMap<usize, Vec<u8>>,
+}
+
+/// One request in flight: who asks, and its audit record.
+struct Call<'a> {
+    broker: &'a Broker,
+    principal: PrincipalRecord,
+    request_id: String,
+    record: RequestRecord,
+    audited: bool,
+    now_ms: u64,
+}
+
+impl Call<'_> {
+    /// Writes the success record inside a keystore transaction.
+    fn commit(&mut self, reason: String) -> Result<(), KmsError> {
+        self.record.decision = Decision::Allow;
+        self.record.reason = reason;
+        self.broker.audit.record(self.record.clone())?;
+        self.audited = true;
+        Ok(())
+    }
+
+    fn set_key(&mut self, key: &KeyRecord) {
+        self.record.key_id = Some(key.id.to_string());
+    }
+
+    /// Two-factor authorization. Condition keys: the caller, the encryption
+    /// context, and a verified recipient's measurements.
+    fn authorize(
+        &self,
+        action: &str,
+        key: Option<&KeyRecord>,
+        context: &EncryptionContext,
+        recipient: Option<&AttestedRecipient>,
+    ) -> Result<String, KmsError> {
+        let arn = key.map(|k| k.id.arn());
+        let mut ctx = RequestContext {
+            action: action.to_owned(),
+            resource: arn.clone().unwrap_or_else(|| "*".to_owned()),
+            principal: self.principal.name.clone(),
+            ..Default::default()
+        };
+        ctx.set("kms:CallerPrincipal", self.principal.name.clone());
+        for (k, v) in context {
+            ctx.set(&format!("kms:EncryptionContext:{k}"), v.clone());
+        }
+        if let Some(r) = recipient {
+            for (i, v) in &r.pcrs {
+                ctx.set(&format!("kms:RecipientAttestation:PCR{i}"), hex::encode(v));
+            }
+            if let Some(pcr0) = r.pcrs.get(&0) {
+                ctx.set("kms:RecipientAttestation:ImageSha384", hex::encode(pcr0));
+            }
+        }
+        let decision = policy::authorize(
+            &self.principal.policy,
+            key.map(|k| (arn.as_deref().unwrap_or_default(), &k.policy)),
+            &ctx,
+        );
+        if decision.allowed {
+            Ok(decision.reason)
+        } else {
+            Err(error::access_denied(decision.reason))
+        }
+    }
+
+    fn verify_recipient(
+        &mut self,
+        r: &Option<Recipient>,
+    ) -> Result<Option<AttestedRecipient>, KmsError> {
+        let Some(r) = r else { return Ok(None) };
+        if r.key_encryption_algorithm != recipient::ALGORITHM {
+            return Err(error::validation(format!(
+                "Recipient KeyEncryptionAlgorithm {:?} is not supported; use {}",
+                r.key_encryption_algorithm,
+                recipient::ALGORITHM
+            )));
+        }
+        let anchors = self
+            .broker
+            .keystore
+            .trust_roots()?
+            .into_iter()
+            .filter_map(|(label, der)| TrustAnchor::from_der(label, der).ok())
+            .collect();
+        let opts = VerifyOptions {
+            anchors,
+            max_age: Some(self.broker.config.max_document_age),
+            ..Default::default()
+        };
+        let v = cloister_attestation::verify(&r.attestation_document, &opts).map_err(|e| {
+            use cloister_proto::ErrorCode;
+            error::access_denied(format!(
+                "the Recipient's attestation document was rejected: [{}] {e}",
+                e.code()
+            ))
+        })?;
+        self.record.recipient_pcr0 = v.image_sha384().map(hex::encode);
+        self.record.recipient_module_id = Some(v.module_id.clone());
+        let public_key = v.public_key.clone().ok_or_else(|| {
+            error::validation(
+                "the Recipient's attestation document has no public_key to encrypt to",
+            )
+        })?;
+        Ok(Some(AttestedRecipient {
+            document: r.attestation_document.clone(),
+            public_key,
+            pcrs: v.pcrs,
+        }))
+    }
+
+    fn seal_for(
+        &self,
+        r: &AttestedRecipient,
+        key_arn: &str,
+        operation: &str,
+        plaintext: &[u8],
+    ) -> Result<CiphertextForRecipient, KmsError> {
+        let sealed = recipient::seal(
+            &r.public_key,
+            recipient::info(key_arn, operation, &self.request_id),
+            recipient::aad(&r.document),
+            plaintext,
+        )?;
+        Ok(CiphertextForRecipient {
+            ciphertext: sealed.ciphertext,
+            info: sealed.info,
+            aad: sealed.aad,
+        })
+    }
+}
+
+fn usable(key: &KeyRecord) -> Result<(), KmsError> {
+    match key.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(error::disabled(format!("key {} is disabled", key.id))),
+        KeyState::PendingDeletion => Err(error::invalid_state(format!(
+            "key {} is pending deletion (on {})",
+            key.id,
+            key.deletion_ms.map(ms_to_rfc3339).unwrap_or_default()
+        ))),
+    }
+}
+
+fn default_key_policy(creator: &str) -> String {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "CreatorFullAccess",
+            "Effect": "Allow",
+            "Principal": {"AWS": creator},
+            "Action": "kms:*",
+            "Resource": "*"
+        }]
+    })
+    .to_string()
+}
+
+impl Broker {
+    pub fn new(keystore: Keystore, audit: AuditLog, config: BrokerConfig) -> Self {
+        Broker {
+            keystore,
+            audit,
+            config,
+            started_ms: now_ms(),
+            replay: Mutex::new(ReplayCache::default()),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn keystore(&self) -> &Keystore {
+        &self.keystore
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Handles one request frame and returns the response to send. The audit
+    /// record is on disk before this returns; if it cannot be written, the
+    /// response is an error and carries no result.
+    pub fn handle(&self, frame: &[u8]) -> Response {
+        let now = now_ms();
+        let decoded = cloister_proto::frame::decode::<SignedRequest>(frame).and_then(|signed| {
+            let payload = cloister_proto::frame::decode::<RequestPayload>(&signed.payload)?;
+            Ok((signed, payload))
+        });
+        let (signed, payload) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                let err = error::validation(format!("malformed request: {e}"));
+                let record = RequestRecord {
+                    request_id: String::new(),
+                    principal: String::new(),
+                    action: String::new(),
+                    key_id: None,
+                    decision: Decision::Deny,
+                    reason: err.message.clone(),
+                    recipient_pcr0: None,
+                    recipient_module_id: None,
+                };
+                let result = match self.audit.record(record) {
+                    Ok(_) => Err(err),
+                    Err(audit_err) => Err(audit_err),
+                };
+                return Response {
+                    request_id: String::new(),
+                    result,
+                };
+            }
+        };
+        let mut record = RequestRecord {
+            request_id: payload.request_id.clone(),
+            principal: payload.principal.clone(),
+            action: payload.operation.action().to_owned(),
+            key_id: None,
+            decision: Decision::Deny,
+            reason: String::new(),
+            recipient_pcr0: None,
+            recipient_module_id: None,
+        };
+        let result = match self.authenticate(&signed, &payload, now) {
+            Err(e) => Err(e),
+            Ok(principal) => {
+                let mut call = Call {
+                    broker: self,
+                    principal,
+                    request_id: payload.request_id.clone(),
+                    record: record.clone(),
+                    audited: false,
+                    now_ms: now,
+                };
+                let result = self.execute(&mut call, payload.operation);
+                if call.audited {
+                    // The change was recorded inside its transaction. Should the
+                    // commit itself have failed, say so in a second record.
+                    if let Err(e) = &result {
+                        let mut correction = call.record.clone();
+                        correction.decision = Decision::Error;
+                        correction.reason =
+                            format!("the change recorded above was rolled back: {e}");
+                        let _ = self.audit.record(correction);
+                    }
+                    return Response {
+                        request_id: payload.request_id,
+                        result: result.map(|(out, _)| out),
+                    };
+                }
+                record = call.record;
+                result.map(|(out, reason)| {
+                    record.reason = reason;
+                    out
+                })
+            }
+        };
+        record.decision = match &result {
+            Ok(_) => Decision::Allow,
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::AccessDeniedException
+                        | ErrorKind::InvalidSignatureException
+                        | ErrorKind::RequestExpiredException
+                        | ErrorKind::LimitExceededException
+                ) =>
+            {
+                Decision::Deny
+            }
+            Err(_) => Decision::Error,
+        };
+        if let Err(e) = &result {
+            record.reason = e.to_string();
+        }
+        let result = match self.audit.record(record) {
+            Ok(_) => result,
+            Err(audit_err) => Err(audit_err),
+        };
+        Response {
+            request_id: payload.request_id,
+            result,
+        }
+    }
+
+    fn authenticate(
+        &self,
+        signed: &SignedRequest,
+        payload: &RequestPayload,
+        now: u64,
+    ) -> Result<PrincipalRecord, KmsError> {
+        let principal = self
+            .keystore
+            .principal(&payload.principal)?
+            .ok_or_else(|| {
+                error::invalid_signature(format!("unknown principal {:?}", payload.principal))
+            })?;
+        let signature = Signature::from_slice(&signed.signature)
+            .map_err(|_| error::invalid_signature("the signature is not 64 bytes"))?;
+        verify_request(&principal.public_key, &signed.payload, &signature)?;
+        let skew = self.config.clock_skew.as_millis() as u64;
+        if payload.timestamp_ms + skew < now || payload.timestamp_ms > now + skew {
+            return Err(error::expired(format!(
+                "the request was signed at {}, more than {} s from the broker's clock ({})",
+                ms_to_rfc3339(payload.timestamp_ms),
+                skew / 1000,
+                ms_to_rfc3339(now)
+            )));
+        }
+        // Ids seen by an earlier run of the broker are not remembered: refuse
+        // anything signed before this run started, so nothing can be replayed
+        // across a restart.
+        if payload.timestamp_ms < self.started_ms {
+            return Err(error::expired(
+                "the request was signed before the broker started; sign it again",
+            ));
+        }
+        if payload.request_id.len() < 16 || payload.request_id.len() > 64 {
+            return Err(error::validation(
+                "the request id must be 16 to 64 characters",
+            ));
+        }
+        let fresh = self
+            .replay
+            .lock()
+            .map_err(|_| error::internal("replay cache poisoned"))?
+            .insert(
+                &payload.principal,
+                &payload.request_id,
+                payload.timestamp_ms + skew,
+                now,
+            );
+        if !fresh {
+            return Err(error::invalid_signature(format!(
+                "request id {} was already used: a replayed request",
+                payload.request_id
+            )));
+        }
+        self.take_token(&principal.name, now)?;
+        Ok(principal)
+    }
+
+    fn take_token(&self, principal: &str, now: u64) -> Result<(), KmsError> {
+        let mut buckets = self
+            .buckets
+            .lock()
+            .map_err(|_| error::internal("rate limiter poisoned"))?;
+        let b = buckets.entry(principal.to_owned()).or_insert(Bucket {
+            tokens: self.config.burst,
+            last_ms: now,
+        });
+        let elapsed = now.saturating_sub(b.last_ms) as f64 / 1000.0;
+        b.tokens = (b.tokens + elapsed * self.config.rate_per_sec).min(self.config.burst);
+        b.last_ms = now;
+        if b.tokens < 1.0 {
+            return Err(error::limit_exceeded(format!(
+                "principal {principal:?} exceeded {} requests per second",
+                self.config.rate_per_sec
+            )));
+        }
+        b.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Runs an operation; returns the output and the authorization reason.
+    fn execute(&self, call: &mut Call<'_>, op: Operation) -> Result<(Output, String), KmsError> {
+        let none = EncryptionContext::new();
+        let ks = &self.keystore;
+        match op {
+            Operation::CreateKey {
+                description,
+                policy,
+            } => {
+                let reason = call.authorize("kms:CreateKey", None, &none, None)?;
+                if description.len() > 8192 {
+                    return Err(error::validation(
+                        "the description is longer than 8192 bytes",
+                    ));
+                }
+                let policy = policy.unwrap_or_else(|| default_key_policy(&call.principal.name));
+                let now = call.now_ms;
+                let id = ks.create_key(&description, &policy, now, |id| {
+                    call.record.key_id = Some(id.to_string());
+                    call.commit(reason.clone())
+                })?;
+                Ok((Output::KeyMetadata(self.metadata(id)?), reason))
+            }
+            Operation::DescribeKey { key_id } => ks.with_key(&key_id, |k| {
+                call.set_key(k);
+                let reason = call.authorize("kms:DescribeKey", Some(k), &none, None)?;
+                Ok((Output::KeyMetadata(self.metadata(k.id)?), reason))
+            }),
+            Operation::ListKeys => {
+                let reason = call.authorize("kms:ListKeys", None, &none, None)?;
+                let keys = ks
+                    .list_keys()?
+                    .into_iter()
+                    .map(|(id, _)| (id.to_string(), id.arn()))
+                    .collect();
+                Ok((Output::Keys(keys), reason))
+            }
+            Operation::CreateAlias {
+                alias_name,
+                target_key_id,
+            } => {
+                let (id, reason) = ks.with_key(&target_key_id, |k| {
+                    call.set_key(k);
+                    Ok((
+                        k.id,
+                        call.authorize("kms:CreateAlias", Some(k), &none, None)?,
+                    ))
+                })?;
+                ks.create_alias(&alias_name, id, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::ListAliases => {
+                let reason = call.authorize("kms:ListAliases", None, &none, None)?;
+                let aliases = ks
+                    .list_aliases()?
+                    .into_iter()
+                    .map(|(a, id)| (a, id.to_string()))
+                    .collect();
+                Ok((Output::Aliases(aliases), reason))
+            }
+            Operation::Encrypt {
+                key_id,
+                plaintext,
+                encryption_context,
+            } => {
+                crypto::check_context(&encryption_context)?;
+                if plaintext.as_bytes().is_empty()
+                    || plaintext.as_bytes().len() > crypto::MAX_PLAINTEXT
+                {
+                    return Err(error::validation(format!(
+                        "the plaintext must be 1 to {} bytes (it is {}); encrypt larger data with a data key",
+                        crypto::MAX_PLAINTEXT,
+                        plaintext.as_bytes().len()
+                    )));
+                }
+                ks.with_key(&key_id, |k| {
+                    call.set_key(k);
+                    let reason =
+                        call.authorize("kms:Encrypt", Some(k), &encryption_context, None)?;
+                    usable(k)?;
+                    let version = k.current_version();
+                    let material = k
+                        .material(version)
+                        .ok_or_else(|| error::internal("current version missing"))?;
+                    let blob = crypto::seal_blob(
+                        k.id,
+                        version,
+                        material,
+                        plaintext.as_bytes(),
+                        &encryption_context,
+                    )?;
+                    Ok((
+                        Output::Ciphertext {
+                            key_id: k.id.arn(),
+                            ciphertext_blob: blob,
+                        },
+                        reason,
+                    ))
+                })
+            }
+            Operation::Decrypt {
+                ciphertext_blob,
+                key_id,
+                encryption_context,
+                recipient,
+            } => {
+                crypto::check_context(&encryption_context)?;
+                let header = crypto::blob_header(&ciphertext_blob)?;
+                if let Some(given) = &key_id {
+                    let given = ks.resolve(given)?;
+                    if given != header.key_id {
+                        return Err(error::incorrect_key(format!(
+                            "the ciphertext blob was made under key {}, not {given}",
+                            header.key_id
+                        )));
+                    }
+                }
+                let attested = call.verify_recipient(&recipient)?;
+                ks.with_key_id(header.key_id, |k| {
+                    call.set_key(k);
+                    let reason = call.authorize(
+                        "kms:Decrypt",
+                        Some(k),
+                        &encryption_context,
+                        attested.as_ref(),
+                    )?;
+                    usable(k)?;
+                    let material = k.material(header.version).ok_or_else(|| {
+                        error::invalid_ciphertext(format!(
+                            "key {} has no version {}",
+                            k.id, header.version
+                        ))
+                    })?;
+                    let plaintext =
+                        crypto::open_blob(&ciphertext_blob, material, &encryption_context)?;
+                    let out = match &attested {
+                        Some(r) => Output::Plaintext {
+                            key_id: Some(k.id.arn()),
+                            plaintext: None,
+                            ciphertext_for_recipient: Some(call.seal_for(
+                                r,
+                                &k.id.arn(),
+                                "Decrypt",
+                                &plaintext,
+                            )?),
+                        },
+                        None => Output::Plaintext {
+                            key_id: Some(k.id.arn()),
+                            plaintext: Some(Secret(plaintext)),
+                            ciphertext_for_recipient: None,
+                        },
+                    };
+                    Ok((out, reason))
+                })
+            }
+            Operation::ReEncrypt {
+                ciphertext_blob,
+                source_key_id,
+                source_encryption_context,
+                destination_key_id,
+                destination_encryption_context,
+            } => {
+                crypto::check_context(&source_encryption_context)?;
+                crypto::check_context(&destination_encryption_context)?;
+                let header = crypto::blob_header(&ciphertext_blob)?;
+                if let Some(given) = &source_key_id
+                    && ks.resolve(given)? != header.key_id
+                {
+                    return Err(error::incorrect_key(format!(
+                        "the ciphertext blob was made under key {}",
+                        header.key_id
+                    )));
+                }
+                let (plaintext, from_reason) = ks.with_key_id(header.key_id, |k| {
+                    call.set_key(k);
+                    let reason = call.authorize(
+                        "kms:ReEncryptFrom",
+                        Some(k),
+                        &source_encryption_context,
+                        None,
+                    )?;
+                    usable(k)?;
+                    let material = k.material(header.version).ok_or_else(|| {
+                        error::invalid_ciphertext(format!(
+                            "key {} has no version {}",
+                            k.id, header.version
+                        ))
+                    })?;
+                    Ok((
+                        crypto::open_blob(&ciphertext_blob, material, &source_encryption_context)?,
+                        reason,
+                    ))
+                })?;
+                ks.with_key(&destination_key_id, |k| {
+                    let to_reason = call.authorize(
+                        "kms:ReEncryptTo",
+                        Some(k),
+                        &destination_encryption_context,
+                        None,
+                    )?;
+                    usable(k)?;
+                    let version = k.current_version();
+                    let material = k
+                        .material(version)
+                        .ok_or_else(|| error::internal("current version missing"))?;
+                    let blob = crypto::seal_blob(
+                        k.id,
+                        version,
+                        material,
+                        &plaintext,
+                        &destination_encryption_context,
+                    )?;
+                    Ok((
+                        Output::ReEncrypted {
+                            source_key_id: header.key_id.arn(),
+                            key_id: k.id.arn(),
+                            ciphertext_blob: blob,
+                        },
+                        format!("{from_reason}; {to_reason}"),
+                    ))
+                })
+            }
+            Operation::GenerateDataKey {
+                key_id,
+                key_spec,
+                encryption_context,
+                recipient,
+            } => {
+                crypto::check_context(&encryption_context)?;
+                let len = match key_spec.as_str() {
+                    "AES_256" => 32,
+                    "AES_128" => 16,
+                    other => {
+                        return Err(error::validation(format!(
+                            "KeySpec {other:?} must be AES_256 or AES_128"
+                        )));
+                    }
+                };
+                let attested = call.verify_recipient(&recipient)?;
+                ks.with_key(&key_id, |k| {
+                    call.set_key(k);
+                    let reason = call.authorize(
+                        "kms:GenerateDataKey",
+                        Some(k),
+                        &encryption_context,
+                        attested.as_ref(),
+                    )?;
+                    usable(k)?;
+                    let data_key = crypto::random_key();
+                    let data_key = &data_key[..len];
+                    let version = k.current_version();
+                    let material = k
+                        .material(version)
+                        .ok_or_else(|| error::internal("current version missing"))?;
+                    let blob =
+                        crypto::seal_blob(k.id, version, material, data_key, &encryption_context)?;
+                    let (plaintext, cfr) = match &attested {
+                        Some(r) => (
+                            None,
+                            Some(call.seal_for(r, &k.id.arn(), "GenerateDataKey", data_key)?),
+                        ),
+                        None => (Some(Secret::new(data_key.to_vec())), None),
+                    };
+                    Ok((
+                        Output::DataKey {
+                            key_id: k.id.arn(),
+                            ciphertext_blob: blob,
+                            plaintext,
+                            ciphertext_for_recipient: cfr,
+                        },
+                        reason,
+                    ))
+                })
+            }
+            Operation::GenerateRandom {
+                number_of_bytes,
+                recipient,
+            } => {
+                if !(1..=1024).contains(&number_of_bytes) {
+                    return Err(error::validation("NumberOfBytes must be 1 to 1024"));
+                }
+                let attested = call.verify_recipient(&recipient)?;
+                let reason =
+                    call.authorize("kms:GenerateRandom", None, &none, attested.as_ref())?;
+                let mut bytes = vec![0u8; number_of_bytes as usize];
+                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+                let bytes = Secret::new(bytes);
+                let out = match &attested {
+                    Some(r) => Output::Plaintext {
+                        key_id: None,
+                        plaintext: None,
+                        ciphertext_for_recipient: Some(call.seal_for(
+                            r,
+                            "",
+                            "GenerateRandom",
+                            bytes.as_bytes(),
+                        )?),
+                    },
+                    None => Output::Plaintext {
+                        key_id: None,
+                        plaintext: Some(bytes),
+                        ciphertext_for_recipient: None,
+                    },
+                };
+                Ok((out, reason))
+            }
+            Operation::PutKeyPolicy { key_id, policy } => {
+                let (id, reason) = ks.with_key(&key_id, |k| {
+                    call.set_key(k);
+                    Ok((
+                        k.id,
+                        call.authorize("kms:PutKeyPolicy", Some(k), &none, None)?,
+                    ))
+                })?;
+                ks.put_key_policy(id, &policy, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::GetKeyPolicy { key_id } => ks.with_key(&key_id, |k| {
+                call.set_key(k);
+                let reason = call.authorize("kms:GetKeyPolicy", Some(k), &none, None)?;
+                Ok((Output::KeyPolicy(k.policy_json.clone()), reason))
+            }),
+            Operation::EnableKey { key_id } | Operation::DisableKey { key_id } => {
+                let enable = call.record.action == "kms:EnableKey";
+                let (id, reason) = ks.with_key(&key_id, |k| {
+                    call.set_key(k);
+                    let reason = call.authorize(
+                        if enable {
+                            "kms:EnableKey"
+                        } else {
+                            "kms:DisableKey"
+                        },
+                        Some(k),
+                        &none,
+                        None,
+                    )?;
+                    if k.state == KeyState::PendingDeletion {
+                        return Err(error::invalid_state(format!(
+                            "key {} is pending deletion; cancel the deletion first",
+                            k.id
+                        )));
+                    }
+                    Ok((k.id, reason))
+                })?;
+                let state = if enable {
+                    KeyState::Enabled
+                } else {
+                    KeyState::Disabled
+                };
+                ks.set_state(id, state, None, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::RotateKey { key_id } => {
+                let (id, reason) = ks.with_key(&key_id, |k| {
+                    call.set_key(k);
+                    let reason = call.authorize("kms:RotateKeyOnDemand", Some(k), &none, None)?;
+                    usable(k)?;
+                    Ok((k.id, reason))
+                })?;
+                let now = call.now_ms;
+                let version = ks.rotate_key(id, now, || call.commit(reason.clone()))?;
+                Ok((
+                    Output::Rotated {
+                        key_id: id.arn(),
+                        version,
+                    },
+                    reason,
+                ))
+            }
+            Operation::ScheduleKeyDeletion {
+                key_id,
+                pending_window_in_days,
+            } => {
+                if !(7..=30).contains(&pending_window_in_days) {
+                    return Err(error::validation(format!(
+                        "PendingWindowInDays {pending_window_in_days} must be 7 to 30"
+                    )));
+                }
+                let (id, reason) = ks.with_key(&key_id, |k| {
+                    call.set_key(k);
+                    let reason = call.authorize("kms:ScheduleKeyDeletion", Some(k), &none, None)?;
+                    if k.state == KeyState::PendingDeletion {
+                        return Err(error::invalid_state(format!(
+                            "key {} is already pending deletion",
+                            k.id
+                        )));
+                    }
+                    Ok((k.id, reason))
+                })?;
+                let when = call.now_ms + u64::from(pending_window_in_days) * 86_400_000;
+                ks.set_state(id, KeyState::PendingDeletion, Some(when), || {
+                    call.commit(reason.clone())
+                })?;
+                Ok((
+                    Output::DeletionScheduled {
+                        key_id: id.arn(),
+                        deletion_date: ms_to_rfc3339(when),
+                    },
+                    reason,
+                ))
+            }
+            Operation::CancelKeyDeletion { key_id } => {
+                let (id, reason) = ks.with_key(&key_id, |k| {
+                    call.set_key(k);
+                    let reason = call.authorize("kms:CancelKeyDeletion", Some(k), &none, None)?;
+                    if k.state != KeyState::PendingDeletion {
+                        return Err(error::invalid_state(format!(
+                            "key {} is not pending deletion",
+                            k.id
+                        )));
+                    }
+                    Ok((k.id, reason))
+                })?;
+                // As in AWS KMS, a key whose deletion is cancelled is Disabled.
+                ks.set_state(id, KeyState::Disabled, None, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::PrincipalAdd {
+                name,
+                public_key,
+                policy,
+            } => {
+                let reason = call.authorize("cloister:PrincipalAdd", None, &none, None)?;
+                let pk: [u8; 32] = public_key.as_slice().try_into().map_err(|_| {
+                    error::validation("the public key must be a raw 32-byte Ed25519 key")
+                })?;
+                let pk = VerifyingKey::from_bytes(&pk).map_err(|_| {
+                    error::validation("the public key is not a valid Ed25519 point")
+                })?;
+                let now = call.now_ms;
+                ks.add_principal(&name, pk, &policy, now, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::PrincipalList => {
+                let reason = call.authorize("cloister:PrincipalList", None, &none, None)?;
+                let list = ks
+                    .list_principals()?
+                    .into_iter()
+                    .map(|p| PrincipalInfo {
+                        name: p.name,
+                        public_key_hex: hex::encode(p.public_key.to_bytes()),
+                        policy: p.policy_json,
+                    })
+                    .collect();
+                Ok((Output::Principals(list), reason))
+            }
+            Operation::PrincipalRemove { name } => {
+                let reason = call.authorize("cloister:PrincipalRemove", None, &none, None)?;
+                ks.remove_principal(&name, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::TrustAdd { label, root_der } => {
+                let reason = call.authorize("cloister:TrustAdd", None, &none, None)?;
+                if label.is_empty() || label.len() > 128 {
+                    return Err(error::validation(
+                        "a trust root label is 1 to 128 characters",
+                    ));
+                }
+                TrustAnchor::from_der(label.clone(), root_der.clone()).map_err(|e| {
+                    error::validation(format!("not a usable root certificate: {e}"))
+                })?;
+                let now = call.now_ms;
+                ks.add_trust_root(&label, &root_der, now, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::TrustList => {
+                let reason = call.authorize("cloister:TrustList", None, &none, None)?;
+                let list = ks
+                    .trust_roots()?
+                    .into_iter()
+                    .map(|(label, der)| {
+                        let subject =
+                            cloister_attestation::verify::ParsedCertificate::parse(&label, &der)
+                                .map(|c| c.subject)
+                                .unwrap_or_default();
+                        TrustRootInfo {
+                            label,
+                            subject,
+                            fingerprint_sha256: hex::encode(Sha256::digest(&der)),
+                        }
+                    })
+                    .collect();
+                Ok((Output::TrustRoots(list), reason))
+            }
+            Operation::TrustRemove { label } => {
+                let reason = call.authorize("cloister:TrustRemove", None, &none, None)?;
+                ks.remove_trust_root(&label, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+        }
+    }
+
+    fn metadata(&self, id: KeyId) -> Result<KeyMetadata, KmsError> {
+        let aliases: Vec<String> = self
+            .keystore
+            .list_aliases()?
+            .into_iter()
+            .filter(|(_, k)| *k == id)
+            .map(|(a, _)| a)
+            .collect();
+        self.keystore.with_key_id(id, |k| {
+            Ok(KeyMetadata {
+                key_id: k.id.to_string(),
+                arn: k.id.arn(),
+                description: k.description.clone(),
+                key_state: format!("{:?}", k.state),
+                creation_date: ms_to_rfc3339(k.created_ms),
+                deletion_date: k.deletion_ms.map(ms_to_rfc3339),
+                current_version: k.current_version(),
+                aliases,
+            })
+        })
+    }
+
+    /// Destroys keys whose deletion date has come; each destruction is audited.
+    pub fn purge_due_keys(&self, now: u64) -> Result<usize, KmsError> {
+        let due = self.keystore.due_for_deletion(now)?;
+        for id in &due {
+            self.keystore.destroy_key(*id, || {
+                self.audit
+                    .record(RequestRecord {
+                        request_id: String::new(),
+                        principal: "cloister-broker".into(),
+                        action: "kms:DeleteKey".into(),
+                        key_id: Some(id.to_string()),
+                        decision: Decision::Allow,
+                        reason: "the deletion waiting period ended; the key material is destroyed"
+                            .into(),
+                        recipient_pcr0: None,
+                        recipient_module_id: None,
+                    })
+                    .map(|_| ())
+            })?;
+        }
+        Ok(due.len())
+    }
+}
+
+fn verify_request(
+    key: &VerifyingKey,
+    payload: &[u8],
+    signature: &Signature,
+) -> Result<(), KmsError> {
+    key.verify_strict(&[REQUEST_LABEL, payload].concat(), signature)
+        .map_err(|_| {
+            error::invalid_signature(
+                "the request signature does not verify with the principal's key",
+            )
+        })
+}
