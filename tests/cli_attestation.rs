@@ -9,38 +9,11 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use sha2::{Digest, Sha384};
 
+mod common;
+use common::{cloister, fails_with, ok_json, s};
+
 const REAL_TIMESTAMP_MS: &str = "1722457107047";
 const REAL_PCR0: &str = "a6cdfede5b1e7950de33218995add7d8f1f6e059c9cccd204316e69feaa2ce54f6f9ff6f5992db0f1ca6135f9b095b85";
-
-fn cloister<A: AsRef<std::ffi::OsStr>>(args: &[A]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cloister"))
-        .args(args)
-        .output()
-        .expect("run cloister")
-}
-
-fn ok_json<A: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[A]) -> Value {
-    let out = cloister(args);
-    assert!(
-        out.status.success(),
-        "cloister {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
-/// Runs a command that must fail with `code`; returns its stderr.
-fn fails_with<A: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[A], code: &str) -> String {
-    let out = cloister(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "cloister {args:?} succeeded");
-    assert!(out.stdout.is_empty(), "a failing command printed to stdout");
-    assert!(
-        stderr.contains(&format!("error[{code}]")),
-        "want {code}, got: {stderr}"
-    );
-    stderr
-}
 
 fn real(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -48,10 +21,6 @@ fn real(name: &str) -> String {
         .join(name)
         .display()
         .to_string()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 struct Platform {

@@ -367,6 +367,12 @@ pub struct AuditError {
     pub problem: String,
 }
 
+impl cloister_proto::ErrorCode for AuditError {
+    fn code(&self) -> &'static str {
+        "E-KMS-AUDIT-TAMPERED"
+    }
+}
+
 /// Verifies a log: every line well-formed, seq consecutive from 1, each `prev`
 /// the hash of the line before, every signature valid, and the recorded head (if
 /// any) present with the same hash.

@@ -3,6 +3,9 @@
 
 use cloister_attestation::keyfile::KeyFileError;
 use cloister_attestation::{DocumentError, NsmError, PcrError, VerifyError};
+use cloister_kms::KmsError;
+use cloister_kms::audit::AuditError;
+use cloister_kms::client::ClientError;
 use cloister_proto::{AddressError, ErrorCode, FrameError, TransportError};
 
 /// A mistake in how the command was called that clap cannot see.
@@ -17,13 +20,22 @@ impl ErrorCode for UsageError {
 }
 
 /// The codes of the CLI itself.
-pub const CODES: &[cloister_proto::CodeInfo] = &[cloister_proto::CodeInfo {
-    code: "E-CLI-USAGE",
-    summary: "the command was called with an invalid value",
-    explanation: "An option's value could not be understood (a PCR written other than N=HEX, \
-        a time that is neither RFC 3339 nor Unix milliseconds, an unknown code). The message \
-        names the option; `cloister COMMAND --help` shows the syntax.",
-}];
+pub const CODES: &[cloister_proto::CodeInfo] = &[
+    cloister_proto::CodeInfo {
+        code: "E-CLI-USAGE",
+        summary: "the command was called with an invalid value",
+        explanation: "An option's value could not be understood (a PCR written other than N=HEX, \
+            a time that is neither RFC 3339 nor Unix milliseconds, an unknown code). The message \
+            names the option; `cloister COMMAND --help` shows the syntax.",
+    },
+    cloister_proto::CodeInfo {
+        code: "E-KMS-AUDIT-TAMPERED",
+        summary: "the audit log does not verify",
+        explanation: "A line of the audit log was edited, deleted, reordered or cut off, a \
+            checkpoint signature does not verify with the broker's key, or the log ends before \
+            the head the broker recorded. The message names the first bad line.",
+    },
+];
 
 /// Every code table, for `cloister explain`.
 pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 3] {
@@ -45,6 +57,9 @@ pub fn code_of(err: &anyhow::Error) -> Option<&'static str> {
         try_types!(
             cause,
             UsageError,
+            ClientError,
+            KmsError,
+            AuditError,
             AddressError,
             FrameError,
             TransportError,

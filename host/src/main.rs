@@ -27,6 +27,9 @@ enum Command {
     /// Verify attestation documents (emulated or real AWS Nitro).
     #[command(subcommand)]
     Attestation(commands::attestation::AttestationCommand),
+    /// The key broker (KMS analog): serve it, administer it, call it.
+    #[command(subcommand)]
+    Kms(commands::kms::KmsCommand),
     /// Compute a PCR value the way the measurements are made (as `nitro-cli pcr`).
     Pcr(commands::pcr::PcrArgs),
     /// Explain a stable error code such as E-ATTEST-SIGNATURE.
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Platform(cmd) => commands::platform::run(cmd),
         Command::Attestation(cmd) => commands::attestation::run(cmd),
+        Command::Kms(cmd) => commands::kms::run(cmd),
         Command::Pcr(args) => commands::pcr::run(args),
         Command::Explain { code } => commands::explain::run(&code),
     };

@@ -2,6 +2,7 @@
 
 pub mod attestation;
 pub mod explain;
+pub mod kms;
 pub mod pcr;
 pub mod platform;
 

@@ -1,0 +1,791 @@
+//! `cloister kms ...`: the key broker's server, admin and client commands, in
+//! the shape of `aws kms` (JSON out, `file://` and `fileb://` inputs, binary
+//! values in base64).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use cloister_attestation::keyfile;
+use cloister_attestation::nsm::read_pem_certificates;
+use cloister_attestation::verify::TrustAnchor;
+use cloister_kms::audit;
+use cloister_kms::client::{Credentials, KmsClient};
+use cloister_kms::datadir::DataDir;
+use cloister_kms::policy::{Policy, PolicyKind};
+use cloister_kms::protocol::{
+    CiphertextForRecipient, EncryptionContext, Operation, Output, Recipient, Secret,
+};
+use cloister_kms::server::{ServerLimits, serve};
+use cloister_kms::service::BrokerConfig;
+use cloister_proto::Address;
+
+use crate::errors::UsageError;
+
+#[derive(Subcommand)]
+pub enum KmsCommand {
+    /// Create a data directory: keystore, root key, broker key, admin principal.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Derive the root key from the passphrase in this environment variable
+        /// (Argon2id) instead of writing root.key.
+        #[arg(long)]
+        passphrase_env: Option<String>,
+    },
+    /// Serve the broker on one or more addresses until SIGTERM or SIGINT.
+    Serve {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// unix:PATH, vsock:CID:PORT (tcp: needs TLS, see the README). Repeatable.
+        #[arg(long = "listen", required = true)]
+        listen: Vec<String>,
+        #[arg(long)]
+        passphrase_env: Option<String>,
+        /// Most connections served at once.
+        #[arg(long, default_value_t = 512)]
+        max_connections: usize,
+        /// Sustained requests per second allowed per principal.
+        #[arg(long, default_value_t = 10_000.0)]
+        rate: f64,
+        /// Oldest Recipient attestation document accepted, in seconds.
+        #[arg(long, default_value_t = 300)]
+        max_document_age: u64,
+    },
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Warn about valid but risky policies (exit 1 when there are warnings).
+    LintPolicy {
+        /// file://policy.json
+        policy: String,
+        /// Lint an identity policy (default: a key policy).
+        #[arg(long)]
+        identity: bool,
+    },
+    /// Trusted attestation roots (admin).
+    #[command(subcommand)]
+    Trust(TrustCommand),
+    /// Principals (admin).
+    #[command(subcommand)]
+    Principal(PrincipalCommand),
+    #[command(flatten)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain, the checkpoint signatures and the recorded head.
+    Verify {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Print the last records.
+    Tail {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// The broker's address.
+    #[arg(long, env = "CLOISTER_KMS_ENDPOINT")]
+    endpoint: String,
+    /// The principal to act as.
+    #[arg(long, env = "CLOISTER_PRINCIPAL")]
+    principal: String,
+    /// The principal's Ed25519 private key (PKCS#8 PEM).
+    #[arg(long, env = "CLOISTER_PRINCIPAL_KEY")]
+    principal_key: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum TrustCommand {
+    /// Trust an emulated platform root (PEM), or the built-in AWS Nitro root.
+    Add {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(
+            long,
+            conflicts_with = "aws_nitro_root",
+            required_unless_present = "aws_nitro_root"
+        )]
+        root: Option<PathBuf>,
+        #[arg(long)]
+        aws_nitro_root: bool,
+        /// A name for the root (default: the file name, or aws-nitro-enclaves-root).
+        #[arg(long)]
+        label: Option<String>,
+    },
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        label: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PrincipalCommand {
+    /// Register a principal: a name, its Ed25519 public key (SPKI PEM) and an identity policy.
+    Add {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        public_key: PathBuf,
+        /// file://identity.json
+        #[arg(long)]
+        policy: String,
+    },
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    CreateKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// file://key-policy.json (default: the creator may do everything)
+        #[arg(long)]
+        policy: Option<String>,
+    },
+    DescribeKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+    },
+    ListKeys {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    CreateAlias {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        alias_name: String,
+        #[arg(long)]
+        target_key_id: String,
+    },
+    ListAliases {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    Encrypt {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+        /// fileb://data, file://text, or the literal text.
+        #[arg(long)]
+        plaintext: String,
+        /// k=v,k2=v2
+        #[arg(long)]
+        encryption_context: Option<String>,
+    },
+    Decrypt {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// fileb://blob
+        #[arg(long)]
+        ciphertext_blob: String,
+        #[arg(long)]
+        key_id: Option<String>,
+        #[arg(long)]
+        encryption_context: Option<String>,
+        /// KeyEncryptionAlgorithm=HPKE-Base-X25519-SHA256-AES256GCM,AttestationDocument=fileb://doc
+        #[arg(long)]
+        recipient: Option<String>,
+    },
+    ReEncrypt {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        ciphertext_blob: String,
+        #[arg(long)]
+        source_key_id: Option<String>,
+        #[arg(long)]
+        source_encryption_context: Option<String>,
+        #[arg(long)]
+        destination_key_id: String,
+        #[arg(long)]
+        destination_encryption_context: Option<String>,
+    },
+    GenerateDataKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long, default_value = "AES_256")]
+        key_spec: String,
+        #[arg(long)]
+        encryption_context: Option<String>,
+        #[arg(long)]
+        recipient: Option<String>,
+    },
+    GenerateRandom {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        number_of_bytes: u32,
+        #[arg(long)]
+        recipient: Option<String>,
+    },
+    PutKeyPolicy {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long)]
+        policy: String,
+    },
+    GetKeyPolicy {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+    },
+    EnableKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+    },
+    DisableKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+    },
+    RotateKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+    },
+    ScheduleKeyDeletion {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long, default_value_t = 30)]
+        pending_window_in_days: u32,
+    },
+    CancelKeyDeletion {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+    },
+}
+
+fn b64(bytes: &[u8]) -> Value {
+    Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// `file://path` (text), `fileb://path` (bytes), or the literal value.
+fn input(arg: &str) -> anyhow::Result<Vec<u8>> {
+    if let Some(p) = arg
+        .strip_prefix("fileb://")
+        .or_else(|| arg.strip_prefix("file://"))
+    {
+        return super::read_file(std::path::Path::new(p));
+    }
+    Ok(arg.as_bytes().to_vec())
+}
+
+fn text_input(arg: &str) -> anyhow::Result<String> {
+    String::from_utf8(input(arg)?).map_err(|_| UsageError(format!("{arg}: not UTF-8 text")).into())
+}
+
+/// `k=v,k2=v2` (also accepts a JSON object, as `aws kms` does).
+fn context(arg: &Option<String>) -> Result<EncryptionContext, UsageError> {
+    let Some(arg) = arg else {
+        return Ok(BTreeMap::new());
+    };
+    if arg.trim_start().starts_with('{') {
+        return serde_json::from_str(arg)
+            .map_err(|e| UsageError(format!("--encryption-context: {e}")));
+    }
+    arg.split(',')
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| UsageError(format!("--encryption-context {arg:?}: write k=v,k2=v2")))
+        })
+        .collect()
+}
+
+fn recipient(arg: &Option<String>) -> anyhow::Result<Option<Recipient>> {
+    let Some(arg) = arg else { return Ok(None) };
+    let mut algorithm = None;
+    let mut document = None;
+    for part in arg.split(',') {
+        match part.split_once('=') {
+            Some(("KeyEncryptionAlgorithm", v)) => algorithm = Some(v.to_owned()),
+            Some(("AttestationDocument", v)) => document = Some(input(v)?),
+            _ => bail!(UsageError(format!(
+                "--recipient {arg:?}: write KeyEncryptionAlgorithm=...,AttestationDocument=fileb://doc"
+            ))),
+        }
+    }
+    Ok(Some(Recipient {
+        key_encryption_algorithm: algorithm
+            .unwrap_or_else(|| cloister_kms::recipient::ALGORITHM.to_owned()),
+        attestation_document: document.ok_or_else(|| {
+            UsageError("--recipient needs AttestationDocument=fileb://...".into())
+        })?,
+    }))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn passphrase(var: &Option<String>) -> anyhow::Result<Option<Zeroizing<String>>> {
+    match var {
+        None => Ok(std::env::var("CLOISTER_KMS_PASSPHRASE")
+            .ok()
+            .map(Zeroizing::new)),
+        Some(v) => std::env::var(v)
+            .map(|p| Some(Zeroizing::new(p)))
+            .map_err(|_| {
+                UsageError(format!("--passphrase-env {v}: the variable is not set")).into()
+            }),
+    }
+}
+
+pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
+    match cmd {
+        KmsCommand::Init {
+            data_dir,
+            passphrase_env,
+        } => {
+            let dir = DataDir::new(&data_dir);
+            let pass = passphrase(&passphrase_env)?;
+            let passphrase_mode = pass.is_some();
+            dir.init(pass)?;
+            super::print_json(&json!({
+                "DataDir": data_dir.display().to_string(),
+                "Keystore": dir.keystore().display().to_string(),
+                "RootKey": if passphrase_mode { Value::String("derived from the passphrase (Argon2id)".into()) } else { Value::String(dir.root_key().display().to_string()) },
+                "BrokerPublicKey": dir.broker_pub().display().to_string(),
+                "AdminPrincipal": cloister_kms::datadir::ADMIN,
+                "AdminPrivateKey": dir.admin_key().display().to_string(),
+                "AuditLog": dir.audit_log().display().to_string(),
+            }))
+        }
+        KmsCommand::Serve {
+            data_dir,
+            listen,
+            passphrase_env,
+            max_connections,
+            rate,
+            max_document_age,
+        } => {
+            let addrs = listen
+                .iter()
+                .map(|a| a.parse::<Address>())
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(tcp) = addrs.iter().find(|a| matches!(a, Address::Tcp { .. })) {
+                bail!(UsageError(format!(
+                    "--listen {tcp}: the broker serves TCP only with TLS, which this build does not have yet; use unix: or vsock:"
+                )));
+            }
+            let config = BrokerConfig {
+                max_document_age: std::time::Duration::from_secs(max_document_age),
+                rate_per_sec: rate,
+                burst: rate * 2.0,
+                ..Default::default()
+            };
+            let broker =
+                Arc::new(DataDir::new(&data_dir).open(passphrase(&passphrase_env)?, config)?);
+            runtime()?.block_on(async move {
+                let mut listeners = Vec::new();
+                for a in &addrs {
+                    listeners.push(cloister_proto::listen(a).await?);
+                }
+                let bound: Vec<String> = listeners
+                    .iter()
+                    .map(|l| l.local_address().map(|a| a.to_string()).unwrap_or_default())
+                    .collect();
+                super::print_json(&json!({ "Listening": bound }))?;
+                let limits = ServerLimits {
+                    max_connections,
+                    ..Default::default()
+                };
+                serve(broker, listeners, limits, shutdown_signal()).await?;
+                eprintln!("cloister kms: stopped; the audit log has its shutdown checkpoint");
+                Ok(())
+            })
+        }
+        KmsCommand::Audit(AuditCommand::Verify { data_dir }) => {
+            let dir = DataDir::new(&data_dir);
+            let key = keyfile::read_verifying_key(&dir.broker_pub())?;
+            let head = audit::recorded_head(&dir.audit_head(), &key)?;
+            let summary = audit::verify_log(&dir.audit_log(), &key, head)?;
+            super::print_json(&json!({
+                "Verified": true,
+                "Lines": summary.lines,
+                "SignedCheckpoints": summary.checkpoints,
+                "HeadSha256": summary.head_hash,
+            }))
+        }
+        KmsCommand::Audit(AuditCommand::Tail { data_dir, lines }) => {
+            let text = std::fs::read_to_string(DataDir::new(&data_dir).audit_log())
+                .with_context(|| format!("cannot read the audit log in {}", data_dir.display()))?;
+            let all: Vec<&str> = text.lines().collect();
+            for line in &all[all.len().saturating_sub(lines)..] {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        KmsCommand::LintPolicy { policy, identity } => {
+            let kind = if identity {
+                PolicyKind::Identity
+            } else {
+                PolicyKind::Key
+            };
+            let policy = Policy::parse(&text_input(&policy)?, kind)
+                .map_err(|e| cloister_kms::error::validation(e.to_string()))?;
+            let warnings = policy.lint();
+            super::print_json(&json!({ "Warnings": warnings }))?;
+            if !warnings.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        KmsCommand::Trust(cmd) => {
+            let (client, op) = match cmd {
+                TrustCommand::Add {
+                    client,
+                    root,
+                    aws_nitro_root,
+                    label,
+                } => {
+                    let (label, der) = if aws_nitro_root {
+                        let a = TrustAnchor::aws_nitro();
+                        (label.unwrap_or(a.label.clone()), a.der().to_vec())
+                    } else {
+                        let path =
+                            root.ok_or_else(|| UsageError("--root or --aws-nitro-root".into()))?;
+                        let label = label.unwrap_or_else(|| path.display().to_string());
+                        (label, read_pem_certificates(&path)?.remove(0))
+                    };
+                    (
+                        client,
+                        Operation::TrustAdd {
+                            label,
+                            root_der: der,
+                        },
+                    )
+                }
+                TrustCommand::List { client } => (client, Operation::TrustList),
+                TrustCommand::Remove { client, label } => {
+                    (client, Operation::TrustRemove { label })
+                }
+            };
+            call(&client, op)
+        }
+        KmsCommand::Principal(cmd) => {
+            let (client, op) = match cmd {
+                PrincipalCommand::Add {
+                    client,
+                    name,
+                    public_key,
+                    policy,
+                } => {
+                    let pk = keyfile::read_verifying_key(&public_key)?;
+                    let policy = text_input(&policy)?;
+                    (
+                        client,
+                        Operation::PrincipalAdd {
+                            name,
+                            public_key: pk.to_bytes().to_vec(),
+                            policy,
+                        },
+                    )
+                }
+                PrincipalCommand::List { client } => (client, Operation::PrincipalList),
+                PrincipalCommand::Remove { client, name } => {
+                    (client, Operation::PrincipalRemove { name })
+                }
+            };
+            call(&client, op)
+        }
+        KmsCommand::Key(cmd) => {
+            let (client, op) = key_operation(cmd)?;
+            call(&client, op)
+        }
+    }
+}
+
+fn key_operation(cmd: KeyCommand) -> anyhow::Result<(ClientArgs, Operation)> {
+    Ok(match cmd {
+        KeyCommand::CreateKey {
+            client,
+            description,
+            policy,
+        } => {
+            let policy = policy.as_deref().map(text_input).transpose()?;
+            (
+                client,
+                Operation::CreateKey {
+                    description,
+                    policy,
+                },
+            )
+        }
+        KeyCommand::DescribeKey { client, key_id } => (client, Operation::DescribeKey { key_id }),
+        KeyCommand::ListKeys { client } => (client, Operation::ListKeys),
+        KeyCommand::CreateAlias {
+            client,
+            alias_name,
+            target_key_id,
+        } => (
+            client,
+            Operation::CreateAlias {
+                alias_name,
+                target_key_id,
+            },
+        ),
+        KeyCommand::ListAliases { client } => (client, Operation::ListAliases),
+        KeyCommand::Encrypt {
+            client,
+            key_id,
+            plaintext,
+            encryption_context,
+        } => (
+            client,
+            Operation::Encrypt {
+                key_id,
+                plaintext: Secret::new(input(&plaintext)?),
+                encryption_context: context(&encryption_context)?,
+            },
+        ),
+        KeyCommand::Decrypt {
+            client,
+            ciphertext_blob,
+            key_id,
+            encryption_context,
+            recipient: r,
+        } => (
+            client,
+            Operation::Decrypt {
+                ciphertext_blob: input(&ciphertext_blob)?,
+                key_id,
+                encryption_context: context(&encryption_context)?,
+                recipient: recipient(&r)?,
+            },
+        ),
+        KeyCommand::ReEncrypt {
+            client,
+            ciphertext_blob,
+            source_key_id,
+            source_encryption_context,
+            destination_key_id,
+            destination_encryption_context,
+        } => (
+            client,
+            Operation::ReEncrypt {
+                ciphertext_blob: input(&ciphertext_blob)?,
+                source_key_id,
+                source_encryption_context: context(&source_encryption_context)?,
+                destination_key_id,
+                destination_encryption_context: context(&destination_encryption_context)?,
+            },
+        ),
+        KeyCommand::GenerateDataKey {
+            client,
+            key_id,
+            key_spec,
+            encryption_context,
+            recipient: r,
+        } => (
+            client,
+            Operation::GenerateDataKey {
+                key_id,
+                key_spec,
+                encryption_context: context(&encryption_context)?,
+                recipient: recipient(&r)?,
+            },
+        ),
+        KeyCommand::GenerateRandom {
+            client,
+            number_of_bytes,
+            recipient: r,
+        } => (
+            client,
+            Operation::GenerateRandom {
+                number_of_bytes,
+                recipient: recipient(&r)?,
+            },
+        ),
+        KeyCommand::PutKeyPolicy {
+            client,
+            key_id,
+            policy,
+        } => (
+            client,
+            Operation::PutKeyPolicy {
+                key_id,
+                policy: text_input(&policy)?,
+            },
+        ),
+        KeyCommand::GetKeyPolicy { client, key_id } => (client, Operation::GetKeyPolicy { key_id }),
+        KeyCommand::EnableKey { client, key_id } => (client, Operation::EnableKey { key_id }),
+        KeyCommand::DisableKey { client, key_id } => (client, Operation::DisableKey { key_id }),
+        KeyCommand::RotateKey { client, key_id } => (client, Operation::RotateKey { key_id }),
+        KeyCommand::ScheduleKeyDeletion {
+            client,
+            key_id,
+            pending_window_in_days,
+        } => (
+            client,
+            Operation::ScheduleKeyDeletion {
+                key_id,
+                pending_window_in_days,
+            },
+        ),
+        KeyCommand::CancelKeyDeletion { client, key_id } => {
+            (client, Operation::CancelKeyDeletion { key_id })
+        }
+    })
+}
+
+fn call(args: &ClientArgs, op: Operation) -> anyhow::Result<()> {
+    let endpoint: Address = args.endpoint.parse()?;
+    let key = keyfile::read_signing_key(&args.principal_key)?;
+    let credentials = Credentials {
+        principal: args.principal.clone(),
+        key,
+    };
+    let output = runtime()?.block_on(async {
+        let mut client = KmsClient::connect(&endpoint, credentials).await?;
+        client.call(op).await
+    })?;
+    super::print_json(&render(output))
+}
+
+fn recipient_json(c: &CiphertextForRecipient) -> (Value, Value, Value) {
+    (b64(&c.ciphertext), b64(&c.info), b64(&c.aad))
+}
+
+/// The response as `aws kms` would print it.
+fn render(output: Output) -> Value {
+    match output {
+        Output::KeyMetadata(m) => json!({ "KeyMetadata": {
+            "KeyId": m.key_id, "Arn": m.arn, "Description": m.description, "KeyState": m.key_state,
+            "CreationDate": m.creation_date, "DeletionDate": m.deletion_date,
+            "CurrentKeyVersion": m.current_version, "Aliases": m.aliases,
+        }}),
+        Output::Keys(keys) => {
+            json!({ "Keys": keys.into_iter().map(|(id, arn)| json!({"KeyId": id, "KeyArn": arn})).collect::<Vec<_>>() })
+        }
+        Output::Aliases(a) => {
+            json!({ "Aliases": a.into_iter().map(|(n, id)| json!({"AliasName": n, "TargetKeyId": id})).collect::<Vec<_>>() })
+        }
+        Output::Ciphertext {
+            key_id,
+            ciphertext_blob,
+        } => json!({ "KeyId": key_id, "CiphertextBlob": b64(&ciphertext_blob) }),
+        Output::ReEncrypted {
+            source_key_id,
+            key_id,
+            ciphertext_blob,
+        } => {
+            json!({ "SourceKeyId": source_key_id, "KeyId": key_id, "CiphertextBlob": b64(&ciphertext_blob) })
+        }
+        Output::Plaintext {
+            key_id,
+            plaintext,
+            ciphertext_for_recipient,
+        } => {
+            let mut v = json!({ "KeyId": key_id });
+            add_secret(&mut v, plaintext, ciphertext_for_recipient);
+            v
+        }
+        Output::DataKey {
+            key_id,
+            ciphertext_blob,
+            plaintext,
+            ciphertext_for_recipient,
+        } => {
+            let mut v = json!({ "KeyId": key_id, "CiphertextBlob": b64(&ciphertext_blob) });
+            add_secret(&mut v, plaintext, ciphertext_for_recipient);
+            v
+        }
+        Output::KeyPolicy(p) => json!({ "Policy": p }),
+        Output::Rotated { key_id, version } => {
+            json!({ "KeyId": key_id, "CurrentKeyVersion": version })
+        }
+        Output::DeletionScheduled {
+            key_id,
+            deletion_date,
+        } => {
+            json!({ "KeyId": key_id, "KeyState": "PendingDeletion", "DeletionDate": deletion_date })
+        }
+        Output::Principals(list) => {
+            json!({ "Principals": list.into_iter().map(|p| json!({"Name": p.name, "PublicKey": p.public_key_hex, "Policy": p.policy})).collect::<Vec<_>>() })
+        }
+        Output::TrustRoots(list) => {
+            json!({ "TrustRoots": list.into_iter().map(|t| json!({"Label": t.label, "Subject": t.subject, "FingerprintSha256": t.fingerprint_sha256})).collect::<Vec<_>>() })
+        }
+        Output::Done => json!({}),
+    }
+}
+
+fn add_secret(v: &mut Value, plaintext: Option<Secret>, cfr: Option<CiphertextForRecipient>) {
+    if let Some(p) = plaintext {
+        v["Plaintext"] = b64(p.as_bytes());
+    }
+    if let Some(c) = cfr {
+        let (ct, info, aad) = recipient_json(&c);
+        v["CiphertextForRecipient"] = ct;
+        v["RecipientInfo"] = info;
+        v["RecipientAad"] = aad;
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,895 @@
+//! The key broker end to end: `cloister kms serve` as its own process, the CLI
+//! as its clients, a real platform's attestation documents, an independent HPKE
+//! implementation to open CiphertextForRecipient, crash and tamper tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::Value;
+
+mod common;
+use common::{Server, cloister, cloister_env, failed_with, json_of, ok_json, s};
+
+const ALLOW_ALL: &str =
+    r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#;
+
+fn b64d(v: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().expect("base64 string"))
+        .unwrap()
+}
+
+struct Kms {
+    dir: tempfile::TempDir,
+    server: Option<Server>,
+}
+
+impl Kms {
+    fn start() -> Kms {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("kms");
+        let init = ok_json(&["kms", "init", "--data-dir", s(&data)]);
+        assert_eq!(init["AdminPrincipal"], "admin");
+        let mut kms = Kms { dir, server: None };
+        kms.serve();
+        kms
+    }
+    fn serve(&mut self) {
+        let sock = self.sock();
+        self.server = Some(Server::start(
+            &[
+                "kms",
+                "serve",
+                "--data-dir",
+                s(&self.data()),
+                "--listen",
+                &format!("unix:{}", s(&sock)),
+            ],
+            &[],
+            &sock,
+        ));
+    }
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("kms")
+    }
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("kms.sock")
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn endpoint(&self) -> String {
+        format!("unix:{}", s(&self.sock()))
+    }
+    /// Runs a client command as a principal (credentials from the environment, as a user would).
+    fn run_as(&self, principal: &str, key: &Path, args: &[&str]) -> Output {
+        cloister_env(
+            args,
+            &[
+                ("CLOISTER_KMS_ENDPOINT", &self.endpoint()),
+                ("CLOISTER_PRINCIPAL", principal),
+                ("CLOISTER_PRINCIPAL_KEY", s(key)),
+            ],
+        )
+    }
+    fn admin(&self, args: &[&str]) -> Value {
+        json_of(
+            &self.run_as("admin", &self.data().join("admin.key"), args),
+            &format!("admin {args:?}"),
+        )
+    }
+    /// Makes a key pair (with openssl where it exists, to prove compatibility) and registers it.
+    fn add_principal(&self, name: &str, policy: &str) -> PathBuf {
+        let file: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let key = self.path(&format!("{file}.key"));
+        let public = self.path(&format!("{file}.pub"));
+        let openssl = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "ed25519", "-out", s(&key)])
+            .status()
+            .is_ok_and(|st| st.success());
+        if openssl {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(
+                std::process::Command::new("openssl")
+                    .args(["pkey", "-in", s(&key), "-pubout", "-out", s(&public)])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        } else {
+            let k = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+            cloister_attestation::keyfile::write_signing_key(&key, &k, false).unwrap();
+            std::fs::write(
+                &public,
+                cloister_attestation::keyfile::verifying_key_pem(&k.verifying_key()),
+            )
+            .unwrap();
+        }
+        let policy_file = self.path(&format!("{file}-identity.json"));
+        std::fs::write(&policy_file, policy).unwrap();
+        self.admin(&[
+            "kms",
+            "principal",
+            "add",
+            "--name",
+            name,
+            "--public-key",
+            s(&public),
+            "--policy",
+            &format!("file://{}", s(&policy_file)),
+        ]);
+        key
+    }
+    fn stop(&mut self) {
+        let (status, stderr) = self.server.take().unwrap().terminate();
+        assert!(status.success(), "broker exit {status}: {stderr}");
+    }
+    fn audit_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.data().join("audit.log"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// An X25519 recipient key pair from hpke-rs, an HPKE implementation independent of the broker's.
+struct IndependentRecipient {
+    hpke: hpke_rs::Hpke<hpke_rs_rust_crypto::HpkeRustCrypto>,
+    pair: hpke_rs::HpkeKeyPair,
+}
+
+impl IndependentRecipient {
+    fn new() -> Self {
+        use hpke_rs::hpke_types::{AeadAlgorithm, KdfAlgorithm, KemAlgorithm};
+        let mut hpke = hpke_rs::Hpke::<hpke_rs_rust_crypto::HpkeRustCrypto>::new(
+            hpke_rs::Mode::Base,
+            KemAlgorithm::DhKem25519,
+            KdfAlgorithm::HkdfSha256,
+            AeadAlgorithm::Aes256Gcm,
+        );
+        let pair = hpke.generate_key_pair().unwrap();
+        IndependentRecipient { hpke, pair }
+    }
+    fn public_key(&self) -> Vec<u8> {
+        self.pair.public_key().as_slice().to_vec()
+    }
+    /// Opens CiphertextForRecipient = enc (32) || ct, with the response's info and aad.
+    fn open(&self, out: &Value) -> Vec<u8> {
+        let ct = b64d(&out["CiphertextForRecipient"]);
+        let info = b64d(&out["RecipientInfo"]);
+        let aad = b64d(&out["RecipientAad"]);
+        self.hpke
+            .open(
+                &ct[..32],
+                self.pair.private_key(),
+                &info,
+                &aad,
+                &ct[32..],
+                None,
+                None,
+                None,
+            )
+            .expect("an RFC 9180 implementation opens it")
+    }
+}
+
+fn attest(
+    kms: &Kms,
+    name: &str,
+    pcrs: &[(usize, String)],
+    public_key: &[u8],
+    debug: bool,
+) -> PathBuf {
+    let pk = kms.path(&format!("{name}.pk"));
+    std::fs::write(&pk, public_key).unwrap();
+    let out = kms.path(&format!("{name}.cose"));
+    let mut args = vec![
+        "platform".to_string(),
+        "attest".into(),
+        "--dir".into(),
+        s(&kms.path("platform")).into(),
+        "--public-key".into(),
+        s(&pk).into(),
+        "--out".into(),
+        s(&out).into(),
+    ];
+    if debug {
+        args.push("--debug".into());
+    }
+    for (i, v) in pcrs {
+        args.push("--pcr".into());
+        args.push(format!("{i}={v}"));
+    }
+    ok_json(&args);
+    out
+}
+
+fn pcr_of(data: &[u8], kms: &Kms, name: &str) -> String {
+    let f = kms.path(name);
+    std::fs::write(&f, data).unwrap();
+    ok_json(&["pcr", "--input", s(&f)])["PCR"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn a_key_pinned_to_an_image_is_released_only_to_that_enclave() {
+    let mut kms = Kms::start();
+    ok_json(&["platform", "init", "--dir", s(&kms.path("platform"))]);
+    let trust = kms.admin(&[
+        "kms",
+        "trust",
+        "add",
+        "--root",
+        s(&kms.path("platform/root.pem")),
+        "--label",
+        "lab",
+    ]);
+    assert_eq!(trust, serde_json::json!({}));
+    let roots = kms.admin(&["kms", "trust", "list"]);
+    assert_eq!(roots["TrustRoots"][0]["Label"], "lab");
+
+    let owner = kms.add_principal("owner", ALLOW_ALL);
+    let role = "arn:aws:iam::123456789012:role/Scorer";
+    let parent = kms.add_principal(role, ALLOW_ALL);
+    let image = pcr_of(b"scorer image v1", &kms, "image.bin");
+    let role_pcr = ok_json(&["pcr", "--string", role])["PCR"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let policy = format!(
+        r#"{{"Version":"2012-10-17","Statement":[
+          {{"Sid":"Owner","Effect":"Allow","Principal":{{"AWS":"owner"}},"Action":["kms:CreateKey","kms:Encrypt","kms:DescribeKey","kms:GetKeyPolicy"],"Resource":"*"}},
+          {{"Sid":"ScorerEnclave","Effect":"Allow","Principal":{{"AWS":"{role}"}},"Action":"kms:Decrypt","Resource":"*",
+            "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{image}","kms:RecipientAttestation:PCR3":"{role_pcr}"}}}}}}]}}"#
+    );
+    std::fs::write(kms.path("key-policy.json"), &policy).unwrap();
+    let lint = cloister(&[
+        "kms",
+        "lint-policy",
+        &format!("file://{}", s(&kms.path("key-policy.json"))),
+    ]);
+    assert!(
+        lint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
+
+    let created = json_of(
+        &kms.run_as(
+            "owner",
+            &owner,
+            &[
+                "kms",
+                "create-key",
+                "--description",
+                "PHI",
+                "--policy",
+                &format!("file://{}", s(&kms.path("key-policy.json"))),
+            ],
+        ),
+        "create-key",
+    );
+    let key_id = created["KeyMetadata"]["KeyId"].as_str().unwrap().to_owned();
+    std::fs::write(kms.path("secret.txt"), b"the data key").unwrap();
+    let enc = json_of(
+        &kms.run_as(
+            "owner",
+            &owner,
+            &[
+                "kms",
+                "encrypt",
+                "--key-id",
+                &key_id,
+                "--plaintext",
+                &format!("fileb://{}", s(&kms.path("secret.txt"))),
+                "--encryption-context",
+                "study=framingham",
+            ],
+        ),
+        "encrypt",
+    );
+    std::fs::write(kms.path("blob"), b64d(&enc["CiphertextBlob"])).unwrap();
+    let blob_arg = format!("fileb://{}", s(&kms.path("blob")));
+
+    let decrypt = |doc: Option<&Path>| {
+        let mut args = vec![
+            "kms",
+            "decrypt",
+            "--ciphertext-blob",
+            &blob_arg,
+            "--encryption-context",
+            "study=framingham",
+        ];
+        let recipient;
+        if let Some(d) = doc {
+            recipient = format!(
+                "KeyEncryptionAlgorithm=HPKE-Base-X25519-SHA256-AES256GCM,AttestationDocument=fileb://{}",
+                s(d)
+            );
+            args.push("--recipient");
+            args.push(&recipient);
+        }
+        kms.run_as(role, &parent, &args)
+    };
+
+    // The enclave of that image, launched by that role: the key comes back only wrapped.
+    let r = IndependentRecipient::new();
+    let good = attest(
+        &kms,
+        "good",
+        &[(0, image.clone()), (3, role_pcr.clone())],
+        &r.public_key(),
+        false,
+    );
+    let out = json_of(&decrypt(Some(&good)), "attested decrypt");
+    assert!(
+        out.get("Plaintext").is_none(),
+        "plaintext must never accompany a recipient: {out}"
+    );
+    assert_eq!(r.open(&out), b"the data key");
+    assert_eq!(
+        b64d(&out["RecipientAad"]),
+        sha384(&std::fs::read(&good).unwrap())
+    );
+
+    // Refusals, each with its reason.
+    let stderr = failed_with(&decrypt(None), "E-KMS-ACCESS-DENIED");
+    assert!(
+        stderr.contains("no kms:RecipientAttestation:ImageSha384 (no attestation document)"),
+        "{stderr}"
+    );
+    let modified = pcr_of(b"scorer image v1 + backdoor", &kms, "image2.bin");
+    let bad_image = attest(
+        &kms,
+        "modified",
+        &[(0, modified.clone()), (3, role_pcr.clone())],
+        &r.public_key(),
+        false,
+    );
+    let stderr = failed_with(&decrypt(Some(&bad_image)), "E-KMS-ACCESS-DENIED");
+    assert!(
+        stderr.contains(&format!("the request has \"{modified}\"")),
+        "{stderr}"
+    );
+    let wrong_role = attest(
+        &kms,
+        "wrong-role",
+        &[(0, image.clone()), (3, "00".repeat(48))],
+        &r.public_key(),
+        false,
+    );
+    let stderr = failed_with(&decrypt(Some(&wrong_role)), "E-KMS-ACCESS-DENIED");
+    assert!(stderr.contains("kms:RecipientAttestation:PCR3"), "{stderr}");
+    let debug = attest(&kms, "debug", &[], &r.public_key(), true);
+    failed_with(&decrypt(Some(&debug)), "E-KMS-ACCESS-DENIED");
+    // The owner itself cannot decrypt: no statement gives it kms:Decrypt.
+    let stderr = failed_with(
+        &kms.run_as(
+            "owner",
+            &owner,
+            &[
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                &blob_arg,
+                "--encryption-context",
+                "study=framingham",
+            ],
+        ),
+        "E-KMS-ACCESS-DENIED",
+    );
+    assert!(stderr.contains("key policy"), "{stderr}");
+
+    // The audit log has each decision with its reason and the recipient's PCR0.
+    let lines = kms.audit_lines();
+    let decrypts: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["action"] == "kms:Decrypt")
+        .collect();
+    assert_eq!(decrypts.len(), 6);
+    assert_eq!(decrypts[0]["decision"], "Allow");
+    assert_eq!(decrypts[0]["recipient_pcr0"], image.as_str());
+    assert_eq!(decrypts[2]["decision"], "Deny");
+    assert_eq!(decrypts[2]["recipient_pcr0"], modified.as_str());
+    assert!(
+        decrypts[2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ImageSha384")
+    );
+
+    // Graceful stop writes a signed shutdown checkpoint; the log verifies.
+    kms.stop();
+    assert_eq!(kms.audit_lines().last().unwrap()["type"], "shutdown");
+    let v = ok_json(&["kms", "audit", "verify", "--data-dir", s(&kms.data())]);
+    assert_eq!(v["Verified"], true);
+}
+
+fn sha384(b: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha384::digest(b).to_vec()
+}
+
+#[test]
+fn key_lifecycle_through_the_cli() {
+    let kms = Kms::start();
+    let app = kms.add_principal("app", ALLOW_ALL);
+    let run = |args: &[&str]| kms.run_as("app", &app, args);
+    let key = json_of(&run(&["kms", "create-key"]), "create")["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    json_of(
+        &run(&[
+            "kms",
+            "create-alias",
+            "--alias-name",
+            "alias/phi",
+            "--target-key-id",
+            &key,
+        ]),
+        "alias",
+    );
+    let aliases = json_of(&run(&["kms", "list-aliases"]), "aliases");
+    assert_eq!(aliases["Aliases"][0]["TargetKeyId"], key.as_str());
+    let keys = json_of(&run(&["kms", "list-keys"]), "keys");
+    assert_eq!(keys["Keys"].as_array().unwrap().len(), 1);
+
+    let enc = json_of(
+        &run(&[
+            "kms",
+            "encrypt",
+            "--key-id",
+            "alias/phi",
+            "--plaintext",
+            "v1 secret",
+        ]),
+        "encrypt",
+    );
+    std::fs::write(kms.path("v1.blob"), b64d(&enc["CiphertextBlob"])).unwrap();
+    let v1 = format!("fileb://{}", s(&kms.path("v1.blob")));
+    let rot = json_of(&run(&["kms", "rotate-key", "--key-id", &key]), "rotate");
+    assert_eq!(rot["CurrentKeyVersion"], 2);
+    let dec = json_of(
+        &run(&["kms", "decrypt", "--ciphertext-blob", &v1]),
+        "decrypt v1 after rotation",
+    );
+    assert_eq!(b64d(&dec["Plaintext"]), b"v1 secret");
+
+    // Re-encrypt under a second key with a new context.
+    let key2 = json_of(&run(&["kms", "create-key"]), "create")["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let re = json_of(
+        &run(&[
+            "kms",
+            "re-encrypt",
+            "--ciphertext-blob",
+            &v1,
+            "--destination-key-id",
+            &key2,
+            "--destination-encryption-context",
+            "a=b",
+        ]),
+        "re-encrypt",
+    );
+    std::fs::write(kms.path("v2.blob"), b64d(&re["CiphertextBlob"])).unwrap();
+    let v2 = format!("fileb://{}", s(&kms.path("v2.blob")));
+    failed_with(
+        &run(&["kms", "decrypt", "--ciphertext-blob", &v2]),
+        "E-KMS-INVALID-CIPHERTEXT",
+    );
+    failed_with(
+        &run(&[
+            "kms",
+            "decrypt",
+            "--ciphertext-blob",
+            &v2,
+            "--encryption-context",
+            "a=b",
+            "--key-id",
+            &key,
+        ]),
+        "E-KMS-INCORRECT-KEY",
+    );
+    json_of(
+        &run(&[
+            "kms",
+            "decrypt",
+            "--ciphertext-blob",
+            &v2,
+            "--encryption-context",
+            "a=b",
+        ]),
+        "decrypt re-encrypted",
+    );
+
+    // Data keys and random bytes.
+    let dk = json_of(&run(&["kms", "generate-data-key", "--key-id", &key]), "gdk");
+    assert_eq!(b64d(&dk["Plaintext"]).len(), 32);
+    let rnd = json_of(
+        &run(&["kms", "generate-random", "--number-of-bytes", "48"]),
+        "random",
+    );
+    assert_eq!(b64d(&rnd["Plaintext"]).len(), 48);
+    failed_with(
+        &run(&["kms", "generate-random", "--number-of-bytes", "0"]),
+        "E-KMS-VALIDATION",
+    );
+    failed_with(
+        &run(&[
+            "kms",
+            "generate-data-key",
+            "--key-id",
+            &key,
+            "--key-spec",
+            "RSA_2048",
+        ]),
+        "E-KMS-VALIDATION",
+    );
+
+    // States.
+    json_of(&run(&["kms", "disable-key", "--key-id", &key]), "disable");
+    failed_with(
+        &run(&["kms", "decrypt", "--ciphertext-blob", &v1]),
+        "E-KMS-DISABLED",
+    );
+    json_of(&run(&["kms", "enable-key", "--key-id", &key]), "enable");
+    let stderr = failed_with(
+        &run(&[
+            "kms",
+            "schedule-key-deletion",
+            "--key-id",
+            &key,
+            "--pending-window-in-days",
+            "6",
+        ]),
+        "E-KMS-VALIDATION",
+    );
+    assert!(stderr.contains("7 to 30"), "{stderr}");
+    let del = json_of(
+        &run(&[
+            "kms",
+            "schedule-key-deletion",
+            "--key-id",
+            &key,
+            "--pending-window-in-days",
+            "7",
+        ]),
+        "schedule",
+    );
+    assert_eq!(del["KeyState"], "PendingDeletion");
+    failed_with(
+        &run(&["kms", "decrypt", "--ciphertext-blob", &v1]),
+        "E-KMS-INVALID-STATE",
+    );
+    json_of(
+        &run(&["kms", "cancel-key-deletion", "--key-id", &key]),
+        "cancel",
+    );
+    let d = json_of(
+        &run(&["kms", "describe-key", "--key-id", "alias/phi"]),
+        "describe",
+    );
+    assert_eq!(d["KeyMetadata"]["KeyState"], "Disabled");
+
+    // Policies: invalid ones are refused with the reason at put time.
+    std::fs::write(kms.path("bad.json"), r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*","Condition":{"StringEquals":{"aws:SourceIp":"1.2.3.4"}}}}"#).unwrap();
+    let stderr = failed_with(
+        &run(&[
+            "kms",
+            "put-key-policy",
+            "--key-id",
+            &key,
+            "--policy",
+            &format!("file://{}", s(&kms.path("bad.json"))),
+        ]),
+        "E-KMS-VALIDATION",
+    );
+    assert!(
+        stderr.contains("condition key \"aws:SourceIp\" is not known"),
+        "{stderr}"
+    );
+    let p = json_of(
+        &run(&["kms", "get-key-policy", "--key-id", &key]),
+        "get policy",
+    );
+    assert!(p["Policy"].as_str().unwrap().contains("CreatorFullAccess"));
+
+    // Not found, malformed input.
+    failed_with(
+        &run(&["kms", "describe-key", "--key-id", "alias/none"]),
+        "E-KMS-NOT-FOUND",
+    );
+    failed_with(
+        &run(&["kms", "describe-key", "--key-id", "not-a-key"]),
+        "E-KMS-VALIDATION",
+    );
+    std::fs::write(kms.path("junk.blob"), b"CKB\x01short").unwrap();
+    failed_with(
+        &run(&[
+            "kms",
+            "decrypt",
+            "--ciphertext-blob",
+            &format!("fileb://{}", s(&kms.path("junk.blob"))),
+        ]),
+        "E-KMS-INVALID-CIPHERTEXT",
+    );
+    // Non-admins cannot administer.
+    failed_with(&run(&["kms", "principal", "list"]), "E-KMS-ACCESS-DENIED");
+}
+
+#[test]
+fn unknown_principals_and_wrong_keys_are_refused() {
+    let kms = Kms::start();
+    let app = kms.add_principal("app", ALLOW_ALL);
+    let stderr = failed_with(
+        &kms.run_as("nobody", &app, &["kms", "list-keys"]),
+        "E-KMS-INVALID-SIGNATURE",
+    );
+    assert!(stderr.contains("unknown principal"), "{stderr}");
+    let stderr = failed_with(
+        &kms.run_as("app", &kms.data().join("admin.key"), &["kms", "list-keys"]),
+        "E-KMS-INVALID-SIGNATURE",
+    );
+    assert!(stderr.contains("does not verify"), "{stderr}");
+    // Every refusal is in the audit log.
+    let denials = kms
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["decision"] == "Deny")
+        .count();
+    assert_eq!(denials, 2);
+}
+
+#[test]
+fn lint_policy_flags_the_nitro_pitfall() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.json");
+    std::fs::write(
+        &p,
+        r#"{"Version":"2012-10-17","Statement":[
+          {"Sid":"Enclave","Effect":"Allow","Principal":{"AWS":"parent"},"Action":"kms:Decrypt","Resource":"*","Condition":{"StringEqualsIgnoreCase":{"kms:RecipientAttestation:PCR0":"ab"}}},
+          {"Sid":"Admins","Effect":"Allow","Principal":{"AWS":"parent"},"Action":"kms:*","Resource":"*"}]}"#,
+    )
+    .unwrap();
+    let out = cloister(&["kms", "lint-policy", &format!("file://{}", s(&p))]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["Warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("statement \"Admins\" allows kms:Decrypt without attestation conditions"),
+        "{v}"
+    );
+}
+
+#[test]
+fn tampering_with_the_audit_log_is_detected() {
+    let mut kms = Kms::start();
+    let app = kms.add_principal("app", ALLOW_ALL);
+    for _ in 0..3 {
+        json_of(&kms.run_as("app", &app, &["kms", "create-key"]), "create");
+    }
+    kms.stop();
+    let log = kms.data().join("audit.log");
+    let original = std::fs::read_to_string(&log).unwrap();
+    ok_json(&["kms", "audit", "verify", "--data-dir", s(&kms.data())]);
+    let lines: Vec<&str> = original.lines().collect();
+    let write = |ls: &[String]| {
+        std::fs::write(
+            &log,
+            ls.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap()
+    };
+    let owned: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+
+    let mut edited = owned.clone();
+    edited[3] = edited[3].replace("\"Allow\"", "\"Deny\"");
+    assert_ne!(edited[3], owned[3]);
+    write(&edited);
+    let stderr = common::fails_with(
+        &["kms", "audit", "verify", "--data-dir", s(&kms.data())],
+        "E-KMS-AUDIT-TAMPERED",
+    );
+    assert!(stderr.contains("audit log line 5"), "{stderr}");
+
+    let mut deleted = owned.clone();
+    deleted.remove(2);
+    write(&deleted);
+    let stderr = common::fails_with(
+        &["kms", "audit", "verify", "--data-dir", s(&kms.data())],
+        "E-KMS-AUDIT-TAMPERED",
+    );
+    assert!(
+        stderr.contains("line 3") && stderr.contains("deleted, inserted or moved"),
+        "{stderr}"
+    );
+
+    let mut reordered = owned.clone();
+    reordered.swap(3, 4);
+    write(&reordered);
+    common::fails_with(
+        &["kms", "audit", "verify", "--data-dir", s(&kms.data())],
+        "E-KMS-AUDIT-TAMPERED",
+    );
+
+    write(&owned[..owned.len() - 1]);
+    let stderr = common::fails_with(
+        &["kms", "audit", "verify", "--data-dir", s(&kms.data())],
+        "E-KMS-AUDIT-TAMPERED",
+    );
+    assert!(stderr.contains("truncated"), "{stderr}");
+
+    // The broker refuses to start on a cut log rather than continue it.
+    let out = cloister(&[
+        "kms",
+        "serve",
+        "--data-dir",
+        s(&kms.data()),
+        "--listen",
+        &format!("unix:{}", s(&kms.sock())),
+    ]);
+    let stderr = failed_with(&out, "E-KMS-INTERNAL");
+    assert!(stderr.contains("truncated or edited"), "{stderr}");
+
+    std::fs::write(&log, &original).unwrap();
+    ok_json(&["kms", "audit", "verify", "--data-dir", s(&kms.data())]);
+    let tail = cloister(&[
+        "kms",
+        "audit",
+        "tail",
+        "--data-dir",
+        s(&kms.data()),
+        "-n",
+        "2",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&tail.stdout).lines().count(), 2);
+}
+
+#[test]
+fn a_passphrase_derived_root_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kms");
+    let sock = dir.path().join("kms.sock");
+    let init = json_of(
+        &cloister_env(
+            &["kms", "init", "--data-dir", s(&data)],
+            &[("CLOISTER_KMS_PASSPHRASE", "correct horse battery")],
+        ),
+        "init",
+    );
+    assert!(init["RootKey"].as_str().unwrap().contains("Argon2id"));
+    assert!(!data.join("root.key").exists());
+    let listen = format!("unix:{}", s(&sock));
+    let serve = ["kms", "serve", "--data-dir", s(&data), "--listen", &listen];
+    let stderr = failed_with(&cloister(&serve), "E-KMS-VALIDATION");
+    assert!(stderr.contains("derived from a passphrase"), "{stderr}");
+    let stderr = failed_with(
+        &cloister_env(&serve, &[("CLOISTER_KMS_PASSPHRASE", "wrong")]),
+        "E-KMS-INTERNAL",
+    );
+    assert!(stderr.contains("does not open this keystore"), "{stderr}");
+    let server = Server::start(
+        &serve,
+        &[("CLOISTER_KMS_PASSPHRASE", "correct horse battery")],
+        &sock,
+    );
+    let out = cloister_env(
+        &["kms", "list-keys"],
+        &[
+            ("CLOISTER_KMS_ENDPOINT", &listen),
+            ("CLOISTER_PRINCIPAL", "admin"),
+            ("CLOISTER_PRINCIPAL_KEY", s(&data.join("admin.key"))),
+        ],
+    );
+    json_of(&out, "list-keys");
+    let (status, _) = server.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn sigkill_during_a_burst_loses_nothing_acknowledged() {
+    let mut kms = Kms::start();
+    let app = kms.add_principal("app", ALLOW_ALL);
+    let endpoint = kms.endpoint();
+    let stop_at = Instant::now() + Duration::from_millis(1500);
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let app = app.clone();
+            let endpoint = endpoint.clone();
+            let dir = kms.dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                let env = [
+                    ("CLOISTER_KMS_ENDPOINT", endpoint.as_str()),
+                    ("CLOISTER_PRINCIPAL", "app"),
+                    ("CLOISTER_PRINCIPAL_KEY", s(&app)),
+                ];
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while Instant::now() < stop_at + Duration::from_secs(1) {
+                    n += 1;
+                    let created = cloister_env(&["kms", "create-key"], &env);
+                    if !created.status.success() {
+                        continue;
+                    }
+                    let key: Value = serde_json::from_slice(&created.stdout).unwrap();
+                    let key = key["KeyMetadata"]["KeyId"].as_str().unwrap().to_owned();
+                    let text = format!("worker {w} item {n}");
+                    let enc = cloister_env(
+                        &["kms", "encrypt", "--key-id", &key, "--plaintext", &text],
+                        &env,
+                    );
+                    let blob = enc.status.success().then(|| {
+                        let v: Value = serde_json::from_slice(&enc.stdout).unwrap();
+                        let path = dir.join(format!("w{w}-{n}.blob"));
+                        std::fs::write(&path, b64d(&v["CiphertextBlob"])).unwrap();
+                        path
+                    });
+                    acked.push((key, blob, text));
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    kms.server.take().unwrap().kill();
+    let acked: Vec<_> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(
+        acked.len() >= 4,
+        "the burst made only {} keys before the kill",
+        acked.len()
+    );
+    eprintln!("{} keys acknowledged around the kill", acked.len());
+
+    // The database is intact.
+    let conn = rusqlite::Connection::open(kms.data().join("keystore.db")).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    drop(conn);
+
+    // After a restart every acknowledged key exists and every acknowledged blob decrypts.
+    kms.serve();
+    for (key, blob, text) in &acked {
+        json_of(
+            &kms.run_as("app", &app, &["kms", "describe-key", "--key-id", key]),
+            "describe after crash",
+        );
+        if let Some(blob) = blob {
+            let out = json_of(
+                &kms.run_as(
+                    "app",
+                    &app,
+                    &[
+                        "kms",
+                        "decrypt",
+                        "--ciphertext-blob",
+                        &format!("fileb://{}", s(blob)),
+                    ],
+                ),
+                "decrypt after crash",
+            );
+            assert_eq!(b64d(&out["Plaintext"]), text.as_bytes());
+        }
+    }
+    kms.stop();
+    ok_json(&["kms", "audit", "verify", "--data-dir", s(&kms.data())]);
+}

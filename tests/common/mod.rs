@@ -1,0 +1,159 @@
+//! Helpers shared by the end-to-end tests: run the `cloister` binary, parse
+//! its JSON, expect failures with stable codes, and manage server processes.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cloister")
+}
+
+pub fn cloister<A: AsRef<OsStr>>(args: &[A]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run cloister")
+}
+
+pub fn cloister_env<A: AsRef<OsStr>>(args: &[A], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin());
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run cloister")
+}
+
+pub fn json_of(out: &Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e})"))
+}
+
+pub fn ok_json<A: AsRef<OsStr> + std::fmt::Debug>(args: &[A]) -> serde_json::Value {
+    json_of(&cloister(args), &format!("cloister {args:?}"))
+}
+
+/// Asserts that `out` failed with `code` and printed nothing on stdout; returns stderr.
+pub fn failed_with(out: &Output, code: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "succeeded but should fail with {code}"
+    );
+    assert!(out.stdout.is_empty(), "a failing command printed to stdout");
+    assert!(
+        stderr.contains(&format!("error[{code}]")),
+        "want {code}, got: {stderr}"
+    );
+    stderr
+}
+
+pub fn fails_with<A: AsRef<OsStr> + std::fmt::Debug>(args: &[A], code: &str) -> String {
+    failed_with(&cloister(args), code)
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A child process that is killed (SIGKILL) when dropped, unless stopped first.
+pub struct Server {
+    pub child: Option<Child>,
+}
+
+impl Server {
+    /// Starts `cloister ARGS` and waits until `socket` accepts connections.
+    pub fn start<A: AsRef<OsStr>>(args: &[A], env: &[(&str, &str)], socket: &Path) -> Server {
+        let mut c = Command::new(bin());
+        c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().expect("spawn server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("server exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status and stderr.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        signal(child.id(), "TERM");
+        let out = wait_output(&mut child);
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+fn wait_output(child: &mut Child) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = Vec::new();
+            use std::io::Read;
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_end(&mut stderr).unwrap();
+            }
+            return Output {
+                status,
+                stdout: Vec::new(),
+                stderr,
+            };
+        }
+        assert!(Instant::now() < deadline, "process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
