@@ -893,3 +893,234 @@ fn sigkill_during_a_burst_loses_nothing_acknowledged() {
     kms.stop();
     ok_json(&["kms", "audit", "verify", "--data-dir", s(&kms.data())]);
 }
+
+#[test]
+fn over_tcp_the_broker_speaks_tls_1_3_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kms");
+    ok_json(&[
+        "kms",
+        "init",
+        "--data-dir",
+        s(&data),
+        "--tls-name",
+        "kms.internal",
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sock = dir.path().join("kms.sock");
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let _server = Server::start(
+        &[
+            "kms",
+            "serve",
+            "--data-dir",
+            s(&data),
+            "--listen",
+            &format!("unix:{}", s(&sock)),
+            "--listen",
+            &tcp,
+        ],
+        &[],
+        &sock,
+    );
+    let ca = data.join("tls/ca.pem");
+    let admin_env = |extra: &[(&'static str, String)]| {
+        let mut env = vec![
+            ("CLOISTER_KMS_ENDPOINT", tcp.clone()),
+            ("CLOISTER_PRINCIPAL", "admin".to_string()),
+            (
+                "CLOISTER_PRINCIPAL_KEY",
+                s(&data.join("admin.key")).to_string(),
+            ),
+        ];
+        env.extend(extra.iter().cloned());
+        env
+    };
+    let run = |extra: &[(&'static str, String)]| {
+        let env = admin_env(extra);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        cloister_env(&["kms", "list-keys"], &env)
+    };
+    json_of(
+        &run(&[("CLOISTER_KMS_CA", s(&ca).into())]),
+        "list-keys over TLS",
+    );
+    let stderr = failed_with(&run(&[]), "E-KMS-TLS");
+    assert!(stderr.contains("--ca"), "{stderr}");
+
+    // Another broker's CA does not vouch for this one; nor does a wrong name.
+    let other = dir.path().join("other");
+    ok_json(&["kms", "init", "--data-dir", s(&other)]);
+    failed_with(
+        &run(&[("CLOISTER_KMS_CA", s(&other.join("tls/ca.pem")).into())]),
+        "E-KMS-TLS",
+    );
+    failed_with(
+        &run(&[
+            ("CLOISTER_KMS_CA", s(&ca).into()),
+            ("CLOISTER_KMS_TLS_NAME", "evil.example".into()),
+        ]),
+        "E-KMS-TLS",
+    );
+    json_of(
+        &run(&[
+            ("CLOISTER_KMS_CA", s(&ca).into()),
+            ("CLOISTER_KMS_TLS_NAME", "kms.internal".into()),
+        ]),
+        "by its extra name",
+    );
+
+    // An independent TLS client: openssl agrees on TLS 1.3 and cannot get TLS 1.2.
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok()
+    {
+        let s_client = |version: &str| {
+            std::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &format!("127.0.0.1:{port}"),
+                    version,
+                    "-CAfile",
+                    s(&ca),
+                    "-verify_return_error",
+                    "-brief",
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        };
+        let ok = s_client("-tls1_3");
+        let text =
+            String::from_utf8_lossy(&ok.stderr).into_owned() + &String::from_utf8_lossy(&ok.stdout);
+        assert!(text.contains("TLSv1.3"), "{text}");
+        assert!(
+            text.contains("Verification: OK") || text.contains("Verify return code: 0"),
+            "{text}"
+        );
+        assert!(!s_client("-tls1_2").status.success());
+    }
+}
+
+#[test]
+fn a_principal_over_its_rate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kms");
+    ok_json(&["kms", "init", "--data-dir", s(&data)]);
+    let sock = dir.path().join("kms.sock");
+    let listen = format!("unix:{}", s(&sock));
+    let _server = Server::start(
+        &[
+            "kms",
+            "serve",
+            "--data-dir",
+            s(&data),
+            "--listen",
+            &listen,
+            "--rate",
+            "0.1",
+        ],
+        &[],
+        &sock,
+    );
+    let admin_key = data.join("admin.key");
+    let env = [
+        ("CLOISTER_KMS_ENDPOINT", listen.as_str()),
+        ("CLOISTER_PRINCIPAL", "admin"),
+        ("CLOISTER_PRINCIPAL_KEY", s(&admin_key)),
+    ];
+    json_of(&cloister_env(&["kms", "list-keys"], &env), "first request");
+    let stderr = failed_with(
+        &cloister_env(&["kms", "list-keys"], &env),
+        "E-KMS-LIMIT-EXCEEDED",
+    );
+    assert!(stderr.contains("exceeded"), "{stderr}");
+}
+
+#[test]
+fn trust_roots_and_principals_can_be_removed() {
+    let kms = Kms::start();
+    ok_json(&["platform", "init", "--dir", s(&kms.path("platform"))]);
+    kms.admin(&[
+        "kms",
+        "trust",
+        "add",
+        "--root",
+        s(&kms.path("platform/root.pem")),
+        "--label",
+        "lab",
+    ]);
+    kms.admin(&["kms", "trust", "add", "--aws-nitro-root"]);
+    let dup = kms.run_as(
+        "admin",
+        &kms.data().join("admin.key"),
+        &[
+            "kms",
+            "trust",
+            "add",
+            "--root",
+            s(&kms.path("platform/root.pem")),
+            "--label",
+            "again",
+        ],
+    );
+    failed_with(&dup, "E-KMS-ALREADY-EXISTS");
+    let listed = kms.admin(&["kms", "trust", "list"]);
+    let labels: Vec<&str> = listed["TrustRoots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["Label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["aws-nitro-enclaves-root", "lab"]);
+    kms.admin(&["kms", "trust", "remove", "--label", "lab"]);
+    assert_eq!(
+        kms.admin(&["kms", "trust", "list"])["TrustRoots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    failed_with(
+        &kms.run_as(
+            "admin",
+            &kms.data().join("admin.key"),
+            &["kms", "trust", "remove", "--label", "lab"],
+        ),
+        "E-KMS-NOT-FOUND",
+    );
+
+    // A document from the removed root is no longer accepted.
+    let app = kms.add_principal("app", ALLOW_ALL);
+    let r = IndependentRecipient::new();
+    let doc = attest(&kms, "doc", &[], &r.public_key(), false);
+    let out = kms.run_as(
+        "app",
+        &app,
+        &[
+            "kms",
+            "generate-random",
+            "--number-of-bytes",
+            "8",
+            "--recipient",
+            &format!("AttestationDocument=fileb://{}", s(&doc)),
+        ],
+    );
+    let stderr = failed_with(&out, "E-KMS-ACCESS-DENIED");
+    assert!(stderr.contains("E-ATTEST-UNTRUSTED-ROOT"), "{stderr}");
+
+    let principals = kms.admin(&["kms", "principal", "list"]);
+    assert_eq!(principals["Principals"].as_array().unwrap().len(), 2);
+    kms.admin(&["kms", "principal", "remove", "--name", "app"]);
+    let stderr = failed_with(
+        &kms.run_as("app", &app, &["kms", "list-keys"]),
+        "E-KMS-INVALID-SIGNATURE",
+    );
+    assert!(stderr.contains("unknown principal"), "{stderr}");
+}

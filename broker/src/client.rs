@@ -3,12 +3,19 @@
 use ed25519_dalek::SigningKey;
 use rand_core::RngCore;
 
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use cloister_proto::frame::{self, FrameError};
-use cloister_proto::{Address, ErrorCode, Stream, TransportError};
+use cloister_proto::{Address, ErrorCode, TransportError};
 
 use crate::error::KmsError;
 use crate::protocol::{MAX_MESSAGE, Operation, Output, RequestPayload, Response, SignedRequest};
 use crate::service::now_ms;
+use crate::tls::ClientTls;
+
+/// Any byte stream the client can speak over: a socket, or TLS over one.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Who the client speaks for.
 pub struct Credentials {
@@ -28,6 +35,12 @@ pub enum ClientError {
     Closed,
     #[error("the broker answered request {got:?} to request {sent:?}")]
     Mismatch { sent: String, got: String },
+    #[error("TLS with the broker failed: {0}")]
+    Tls(String),
+    #[error(
+        "{0} is a TCP address: the broker speaks TLS there; give its CA with --ca (CLOISTER_KMS_CA)"
+    )]
+    TlsRequired(Address),
 }
 
 impl ErrorCode for ClientError {
@@ -37,29 +50,44 @@ impl ErrorCode for ClientError {
             ClientError::Frame(e) => e.code(),
             ClientError::Kms(e) => e.code(),
             ClientError::Closed | ClientError::Mismatch { .. } => "E-PROTO-IO",
+            ClientError::Tls(_) | ClientError::TlsRequired(_) => "E-KMS-TLS",
         }
     }
 }
 
 pub struct KmsClient {
-    stream: Stream,
+    stream: Box<dyn Io>,
     credentials: Credentials,
 }
 
 impl KmsClient {
-    pub async fn connect(addr: &Address, credentials: Credentials) -> Result<Self, ClientError> {
+    /// Connects to the broker; with `tls`, speaks TLS over the connection (always
+    /// for a TCP address; also through a relay such as `cloister proxy`).
+    pub async fn connect(
+        addr: &Address,
+        tls: Option<&ClientTls>,
+        credentials: Credentials,
+    ) -> Result<Self, ClientError> {
+        let stream = cloister_proto::connect(addr).await?;
+        let stream: Box<dyn Io> = match tls {
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                Box::new(
+                    connector
+                        .connect(tls.server_name.clone(), stream)
+                        .await
+                        .map_err(|e| ClientError::Tls(e.to_string()))?,
+                )
+            }
+            None if matches!(addr, Address::Tcp { .. }) => {
+                return Err(ClientError::TlsRequired(addr.clone()));
+            }
+            None => Box::new(stream),
+        };
         Ok(KmsClient {
-            stream: cloister_proto::connect(addr).await?,
-            credentials,
-        })
-    }
-
-    /// Wraps an already connected stream (e.g. one relayed by a proxy).
-    pub fn from_stream(stream: Stream, credentials: Credentials) -> Self {
-        KmsClient {
             stream,
             credentials,
-        }
+        })
     }
 
     /// Signs and sends one operation; returns its output or the broker's error.

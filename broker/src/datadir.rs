@@ -8,6 +8,7 @@
 //! | `admin.key` / `admin.pub` | the first principal, `admin`, allowed everything |
 //! | `audit.log` | the hash-chained audit log |
 //! | `audit.head` | the log's last seq and hash, signed by the broker |
+//! | `tls/` | the local CA and the server certificate for TCP listeners |
 
 use std::path::PathBuf;
 
@@ -59,10 +60,17 @@ impl DataDir {
     pub fn audit_head(&self) -> PathBuf {
         self.dir.join("audit.head")
     }
+    pub fn tls(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles::new(self.dir.join("tls"))
+    }
 
     /// Creates a data directory. With a passphrase the root key is derived with
     /// Argon2id (its salt is kept in the keystore) and no key file is written.
-    pub fn init(&self, passphrase: Option<Zeroizing<String>>) -> Result<(), KmsError> {
+    pub fn init(
+        &self,
+        passphrase: Option<Zeroizing<String>>,
+        tls_names: &[String],
+    ) -> Result<(), KmsError> {
         let io = |e: std::io::Error| error::internal(format!("{}: {e}", self.dir.display()));
         if self.keystore().exists() {
             return Err(error::already_exists(format!(
@@ -104,6 +112,7 @@ impl DataDir {
             .as_ref()
             .map(|s| vec![("root_salt", s.as_slice())])
             .unwrap_or_default();
+        self.tls().init(tls_names)?;
         let keystore = Keystore::create(&self.keystore(), root, &salt_meta)?;
         keystore.add_principal(ADMIN, admin.verifying_key(), ADMIN_POLICY, now_ms(), || {
             Ok(())

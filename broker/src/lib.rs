@@ -16,5 +16,6 @@ pub mod protocol;
 pub mod recipient;
 pub mod server;
 pub mod service;
+pub mod tls;
 
 pub use error::{ErrorKind, KmsError};

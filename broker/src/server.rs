@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use cloister_proto::frame::{self, FrameError};
 use cloister_proto::{Listener, Stream};
 
@@ -33,13 +35,21 @@ impl Default for ServerLimits {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in
-/// flight finish, and writes the audit log's shutdown checkpoint.
+/// flight finish, and writes the audit log's shutdown checkpoint. TCP listeners
+/// speak TLS (`tls` is required for them); Unix and vsock listeners do not.
 pub async fn serve(
     broker: Arc<Broker>,
     listeners: Vec<Listener>,
     limits: ServerLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), KmsError> {
+    if tls.is_none() && listeners.iter().any(|l| matches!(l, Listener::Tcp(_))) {
+        return Err(error::validation(
+            "a TCP listener needs a TLS certificate and key",
+        ));
+    }
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = JoinSet::new();
@@ -49,6 +59,7 @@ pub async fn serve(
             listener,
             permits.clone(),
             limits.clone(),
+            tls.clone(),
             stop_rx.clone(),
         ));
     }
@@ -85,6 +96,7 @@ async fn accept_loop(
     listener: Listener,
     permits: Arc<Semaphore>,
     limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -113,8 +125,18 @@ async fn accept_loop(
         let broker = broker.clone();
         let limits = limits.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            connection(broker, stream, limits, stop).await;
+            match (stream, tls) {
+                (Stream::Tcp(tcp), Some(acceptor)) => {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    if let Ok(Ok(tls_stream)) = handshake {
+                        connection(broker, tls_stream, limits, stop).await;
+                    }
+                }
+                (stream, _) => connection(broker, stream, limits, stop).await,
+            }
             drop(permit);
         });
         while connections.try_join_next().is_some() {}
@@ -122,9 +144,9 @@ async fn accept_loop(
     while connections.join_next().await.is_some() {}
 }
 
-async fn connection(
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     broker: Arc<Broker>,
-    mut stream: Stream,
+    mut stream: S,
     limits: ServerLimits,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -26,21 +26,29 @@ struct Env {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     platform: PlatformDir,
+    broker: Arc<cloister_kms::service::Broker>,
 }
 
 impl Env {
     async fn start() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(dir.path().join("kms"));
-        data.init(None).unwrap();
+        data.init(None, &[]).unwrap();
         let broker = Arc::new(data.open(None, BrokerConfig::default()).unwrap());
+        let shared = broker.clone();
         let addr = Address::Unix(dir.path().join("kms.sock"));
         let listener = cloister_proto::listen(&addr).await.unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            serve(broker, vec![listener], ServerLimits::default(), async {
-                let _ = rx.await;
-            })
+            serve(
+                broker,
+                vec![listener],
+                ServerLimits::default(),
+                None,
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await
             .unwrap();
         });
@@ -52,6 +60,7 @@ impl Env {
             stop: Some(stop),
             server: Some(server),
             platform,
+            broker: shared,
         }
     }
 
@@ -59,6 +68,7 @@ impl Env {
         let key = keyfile::read_signing_key(&self.dir.path().join("kms/admin.key")).unwrap();
         KmsClient::connect(
             &self.addr,
+            None,
             Credentials {
                 principal: ADMIN.into(),
                 key,
@@ -81,6 +91,7 @@ impl Env {
             .unwrap();
         KmsClient::connect(
             &self.addr,
+            None,
             Credentials {
                 principal: name.into(),
                 key,
@@ -568,4 +579,76 @@ async fn forged_replayed_and_stale_requests_are_refused() {
     let mut admin = env.admin().await;
     admin.call(Operation::ListKeys).await.unwrap();
     env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_material_is_destroyed_when_the_waiting_period_ends() {
+    let env = Env::start().await;
+    let mut app = env.principal("app", ALLOW_ALL).await;
+    let key = create_key(&mut app, None).await;
+    let Output::Ciphertext {
+        ciphertext_blob, ..
+    } = app
+        .call(Operation::Encrypt {
+            key_id: key.clone(),
+            plaintext: Secret::new(b"gone".to_vec()),
+            encryption_context: EncryptionContext::new(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    app.call(Operation::CreateAlias {
+        alias_name: "alias/doomed".into(),
+        target_key_id: key.clone(),
+    })
+    .await
+    .unwrap();
+    app.call(Operation::ScheduleKeyDeletion {
+        key_id: key.clone(),
+        pending_window_in_days: 7,
+    })
+    .await
+    .unwrap();
+    let now = cloister_kms::service::now_ms();
+    assert_eq!(
+        env.broker.purge_due_keys(now + 6 * 86_400_000).unwrap(),
+        0,
+        "not before the date"
+    );
+    assert_eq!(env.broker.purge_due_keys(now + 8 * 86_400_000).unwrap(), 1);
+    let e = kms_err(
+        app.call(Operation::DescribeKey {
+            key_id: key.clone(),
+        })
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::NotFoundException);
+    let e = kms_err(
+        app.call(Operation::DescribeKey {
+            key_id: "alias/doomed".into(),
+        })
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::NotFoundException);
+    let e = kms_err(
+        app.call(Operation::Decrypt {
+            ciphertext_blob,
+            key_id: None,
+            encryption_context: EncryptionContext::new(),
+            recipient: None,
+        })
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::NotFoundException);
+    // The keystore no longer holds the material, and the destruction is audited.
+    let dir = env.stop().await;
+    let conn = rusqlite::Connection::open(dir.path().join("kms/keystore.db")).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM key_versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+    let log = std::fs::read_to_string(dir.path().join("kms/audit.log")).unwrap();
+    assert!(log.contains("\"action\":\"kms:DeleteKey\""));
 }

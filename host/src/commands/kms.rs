@@ -24,6 +24,7 @@ use cloister_kms::protocol::{
 };
 use cloister_kms::server::{ServerLimits, serve};
 use cloister_kms::service::BrokerConfig;
+use cloister_kms::tls::ClientTls;
 use cloister_proto::Address;
 
 use crate::errors::UsageError;
@@ -38,14 +39,24 @@ pub enum KmsCommand {
         /// (Argon2id) instead of writing root.key.
         #[arg(long)]
         passphrase_env: Option<String>,
+        /// Another name (DNS or IP) for the broker's TLS certificate, besides
+        /// localhost, 127.0.0.1 and ::1. Repeatable.
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
     },
     /// Serve the broker on one or more addresses until SIGTERM or SIGINT.
     Serve {
         #[arg(long)]
         data_dir: PathBuf,
-        /// unix:PATH, vsock:CID:PORT (tcp: needs TLS, see the README). Repeatable.
+        /// unix:PATH, vsock:CID:PORT or tcp:HOST:PORT (TLS 1.3). Repeatable.
         #[arg(long = "listen", required = true)]
         listen: Vec<String>,
+        /// The TLS certificate chain for tcp: listeners (default: the data dir's tls/server.pem).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Its private key (default: tls/server.key).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         #[arg(long)]
         passphrase_env: Option<String>,
         /// Most connections served at once.
@@ -106,6 +117,12 @@ pub struct ClientArgs {
     /// The principal's Ed25519 private key (PKCS#8 PEM).
     #[arg(long, env = "CLOISTER_PRINCIPAL_KEY")]
     principal_key: PathBuf,
+    /// The CA that issued the broker's TLS certificate (for tcp: endpoints).
+    #[arg(long, env = "CLOISTER_KMS_CA")]
+    ca: Option<PathBuf>,
+    /// The name to expect in the broker's certificate (default: the endpoint's host).
+    #[arg(long, env = "CLOISTER_KMS_TLS_NAME")]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -388,11 +405,12 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
         KmsCommand::Init {
             data_dir,
             passphrase_env,
+            tls_names,
         } => {
             let dir = DataDir::new(&data_dir);
             let pass = passphrase(&passphrase_env)?;
             let passphrase_mode = pass.is_some();
-            dir.init(pass)?;
+            dir.init(pass, &tls_names)?;
             super::print_json(&json!({
                 "DataDir": data_dir.display().to_string(),
                 "Keystore": dir.keystore().display().to_string(),
@@ -401,6 +419,7 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                 "AdminPrincipal": cloister_kms::datadir::ADMIN,
                 "AdminPrivateKey": dir.admin_key().display().to_string(),
                 "AuditLog": dir.audit_log().display().to_string(),
+                "TlsCa": dir.tls().ca_cert().display().to_string(),
             }))
         }
         KmsCommand::Serve {
@@ -410,24 +429,29 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             max_connections,
             rate,
             max_document_age,
+            tls_cert,
+            tls_key,
         } => {
             let addrs = listen
                 .iter()
                 .map(|a| a.parse::<Address>())
                 .collect::<Result<Vec<_>, _>>()?;
-            if let Some(tcp) = addrs.iter().find(|a| matches!(a, Address::Tcp { .. })) {
-                bail!(UsageError(format!(
-                    "--listen {tcp}: the broker serves TCP only with TLS, which this build does not have yet; use unix: or vsock:"
-                )));
-            }
+            let dir = DataDir::new(&data_dir);
+            let tls = if addrs.iter().any(|a| matches!(a, Address::Tcp { .. })) {
+                let files = dir.tls();
+                let cert = tls_cert.unwrap_or_else(|| files.server_cert());
+                let key = tls_key.unwrap_or_else(|| files.server_key());
+                Some(cloister_kms::tls::server_config(&cert, &key)?)
+            } else {
+                None
+            };
             let config = BrokerConfig {
                 max_document_age: std::time::Duration::from_secs(max_document_age),
                 rate_per_sec: rate,
-                burst: rate * 2.0,
+                burst: (rate * 2.0).max(1.0),
                 ..Default::default()
             };
-            let broker =
-                Arc::new(DataDir::new(&data_dir).open(passphrase(&passphrase_env)?, config)?);
+            let broker = Arc::new(dir.open(passphrase(&passphrase_env)?, config)?);
             runtime()?.block_on(async move {
                 let mut listeners = Vec::new();
                 for a in &addrs {
@@ -442,7 +466,7 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                     max_connections,
                     ..Default::default()
                 };
-                serve(broker, listeners, limits, shutdown_signal()).await?;
+                serve(broker, listeners, limits, tls, shutdown_signal()).await?;
                 eprintln!("cloister kms: stopped; the audit log has its shutdown checkpoint");
                 Ok(())
             })
@@ -688,8 +712,21 @@ fn call(args: &ClientArgs, op: Operation) -> anyhow::Result<()> {
         principal: args.principal.clone(),
         key,
     };
+    let tls = match &args.ca {
+        Some(ca) => {
+            let name = match (&args.tls_server_name, &endpoint) {
+                (Some(n), _) => n.clone(),
+                (None, Address::Tcp { host, .. }) => host.clone(),
+                (None, other) => bail!(UsageError(format!(
+                    "--ca with {other}: name the broker's certificate with --tls-server-name"
+                ))),
+            };
+            Some(ClientTls::new(ca, &name)?)
+        }
+        None => None,
+    };
     let output = runtime()?.block_on(async {
-        let mut client = KmsClient::connect(&endpoint, credentials).await?;
+        let mut client = KmsClient::connect(&endpoint, tls.as_ref(), credentials).await?;
         client.call(op).await
     })?;
     super::print_json(&render(output))
