@@ -130,16 +130,7 @@ impl PlatformDir {
         let nsm_key = SigningKey::generate(&mut rand_core::OsRng);
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Cloister");
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, name.as_str());
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("Cloister NSM {}", hostname()));
+        params.distinguished_name = platform_name(&name, &format!("Cloister NSM {}", hostname()));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
@@ -171,19 +162,19 @@ impl PlatformDir {
 /// function fixes the root's subject for both self-signing and issuing.
 fn root_params(name: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "Cloister");
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, name);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Cloister Platform Root CA");
+    params.distinguished_name = platform_name(name, "Cloister Platform Root CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params
+}
+
+/// O=Cloister, OU=<platform name>, CN=<common name>.
+fn platform_name(platform: &str, common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Cloister");
+    dn.push(DnType::OrganizationalUnitName, platform);
+    dn.push(DnType::CommonName, common_name);
+    dn
 }
 
 fn rcgen_key(key: &SigningKey) -> Result<KeyPair, NsmError> {

@@ -14,9 +14,12 @@ use std::sync::{Mutex, RwLock};
 use ed25519_dalek::VerifyingKey;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::crypto::{KeyId, KeyMaterial, RootKey};
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, KeyId, KeyMaterial, RootKey};
 use crate::error::{self, KmsError};
 use crate::policy::{Policy, PolicyKind};
+use crate::protocol::EncryptionContext;
 
 const SCHEMA_VERSION: i64 = 1;
 const ROOT_CHECK_AAD: &[u8] = b"cloister-kms-root-check-v1";
@@ -101,6 +104,28 @@ impl KeyRecord {
         version
             .checked_sub(1)
             .and_then(|i| self.versions.get(i as usize))
+    }
+
+    /// Encrypts under the current version into a ciphertext blob.
+    pub fn seal(&self, plaintext: &[u8], ctx: &EncryptionContext) -> Result<Vec<u8>, KmsError> {
+        let version = self.current_version();
+        let material = self
+            .material(version)
+            .ok_or_else(|| error::internal("the current key version is missing"))?;
+        crypto::seal_blob(self.id, version, material, plaintext, ctx)
+    }
+
+    /// Decrypts a blob of this key with the version its header names.
+    pub fn open(
+        &self,
+        blob: &[u8],
+        ctx: &EncryptionContext,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let header = crypto::blob_header(blob)?;
+        let material = self.material(header.version).ok_or_else(|| {
+            error::invalid_ciphertext(format!("key {} has no version {}", self.id, header.version))
+        })?;
+        crypto::open_blob(blob, material, ctx)
     }
 }
 

@@ -541,17 +541,7 @@ impl Broker {
                     let reason =
                         call.authorize("kms:Encrypt", Some(k), &encryption_context, None)?;
                     usable(k)?;
-                    let version = k.current_version();
-                    let material = k
-                        .material(version)
-                        .ok_or_else(|| error::internal("current version missing"))?;
-                    let blob = crypto::seal_blob(
-                        k.id,
-                        version,
-                        material,
-                        plaintext.as_bytes(),
-                        &encryption_context,
-                    )?;
+                    let blob = k.seal(plaintext.as_bytes(), &encryption_context)?;
                     Ok((
                         Output::Ciphertext {
                             key_id: k.id.arn(),
@@ -588,14 +578,7 @@ impl Broker {
                         attested.as_ref(),
                     )?;
                     usable(k)?;
-                    let material = k.material(header.version).ok_or_else(|| {
-                        error::invalid_ciphertext(format!(
-                            "key {} has no version {}",
-                            k.id, header.version
-                        ))
-                    })?;
-                    let plaintext =
-                        crypto::open_blob(&ciphertext_blob, material, &encryption_context)?;
+                    let plaintext = k.open(&ciphertext_blob, &encryption_context)?;
                     let out = match &attested {
                         Some(r) => Output::Plaintext {
                             key_id: Some(k.id.arn()),
@@ -643,14 +626,8 @@ impl Broker {
                         None,
                     )?;
                     usable(k)?;
-                    let material = k.material(header.version).ok_or_else(|| {
-                        error::invalid_ciphertext(format!(
-                            "key {} has no version {}",
-                            k.id, header.version
-                        ))
-                    })?;
                     Ok((
-                        crypto::open_blob(&ciphertext_blob, material, &source_encryption_context)?,
+                        k.open(&ciphertext_blob, &source_encryption_context)?,
                         reason,
                     ))
                 })?;
@@ -662,17 +639,7 @@ impl Broker {
                         None,
                     )?;
                     usable(k)?;
-                    let version = k.current_version();
-                    let material = k
-                        .material(version)
-                        .ok_or_else(|| error::internal("current version missing"))?;
-                    let blob = crypto::seal_blob(
-                        k.id,
-                        version,
-                        material,
-                        &plaintext,
-                        &destination_encryption_context,
-                    )?;
+                    let blob = k.seal(&plaintext, &destination_encryption_context)?;
                     Ok((
                         Output::ReEncrypted {
                             source_key_id: header.key_id.arn(),
@@ -711,12 +678,7 @@ impl Broker {
                     usable(k)?;
                     let data_key = crypto::random_key();
                     let data_key = &data_key[..len];
-                    let version = k.current_version();
-                    let material = k
-                        .material(version)
-                        .ok_or_else(|| error::internal("current version missing"))?;
-                    let blob =
-                        crypto::seal_blob(k.id, version, material, data_key, &encryption_context)?;
+                    let blob = k.seal(data_key, &encryption_context)?;
                     let (plaintext, cfr) = match &attested {
                         Some(r) => (
                             None,
