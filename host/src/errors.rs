@@ -3,6 +3,9 @@
 
 use cloister_attestation::keyfile::KeyFileError;
 use cloister_attestation::{DocumentError, NsmError, PcrError, VerifyError};
+use cloister_host::enclave::LaunchError;
+use cloister_host::image::ImageError;
+use cloister_host::runtime::EnclaveError;
 use cloister_kms::KmsError;
 use cloister_kms::audit::AuditError;
 use cloister_kms::client::ClientError;
@@ -19,6 +22,20 @@ impl ErrorCode for UsageError {
     }
 }
 
+/// An input file that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+pub struct InputError {
+    pub path: String,
+    pub source: std::io::Error,
+}
+
+impl ErrorCode for InputError {
+    fn code(&self) -> &'static str {
+        "E-CLI-INPUT"
+    }
+}
+
 /// The codes of the CLI itself.
 pub const CODES: &[cloister_proto::CodeInfo] = &[
     cloister_proto::CodeInfo {
@@ -27,6 +44,11 @@ pub const CODES: &[cloister_proto::CodeInfo] = &[
         explanation: "An option's value could not be understood (a PCR written other than N=HEX, \
             a time that is neither RFC 3339 nor Unix milliseconds, an unknown code). The message \
             names the option; `cloister COMMAND --help` shows the syntax.",
+    },
+    cloister_proto::CodeInfo {
+        code: "E-CLI-INPUT",
+        summary: "an input file could not be read",
+        explanation: "The path does not exist, is not readable by this user, or is a directory.",
     },
     cloister_proto::CodeInfo {
         code: "E-KMS-AUDIT-TAMPERED",
@@ -38,10 +60,13 @@ pub const CODES: &[cloister_proto::CodeInfo] = &[
 ];
 
 /// Every code table, for `cloister explain`.
-pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 3] {
+pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 6] {
     [
         cloister_proto::codes::CODES,
         cloister_attestation::codes::CODES,
+        cloister_kms::error::CODES,
+        cloister_host::image::CODES,
+        cloister_host::runtime::CODES,
         CODES,
     ]
 }
@@ -57,6 +82,10 @@ pub fn code_of(err: &anyhow::Error) -> Option<&'static str> {
         try_types!(
             cause,
             UsageError,
+            InputError,
+            LaunchError,
+            ImageError,
+            EnclaveError,
             ClientError,
             KmsError,
             AuditError,

@@ -32,6 +32,35 @@ enum Command {
     Kms(commands::kms::KmsCommand),
     /// Compute a PCR value the way the measurements are made (as `nitro-cli pcr`).
     Pcr(commands::pcr::PcrArgs),
+    /// Build an enclave image from a WebAssembly component; prints its measurements.
+    BuildEnclave(commands::enclave::BuildArgs),
+    /// Describe an enclave image (nitro-cli's describe-eif): measurements, signature, manifest.
+    #[command(alias = "describe-eif")]
+    DescribeImage {
+        #[arg(long, alias = "eif-path")]
+        image: std::path::PathBuf,
+    },
+    /// Start an enclave: one hardened runtime process per enclave.
+    RunEnclave(commands::enclave::RunArgs),
+    /// List the running enclaves.
+    DescribeEnclaves,
+    /// Stop an enclave, or all of them.
+    TerminateEnclave(commands::enclave::TerminateArgs),
+    /// Print a debug-mode enclave's console.
+    Console {
+        #[command(flatten)]
+        which: commands::enclave::Which,
+    },
+    /// Send one request to an enclave's handler.
+    Call(commands::enclave::CallArgs),
+    /// Relay an enclave's connections to the key broker (the vsock-proxy analog).
+    Proxy(commands::enclave::ProxyArgs),
+    /// The enclave runtime process (started by run-enclave).
+    #[command(hide = true)]
+    EnclaveRuntime {
+        #[arg(long)]
+        enclave_dir: std::path::PathBuf,
+    },
     /// Explain a stable error code such as E-ATTEST-SIGNATURE.
     Explain {
         /// The code, e.g. E-ATTEST-SIGNATURE.
@@ -47,6 +76,17 @@ fn main() -> ExitCode {
         Command::Kms(cmd) => commands::kms::run(cmd),
         Command::Pcr(args) => commands::pcr::run(args),
         Command::Explain { code } => commands::explain::run(&code),
+        Command::BuildEnclave(args) => commands::enclave::build(args),
+        Command::DescribeImage { image } => commands::enclave::describe_image(&image),
+        Command::RunEnclave(args) => commands::enclave::run(args),
+        Command::DescribeEnclaves => commands::enclave::describe_enclaves(),
+        Command::TerminateEnclave(args) => commands::enclave::terminate(args),
+        Command::Console { which } => commands::enclave::console(which),
+        Command::Call(args) => commands::enclave::call(args),
+        Command::Proxy(args) => commands::enclave::proxy(args),
+        Command::EnclaveRuntime { enclave_dir } => {
+            cloister_host::enclave::runtime_main(enclave_dir)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -157,3 +157,31 @@ impl Drop for Server {
         }
     }
 }
+
+/// Builds the guest workloads in examples/ (wasm32-wasip2) once and returns the
+/// path of one, e.g. `guest("test_guest")`.
+pub fn guest(name: &str) -> std::path::PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let target = examples.join("target");
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "--manifest-path"])
+            .arg(examples.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("RUSTFLAGS")
+            .output()
+            .expect("run cargo for the guests");
+        assert!(
+            out.status.success(),
+            "building the guests failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let path = target
+        .join("wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}

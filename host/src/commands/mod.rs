@@ -1,6 +1,7 @@
 //! One module per top-level command.
 
 pub mod attestation;
+pub mod enclave;
 pub mod explain;
 pub mod kms;
 pub mod pcr;
@@ -8,14 +9,17 @@ pub mod platform;
 
 use std::path::Path;
 
-use anyhow::Context;
-
 use crate::errors::UsageError;
 
 /// Prints a value as pretty JSON on stdout, as nitro-cli does.
 pub fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(value)?;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        // A reader that went away (`| head`) is not an error of ours.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 /// Parses `N=HEX` (a PCR index and its value).
@@ -49,7 +53,13 @@ pub fn parse_hex_arg(name: &str, arg: &str) -> Result<Vec<u8>, UsageError> {
 
 /// Reads a whole input file with its name in the error.
 pub fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    std::fs::read(path).map_err(|source| {
+        crate::errors::InputError {
+            path: path.display().to_string(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// Writes an output file atomically: either the whole file appears or nothing.

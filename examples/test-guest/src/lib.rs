@@ -1,0 +1,101 @@
+//! A test workload. The request is `COMMAND` or `COMMAND:ARGUMENT`; each command
+//! exercises one import, or misbehaves the way a hostile guest would.
+
+use cloister_guest::{Error, Handler, error, keys, kms, nsm};
+
+struct TestGuest;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, Error> {
+    if !s.len().is_multiple_of(2) {
+        return Err(error("E-TEST", "odd hex"));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| error("E-TEST", "bad hex")))
+        .collect()
+}
+
+fn context(arg: &str) -> Vec<(String, String)> {
+    arg.split(',')
+        .filter(|kv| !kv.is_empty())
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+impl Handler for TestGuest {
+    fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let text = String::from_utf8_lossy(&request).into_owned();
+        let (cmd, arg) = text.split_once(':').unwrap_or((text.as_str(), ""));
+        match cmd {
+            "echo" => Ok(request[5.min(request.len())..].to_vec()),
+            "pcr" => {
+                let p = nsm::describe_pcr(arg.parse().unwrap_or(0))?;
+                Ok(format!("{} {}", hex(&p.value), p.locked).into_bytes())
+            }
+            "extend" => Ok(hex(&nsm::extend_pcr(16, arg.as_bytes())?).into_bytes()),
+            "lock" => {
+                nsm::lock_pcr(16)?;
+                Ok(b"locked".to_vec())
+            }
+            "lock-all" => {
+                nsm::lock_pcrs(32)?;
+                Ok(b"locked".to_vec())
+            }
+            "random" => Ok(nsm::get_random(arg.parse().unwrap_or(16))?),
+            "attest" => Ok(nsm::attestation(None, Some(&unhex(arg)?), None)?),
+            "console" => {
+                cloister_guest::console::log(arg);
+                Ok(b"logged".to_vec())
+            }
+            "print" => {
+                println!("stdout: {arg}");
+                eprintln!("stderr: {arg}");
+                Ok(b"printed".to_vec())
+            }
+            "env" => Ok(format!("{}", std::env::vars().count()).into_bytes()),
+            "read-file" => match std::fs::read(arg) {
+                Ok(_) => Ok(b"READ A FILE".to_vec()),
+                Err(e) => Ok(format!("no file access: {e}").into_bytes()),
+            },
+            // KMS: decrypt a data key blob (hex) then seal a message with it.
+            "kms-decrypt" => {
+                let (blob, ctx) = arg.split_once(';').unwrap_or((arg, ""));
+                let key = kms::decrypt(&unhex(blob)?, &context(ctx))?;
+                let sealed = keys::seal(key, &[7u8; 12], b"sealed in the enclave", b"aad")?;
+                let opened = keys::open(key, &[7u8; 12], &sealed, b"aad")?;
+                keys::forget(key);
+                Ok(format!("{}|{}", hex(&sealed), String::from_utf8_lossy(&opened)).into_bytes())
+            }
+            "kms-gdk" => {
+                let dk = kms::generate_data_key(arg, &[])?;
+                Ok(format!("{}|{}", dk.key_id, hex(&dk.ciphertext_blob)).into_bytes())
+            }
+            "kms-random" => Ok(kms::generate_random(arg.parse().unwrap_or(8))?),
+            "bad-handle" => Ok(keys::seal(9999, &[0; 12], b"x", b"")?),
+            // Hostile behaviour.
+            "loop" => loop {
+                std::hint::black_box(0u64);
+            },
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "big" => Ok(vec![0x42; arg.parse().unwrap_or(1 << 20)]),
+            "panic" => panic!("the guest panicked on purpose"),
+            "fail" => Err(error("E-TEST-FAIL", arg)),
+            _ => Err(error("E-TEST-UNKNOWN", format!("unknown command {cmd:?}"))),
+        }
+    }
+}
+
+cloister_guest::export_workload!(TestGuest);

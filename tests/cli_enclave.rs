@@ -1,0 +1,678 @@
+//! Enclaves end to end: build -> describe -> run -> call -> terminate, across real
+//! processes, with a guest that calls every import, hostile guests, debug mode,
+//! parallel launches, hardening read from /proc, and attested KMS access through
+//! the proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+mod common;
+use common::{Server, cloister, failed_with, guest, json_of, s};
+
+/// A scratch area with its own run directory and platform.
+struct Host {
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Host { dir };
+        h.ok(&["platform", "init", "--dir", s(&h.path("platform"))]);
+        h
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CLOISTER_RUN_DIR", s(&self.path("run")).to_owned()),
+            (
+                "CLOISTER_PLATFORM_DIR",
+                s(&self.path("platform")).to_owned(),
+            ),
+        ]
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        common::cloister_env(args, &env)
+    }
+    fn ok(&self, args: &[&str]) -> Value {
+        json_of(&self.run(args), &format!("{args:?}"))
+    }
+    fn build(&self, out: &str, extra: &[&str]) -> (PathBuf, Value) {
+        let image = self.path(out);
+        let wasm = guest("test_guest");
+        let mut args = vec![
+            "build-enclave",
+            "--wasm",
+            s(&wasm),
+            "--name",
+            "test",
+            "--version",
+            "1.0",
+            "--output",
+            s(&image),
+        ];
+        args.extend_from_slice(extra);
+        let v = self.ok(&args);
+        (image, v)
+    }
+    fn call(&self, which: &[&str], request: &[u8]) -> Output {
+        let req = self.path("request.bin");
+        std::fs::write(&req, request).unwrap();
+        let mut args = vec!["call", "--input", s(&req)];
+        args.extend_from_slice(which);
+        self.run(&args)
+    }
+    fn call_ok(&self, which: &[&str], request: &[u8]) -> Vec<u8> {
+        let out = self.call(which, request);
+        assert!(
+            out.status.success(),
+            "call {:?}: {}",
+            String::from_utf8_lossy(request),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.run(&["terminate-enclave", "--all"]);
+    }
+}
+
+fn pcr_of(h: &Host, args: &[&str]) -> String {
+    let mut a = vec!["pcr"];
+    a.extend_from_slice(args);
+    h.ok(&a)["PCR"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn images_are_deterministic_measured_and_checked() {
+    let h = Host::new();
+    let (a, built) = h.build("a.cimg", &[]);
+    let (b, _) = h.build("b.cimg", &[]);
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "two builds differ"
+    );
+    let m = &built["Measurements"];
+    assert_eq!(m["HashAlgorithm"], "Sha384");
+    assert_eq!(
+        m["PCR2"],
+        pcr_of(&h, &["--input", s(&guest("test_guest"))]).as_str()
+    );
+    assert!(m.get("PCR8").is_none());
+
+    let d = h.ok(&["describe-image", "--image", s(&a)]);
+    assert_eq!(d["Measurements"], *m);
+    assert_eq!(d["Signature"]["Signed"], false);
+    assert_eq!(d["Manifest"]["Name"], "test");
+
+    // Another version is another PCR0, the same PCR2.
+    let (_, v2) = h.build("v2.cimg", &["--metadata", "{\"build\":2}"]);
+    assert_ne!(v2["Measurements"]["PCR0"], m["PCR0"]);
+    assert_eq!(v2["Measurements"]["PCR2"], m["PCR2"]);
+
+    // Signed with an Ed25519 certificate: PCR8 is the certificate's measurement.
+    let cert = h.path("platform/root.pem");
+    let key = h.path("platform/root.key");
+    let (signed, sb) = h.build(
+        "signed.cimg",
+        &["--signing-certificate", s(&cert), "--private-key", s(&key)],
+    );
+    assert_eq!(
+        sb["Measurements"]["PCR8"],
+        pcr_of(&h, &["--signing-certificate", s(&cert)]).as_str()
+    );
+    assert_eq!(
+        sb["Measurements"]["PCR0"], m["PCR0"],
+        "PCR0 excludes the signature section"
+    );
+    let d = h.ok(&["describe-image", "--image", s(&signed)]);
+    assert_eq!(d["Signature"]["SignatureValid"], true);
+    assert!(
+        d["Signature"]["CertificateSubject"]
+            .as_str()
+            .unwrap()
+            .contains("Cloister Platform Root CA")
+    );
+
+    // Damaged images are refused with the reason.
+    let bytes = std::fs::read(&signed).unwrap();
+    let damaged = h.path("damaged.cimg");
+    std::fs::write(&damaged, &bytes[..bytes.len() - 10]).unwrap();
+    failed_with(
+        &h.run(&["describe-image", "--image", s(&damaged)]),
+        "E-IMAGE-FORMAT",
+    );
+    let mut altered = bytes.clone();
+    altered[200] ^= 1;
+    std::fs::write(&damaged, &altered).unwrap();
+    let out = h.run(&["describe-image", "--image", s(&damaged)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error[E-IMAGE-SIGNATURE]"));
+    failed_with(
+        &h.run(&["run-enclave", "--image", s(&damaged)]),
+        "E-IMAGE-SIGNATURE",
+    );
+    let other_key = h.path("other.key");
+    cloister_attestation::keyfile::write_signing_key(
+        &other_key,
+        &ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng),
+        false,
+    )
+    .unwrap();
+    let wasm = guest("test_guest");
+    failed_with(
+        &h.run(&[
+            "build-enclave",
+            "--wasm",
+            s(&wasm),
+            "--name",
+            "t",
+            "--version",
+            "1",
+            "--signing-certificate",
+            s(&cert),
+            "--private-key",
+            s(&other_key),
+            "--output",
+            s(&h.path("x.cimg")),
+        ]),
+        "E-IMAGE-SIGNATURE",
+    );
+    // A core module is not a component.
+    std::fs::write(h.path("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    failed_with(
+        &h.run(&[
+            "build-enclave",
+            "--wasm",
+            s(&h.path("core.wasm")),
+            "--name",
+            "t",
+            "--version",
+            "1",
+            "--output",
+            s(&h.path("y.cimg")),
+        ]),
+        "E-IMAGE-COMPONENT",
+    );
+    assert!(!h.path("y.cimg").exists());
+}
+
+fn proc_status(pid: u64) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap()
+}
+
+#[test]
+fn run_call_attest_terminate() {
+    let h = Host::new();
+    let (image, built) = h.build("t.cimg", &[]);
+    let role = "arn:aws:iam::123456789012:role/Parent";
+    let run = h.ok(&[
+        "run-enclave",
+        "--image",
+        s(&image),
+        "--enclave-name",
+        "app",
+        "--parent-role",
+        role,
+        "--instance-id",
+        "i-0123",
+    ]);
+    assert_eq!(run["State"], "RUNNING");
+    assert_eq!(run["Flags"], "NONE");
+    assert_eq!(run["EnclaveCID"], 16);
+    let m = &run["Measurements"];
+    for pcr in ["PCR0", "PCR1", "PCR2"] {
+        assert_eq!(
+            m[pcr], built["Measurements"][pcr],
+            "{pcr} differs from build-enclave's"
+        );
+    }
+    assert_eq!(m["PCR3"], pcr_of(&h, &["--string", role]).as_str());
+    assert_eq!(m["PCR4"], pcr_of(&h, &["--string", "i-0123"]).as_str());
+
+    // Hardening, read from /proc.
+    let pid = run["ProcessID"].as_u64().unwrap();
+    let status = proc_status(pid);
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+    assert_eq!(run["Hardening"]["not_dumpable"], true);
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    if run["Hardening"]["network_namespace"]
+        .as_str()
+        .unwrap()
+        .starts_with("own")
+    {
+        assert_ne!(ours, theirs, "the runtime claims its own network namespace");
+    } else {
+        eprintln!(
+            "no network namespace here: {}",
+            run["Hardening"]["network_namespace"]
+        );
+    }
+
+    // Calls, by name and by CID; large inputs are streamed in frames.
+    assert_eq!(
+        h.call_ok(&["--enclave-name", "app"], b"echo:hello"),
+        b"hello"
+    );
+    let big: Vec<u8> = (0..5 << 20).map(|i| (i % 251) as u8).collect();
+    let mut req = b"echo:".to_vec();
+    req.extend_from_slice(&big);
+    assert_eq!(h.call_ok(&["--enclave-cid", "16"], &req), big);
+    let pcr16 = h.call_ok(&["--enclave-name", "app"], b"extend:measure me");
+    assert_eq!(pcr16.len(), 96);
+
+    // The enclave attests itself; the document verifies with the platform root
+    // and carries the measurements run-enclave printed and the caller's nonce.
+    let doc = h.call_ok(&["--enclave-name", "app"], b"attest:0badc0de");
+    std::fs::write(h.path("doc.cose"), &doc).unwrap();
+    let v = h.ok(&[
+        "attestation",
+        "verify",
+        "--doc",
+        s(&h.path("doc.cose")),
+        "--root",
+        s(&h.path("platform/root.pem")),
+        "--expect-pcr",
+        &format!("0={}", m["PCR0"].as_str().unwrap()),
+        "--expect-pcr",
+        &format!("3={}", m["PCR3"].as_str().unwrap()),
+        "--expect-nonce",
+        "0badc0de",
+    ]);
+    assert_eq!(v["Debug"], false);
+    assert_eq!(
+        v["PCRs"]["PCR16"],
+        String::from_utf8(pcr16).unwrap().as_str()
+    );
+
+    // Production enclaves have no console, and no files, environment or network.
+    failed_with(
+        &h.run(&["console", "--enclave-name", "app"]),
+        "E-ENCLAVE-NOT-DEBUG",
+    );
+    assert_eq!(h.call_ok(&["--enclave-name", "app"], b"env"), b"0");
+    let f =
+        String::from_utf8(h.call_ok(&["--enclave-name", "app"], b"read-file:/etc/passwd")).unwrap();
+    assert!(f.starts_with("no file access"), "{f}");
+
+    let list = h.ok(&["describe-enclaves"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["EnclaveName"], "app");
+    failed_with(
+        &h.run(&["run-enclave", "--image", s(&image), "--enclave-name", "app"]),
+        "E-ENCLAVE-IN-USE",
+    );
+    failed_with(
+        &h.run(&["run-enclave", "--image", s(&image), "--enclave-cid", "16"]),
+        "E-ENCLAVE-IN-USE",
+    );
+
+    let t = h.ok(&["terminate-enclave", "--enclave-name", "app"]);
+    assert_eq!(t[0]["Terminated"], true);
+    // Gone, or a zombie waiting for init to reap it.
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || proc_status(pid).contains("State:\tZ"),
+        "{}",
+        proc_status(pid)
+    );
+    assert_eq!(h.ok(&["describe-enclaves"]), Value::Array(vec![]));
+    failed_with(
+        &h.call(&["--enclave-name", "app"], b"echo:x"),
+        "E-ENCLAVE-NOT-FOUND",
+    );
+    failed_with(
+        &h.call(&["--enclave-name", "never"], b"echo:x"),
+        "E-ENCLAVE-NOT-FOUND",
+    );
+}
+
+#[test]
+fn hostile_guests_are_stopped_and_the_enclave_keeps_serving() {
+    let h = Host::new();
+    let (image, _) = h.build(
+        "t.cimg",
+        &["--cpu-ms-per-call", "300", "--memory-mib", "32"],
+    );
+    h.ok(&["run-enclave", "--image", s(&image), "--enclave-name", "h"]);
+    let w = ["--enclave-name", "h"];
+    failed_with(&h.call(&w, b"loop"), "E-ENCLAVE-CPU-LIMIT");
+    failed_with(&h.call(&w, b"alloc"), "E-ENCLAVE-MEMORY-LIMIT");
+    failed_with(&h.call(&w, b"big:20000000"), "E-ENCLAVE-RESPONSE-TOO-LARGE");
+    failed_with(&h.call(&w, b"panic"), "E-ENCLAVE-TRAP");
+    let e = failed_with(&h.call(&w, b"fail:on purpose"), "E-ENCLAVE-WORKLOAD");
+    assert!(e.contains("E-TEST-FAIL") && e.contains("on purpose"), "{e}");
+    failed_with(&h.call(&w, b"bad-handle"), "E-ENCLAVE-WORKLOAD");
+    failed_with(&h.call(&w, b"kms-random:8"), "E-ENCLAVE-WORKLOAD");
+    // Locked PCRs stay locked across calls; build-time PCRs cannot be touched.
+    h.call_ok(&w, b"lock");
+    let e = failed_with(&h.call(&w, b"extend:x"), "E-ENCLAVE-WORKLOAD");
+    assert!(e.contains("E-ATTEST-PCR-LOCKED"), "{e}");
+    assert_eq!(h.call_ok(&w, b"echo:still serving"), b"still serving");
+}
+
+#[test]
+fn debug_mode_reads_zeros_and_keeps_its_console() {
+    let h = Host::new();
+    let (image, _) = h.build("t.cimg", &[]);
+    let run = h.ok(&["run-enclave", "--image", s(&image), "--debug-mode"]);
+    assert_eq!(run["Flags"], "DEBUG_MODE");
+    let zero = "00".repeat(48);
+    assert!(
+        run["Measurements"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| v == &Value::String(zero.clone()))
+    );
+    let w = ["--enclave-name", "test"];
+    h.call_ok(&w, b"console:hello from the guest");
+    h.call_ok(&w, b"print:to stdout");
+    let doc = h.call_ok(&w, b"attest:00");
+    std::fs::write(h.path("doc.cose"), &doc).unwrap();
+    let v = h.ok(&[
+        "attestation",
+        "verify",
+        "--doc",
+        s(&h.path("doc.cose")),
+        "--root",
+        s(&h.path("platform/root.pem")),
+    ]);
+    assert_eq!(v["Debug"], true);
+    h.ok(&["terminate-enclave", "--all"]);
+    let console = String::from_utf8(h.run(&["console", "--enclave-name", "test"]).stdout).unwrap();
+    assert!(
+        console.contains("hello from the guest")
+            && console.contains("stdout: to stdout")
+            && console.contains("stderr: to stdout"),
+        "{console}"
+    );
+}
+
+#[test]
+fn ten_parallel_launches_get_distinct_cids() {
+    let h = Host::new();
+    let (image, _) = h.build("t.cimg", &[]);
+    let env = h.env();
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            let image = image.clone();
+            let env = env.clone();
+            std::thread::spawn(move || {
+                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let out = common::cloister_env(
+                    &[
+                        "run-enclave",
+                        "--image",
+                        s(&image),
+                        "--enclave-name",
+                        &format!("p{i}"),
+                    ],
+                    &env,
+                );
+                json_of(&out, "parallel run-enclave")["EnclaveCID"]
+                    .as_u64()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut cids: Vec<u64> = handles.into_iter().map(|t| t.join().unwrap()).collect();
+    cids.sort();
+    assert_eq!(cids, (16..26).collect::<Vec<u64>>());
+    assert_eq!(h.ok(&["describe-enclaves"]).as_array().unwrap().len(), 10);
+    assert_eq!(
+        h.ok(&["terminate-enclave", "--all"])
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+}
+
+/// The broker, a proxy to it, and an enclave whose parent role may decrypt only
+/// from an enclave of the right image.
+#[test]
+fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
+    let h = Host::new();
+    let kms_dir = h.path("kms");
+    h.ok(&["kms", "init", "--data-dir", s(&kms_dir)]);
+    let kms_sock = h.path("kms.sock");
+    let _kms = Server::start(
+        &[
+            "kms",
+            "serve",
+            "--data-dir",
+            s(&kms_dir),
+            "--listen",
+            &format!("unix:{}", s(&kms_sock)),
+        ],
+        &[],
+        &kms_sock,
+    );
+    let proxy_sock = h.path("proxy.sock");
+    let _proxy = Server::start(
+        &[
+            "proxy",
+            "--listen",
+            &format!("unix:{}", s(&proxy_sock)),
+            "--to",
+            &format!("unix:{}", s(&kms_sock)),
+            "--allow",
+            &format!("unix:{}", s(&kms_sock)),
+        ],
+        &[],
+        &proxy_sock,
+    );
+    let admin = |args: &[&str]| {
+        let env = [
+            ("CLOISTER_KMS_ENDPOINT", format!("unix:{}", s(&kms_sock))),
+            ("CLOISTER_PRINCIPAL", "admin".to_string()),
+            (
+                "CLOISTER_PRINCIPAL_KEY",
+                s(&kms_dir.join("admin.key")).to_string(),
+            ),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        json_of(&common::cloister_env(args, &env), &format!("{args:?}"))
+    };
+    admin(&[
+        "kms",
+        "trust",
+        "add",
+        "--root",
+        s(&h.path("platform/root.pem")),
+        "--label",
+        "host",
+    ]);
+    let role = "arn:aws:iam::123456789012:role/Parent";
+    let parent_key = h.path("parent.key");
+    let k = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+    cloister_attestation::keyfile::write_signing_key(&parent_key, &k, false).unwrap();
+    std::fs::write(
+        h.path("parent.pub"),
+        cloister_attestation::keyfile::verifying_key_pem(&k.verifying_key()),
+    )
+    .unwrap();
+    std::fs::write(h.path("id.json"), r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#).unwrap();
+    admin(&[
+        "kms",
+        "principal",
+        "add",
+        "--name",
+        role,
+        "--public-key",
+        s(&h.path("parent.pub")),
+        "--policy",
+        &format!("file://{}", s(&h.path("id.json"))),
+    ]);
+
+    let (image, built) = h.build("good.cimg", &[]);
+    let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
+    let policy = format!(
+        r#"{{"Version":"2012-10-17","Statement":[
+          {{"Sid":"Admin","Effect":"Allow","Principal":{{"AWS":"admin"}},"Action":["kms:Encrypt","kms:DescribeKey"],"Resource":"*"}},
+          {{"Sid":"Enclave","Effect":"Allow","Principal":{{"AWS":"{role}"}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
+            "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{pcr0}"}}}}}}]}}"#
+    );
+    std::fs::write(h.path("policy.json"), policy).unwrap();
+    let key_id = admin(&[
+        "kms",
+        "create-key",
+        "--policy",
+        &format!("file://{}", s(&h.path("policy.json"))),
+    ])["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(h.path("dk.bin"), [0x11u8; 32]).unwrap();
+    let enc = admin(&[
+        "kms",
+        "encrypt",
+        "--key-id",
+        &key_id,
+        "--plaintext",
+        &format!("fileb://{}", s(&h.path("dk.bin"))),
+        "--encryption-context",
+        "set=a",
+    ]);
+    use base64::Engine;
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(enc["CiphertextBlob"].as_str().unwrap())
+        .unwrap();
+    let blob_hex: String = blob.iter().map(|b| format!("{b:02x}")).collect();
+
+    let kms_args = [
+        "--kms-proxy",
+        &format!("unix:{}", s(&proxy_sock)),
+        "--kms-principal",
+        role,
+        "--kms-principal-key",
+        s(&parent_key),
+    ]
+    .map(str::to_owned);
+    let launch = |name: &str, image: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "run-enclave",
+            "--image",
+            s(image),
+            "--enclave-name",
+            name,
+            "--parent-role",
+            role,
+        ];
+        args.extend(kms_args.iter().map(String::as_str));
+        args.extend_from_slice(extra);
+        h.ok(&args)
+    };
+    launch("good", &image, &[]);
+    let out = String::from_utf8(h.call_ok(
+        &["--enclave-name", "good"],
+        format!("kms-decrypt:{blob_hex};set=a").as_bytes(),
+    ))
+    .unwrap();
+    let (sealed_hex, opened) = out.split_once('|').unwrap();
+    assert_eq!(opened, "sealed in the enclave");
+    // The enclave sealed with the data key: check it natively with the key we know.
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    let sealed: Vec<u8> = (0..sealed_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&sealed_hex[i..i + 2], 16).unwrap())
+        .collect();
+    let plain = aes_gcm::Aes256Gcm::new_from_slice(&[0x11; 32])
+        .unwrap()
+        .decrypt(
+            aes_gcm::Nonce::from_slice(&[7; 12]),
+            Payload {
+                msg: &sealed,
+                aad: b"aad",
+            },
+        )
+        .unwrap();
+    assert_eq!(plain, b"sealed in the enclave");
+
+    let gdk = String::from_utf8(h.call_ok(
+        &["--enclave-name", "good"],
+        format!("kms-gdk:{key_id}").as_bytes(),
+    ))
+    .unwrap();
+    assert!(gdk.starts_with("arn:cloister:kms:local:key/"), "{gdk}");
+    assert_eq!(
+        h.call_ok(&["--enclave-name", "good"], b"kms-random:24")
+            .len(),
+        24
+    );
+
+    // A modified image and a debug-mode enclave are refused, with the reason.
+    let (modified, _) = h.build("modified.cimg", &["--metadata", "{\"patched\":true}"]);
+    launch("modified", &modified, &[]);
+    let e = failed_with(
+        &h.call(
+            &["--enclave-name", "modified"],
+            format!("kms-decrypt:{blob_hex};set=a").as_bytes(),
+        ),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(
+        e.contains("E-KMS-ACCESS-DENIED") && e.contains("ImageSha384"),
+        "{e}"
+    );
+    launch("debug", &image, &["--debug-mode"]);
+    let e = failed_with(
+        &h.call(
+            &["--enclave-name", "debug"],
+            format!("kms-decrypt:{blob_hex};set=a").as_bytes(),
+        ),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-KMS-ACCESS-DENIED"), "{e}");
+
+    // The broker's audit log names each enclave's PCR0.
+    let log = std::fs::read_to_string(kms_dir.join("audit.log")).unwrap();
+    let decrypts: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["action"] == "kms:Decrypt")
+        .collect();
+    assert_eq!(decrypts.len(), 3);
+    assert_eq!(decrypts[0]["decision"], "Allow");
+    assert_eq!(decrypts[0]["recipient_pcr0"], pcr0.as_str());
+    assert_eq!(decrypts[1]["decision"], "Deny");
+    assert_eq!(decrypts[2]["recipient_pcr0"], "00".repeat(48).as_str());
+}
+
+#[test]
+fn the_proxy_relays_only_to_allowed_destinations() {
+    let h = Host::new();
+    let out = cloister(&[
+        "proxy",
+        "--listen",
+        &format!("unix:{}", s(&h.path("p.sock"))),
+        "--to",
+        "unix:/tmp/a.sock",
+        "--allow",
+        "unix:/tmp/b.sock",
+    ]);
+    failed_with(&out, "E-CLI-USAGE");
+    failed_with(
+        &h.run(&["run-enclave", "--image", "/nonexistent.cimg"]),
+        "E-CLI-INPUT",
+    );
+}
