@@ -676,3 +676,114 @@ fn the_proxy_relays_only_to_allowed_destinations() {
         "E-CLI-INPUT",
     );
 }
+
+/// The broker on TCP with TLS; the enclave reaches it through a Unix-socket proxy
+/// and speaks TLS end to end, so the proxy relays ciphertext only. Compiled code is
+/// cached, so a second enclave of the image starts from the cache.
+#[test]
+fn tls_to_the_broker_end_to_end_through_the_proxy() {
+    let h = Host::new();
+    let kms_dir = h.path("kms");
+    h.ok(&["kms", "init", "--data-dir", s(&kms_dir)]);
+    let kms_sock = h.path("kms.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let _kms = Server::start(
+        &[
+            "kms",
+            "serve",
+            "--data-dir",
+            s(&kms_dir),
+            "--listen",
+            &format!("unix:{}", s(&kms_sock)),
+            "--listen",
+            &tcp,
+        ],
+        &[],
+        &kms_sock,
+    );
+    let proxy_sock = h.path("proxy.sock");
+    let _proxy = Server::start(
+        &[
+            "proxy",
+            "--listen",
+            &format!("unix:{}", s(&proxy_sock)),
+            "--to",
+            &tcp,
+        ],
+        &[],
+        &proxy_sock,
+    );
+    let env = [
+        ("CLOISTER_KMS_ENDPOINT", format!("unix:{}", s(&kms_sock))),
+        ("CLOISTER_PRINCIPAL", "admin".to_string()),
+        (
+            "CLOISTER_PRINCIPAL_KEY",
+            s(&kms_dir.join("admin.key")).to_string(),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    json_of(
+        &common::cloister_env(
+            &[
+                "kms",
+                "trust",
+                "add",
+                "--root",
+                s(&h.path("platform/root.pem")),
+            ],
+            &env,
+        ),
+        "trust add",
+    );
+
+    let (image, _) = h.build("t.cimg", &[]);
+    let proxy = format!("unix:{}", s(&proxy_sock));
+    let admin_key = kms_dir.join("admin.key");
+    let ca = kms_dir.join("tls/ca.pem");
+    let base = [
+        "run-enclave",
+        "--image",
+        s(&image),
+        "--kms-proxy",
+        &proxy,
+        "--kms-principal",
+        "admin",
+        "--kms-principal-key",
+        s(&admin_key),
+    ];
+    let mut with_tls = base.to_vec();
+    with_tls.extend([
+        "--enclave-name",
+        "tls",
+        "--kms-ca",
+        s(&ca),
+        "--kms-tls-name",
+        "127.0.0.1",
+    ]);
+    h.ok(&with_tls);
+    assert_eq!(
+        h.call_ok(&["--enclave-name", "tls"], b"kms-random:16")
+            .len(),
+        16
+    );
+
+    // Without TLS the broker's TCP listener does not answer in the clear.
+    let mut plain = base.to_vec();
+    plain.extend(["--enclave-name", "plain"]);
+    h.ok(&plain);
+    let e = failed_with(
+        &h.call(&["--enclave-name", "plain"], b"kms-random:16"),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-PROTO") || e.contains("E-KMS"), "{e}");
+
+    let cached = std::fs::read_dir(h.path("run/cache"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(cached > 0, "no compiled code was cached");
+}
