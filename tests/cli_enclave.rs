@@ -787,3 +787,52 @@ fn tls_to_the_broker_end_to_end_through_the_proxy() {
         .unwrap_or(0);
     assert!(cached > 0, "no compiled code was cached");
 }
+
+#[test]
+fn run_enclave_takes_a_config_file_like_nitro_cli() {
+    let h = Host::new();
+    let (image, _) = h.build("t.cimg", &[]);
+    let config = h.path("enclave.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"eif_path": image, "enclave_name": "configured", "enclave_cid": 42, "debug_mode": true}).to_string(),
+    )
+    .unwrap();
+    let run = h.ok(&["run-enclave", "--config", s(&config)]);
+    assert_eq!(run["EnclaveName"], "configured");
+    assert_eq!(run["EnclaveCID"], 42);
+    assert_eq!(run["Flags"], "DEBUG_MODE");
+    // A flag overrides the file.
+    let run = h.ok(&[
+        "run-enclave",
+        "--config",
+        s(&config),
+        "--enclave-name",
+        "second",
+        "--enclave-cid",
+        "43",
+    ]);
+    assert_eq!(run["EnclaveName"], "second");
+    std::fs::write(&config, r#"{"eif_path": "x", "cpu_count": 2}"#).unwrap();
+    let e = failed_with(
+        &h.run(&["run-enclave", "--config", s(&config)]),
+        "E-CLI-USAGE",
+    );
+    assert!(e.contains("cpu_count"), "{e}");
+}
+
+#[test]
+fn enclaves_listen_on_vsock_where_the_kernel_has_loopback() {
+    if let Err(why) = cloister_proto::vsock_loopback_available() {
+        eprintln!("skipping, without opening any vsock socket: {why}");
+        return;
+    }
+    let h = Host::new();
+    let (image, _) = h.build("t.cimg", &[]);
+    let run = h.ok(&["run-enclave", "--image", s(&image), "--enclave-name", "v"]);
+    assert!(run["Vsock"].as_str().unwrap().starts_with("vsock:1:"));
+    let req = h.path("r.bin");
+    std::fs::write(&req, b"echo:over vsock").unwrap();
+    let out = h.run(&["call", "--enclave-name", "v", "--vsock", "--input", s(&req)]);
+    assert_eq!(out.stdout, b"over vsock");
+}

@@ -122,6 +122,15 @@ pub struct State {
     pub measurements: BTreeMap<String, String>,
     pub hardening: hardening::Report,
     pub socket: PathBuf,
+    /// The vsock address the enclave also listens on, where the kernel has vsock
+    /// loopback: local CID 1, port 10000 + EnclaveCID (enclaves of one host share
+    /// its CID, so the port tells them apart).
+    pub vsock: Option<String>,
+}
+
+/// The vsock port an enclave with this CID listens on.
+pub fn vsock_port(cid: u32) -> u32 {
+    10_000 + cid
 }
 
 /// One enclave's directory.
@@ -385,9 +394,10 @@ pub async fn write_chunks<W: AsyncWrite + Unpin>(
         .map_err(|e| LaunchError::Io(e.to_string()))
 }
 
-/// Sends one request to an enclave and returns its response.
-pub async fn call(socket: &Path, request: &[u8]) -> Result<Vec<u8>, LaunchError> {
-    let mut s = cloister_proto::connect(&Address::Unix(socket.to_path_buf()))
+/// Sends one request to an enclave (its Unix socket or vsock address) and
+/// returns its response.
+pub async fn call(address: &Address, request: &[u8]) -> Result<Vec<u8>, LaunchError> {
+    let mut s = cloister_proto::connect(address)
         .await
         .map_err(|e| LaunchError::Io(e.to_string()))?;
     write_chunks(&mut s, request).await?;
@@ -466,6 +476,23 @@ pub fn runtime_main(dir: PathBuf) -> anyhow::Result<()> {
         })?;
         let enclave = Arc::new(enclave);
         let listener = cloister_proto::listen(&Address::Unix(dir.socket())).await?;
+        // vsock only where the kernel has loopback; never probed otherwise.
+        let vsock = match cloister_proto::vsock_loopback_available() {
+            Ok(()) => {
+                let addr = Address::Vsock {
+                    cid: u32::MAX,
+                    port: vsock_port(spec.enclave_cid),
+                };
+                match cloister_proto::listen(&addr).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        eprintln!("cloister enclave runtime: not listening on vsock: {e}");
+                        None
+                    }
+                }
+            }
+            Err(_) => None,
+        };
         hardening::after_start(&mut report);
         let state = State {
             process_id: std::process::id(),
@@ -478,10 +505,21 @@ pub fn runtime_main(dir: PathBuf) -> anyhow::Result<()> {
                 .collect(),
             hardening: report,
             socket: dir.socket(),
+            vsock: vsock
+                .as_ref()
+                .map(|_| format!("vsock:1:{}", vsock_port(spec.enclave_cid))),
         };
         let bytes = serde_json::to_vec_pretty(&state)?;
         cloister_attestation::keyfile::write_public(&dir.state(), &bytes, true)?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        if let Some(v) = vsock {
+            let enclave = enclave.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = v.accept().await {
+                    tokio::spawn(serve_call(enclave.clone(), stream));
+                }
+            });
+        }
         loop {
             tokio::select! {
                 accepted = listener.accept() => {

@@ -115,10 +115,17 @@ pub fn describe_image(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Args)]
+#[derive(Args, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RunArgs {
+    /// A JSON file with these same options (snake_case keys, `eif_path` accepted
+    /// for `image`), as nitro-cli's --config; flags given too take precedence.
     #[arg(long)]
-    image: PathBuf,
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    #[arg(long, required_unless_present = "config")]
+    #[serde(alias = "eif_path")]
+    image: Option<PathBuf>,
     /// 0 or absent: the next free CID from 16.
     #[arg(long, default_value_t = 0)]
     enclave_cid: u32,
@@ -132,7 +139,7 @@ pub struct RunArgs {
     debug_mode: bool,
     /// The platform directory whose NSM signs this host's documents.
     #[arg(long, env = "CLOISTER_PLATFORM_DIR")]
-    platform: PathBuf,
+    platform: Option<PathBuf>,
     /// The proxy through which the enclave reaches the key broker (unix: or vsock:).
     #[arg(long)]
     kms_proxy: Option<String>,
@@ -165,8 +172,40 @@ fn abs(p: PathBuf) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// Flags win over the config file's values.
+fn merge(args: RunArgs) -> anyhow::Result<RunArgs> {
+    let Some(path) = &args.config else {
+        return Ok(args);
+    };
+    let file: RunArgs = serde_json::from_slice(&super::read_file(path)?)
+        .map_err(|e| UsageError(format!("--config {}: {e}", path.display())))?;
+    Ok(RunArgs {
+        config: None,
+        image: args.image.or(file.image),
+        enclave_cid: if args.enclave_cid != 0 {
+            args.enclave_cid
+        } else {
+            file.enclave_cid
+        },
+        enclave_name: args.enclave_name.or(file.enclave_name),
+        memory_mib: args.memory_mib.or(file.memory_mib),
+        debug_mode: args.debug_mode || file.debug_mode,
+        platform: args.platform.or(file.platform),
+        kms_proxy: args.kms_proxy.or(file.kms_proxy),
+        kms_principal: args.kms_principal.or(file.kms_principal),
+        kms_principal_key: args.kms_principal_key.or(file.kms_principal_key),
+        kms_ca: args.kms_ca.or(file.kms_ca),
+        kms_tls_name: args.kms_tls_name.or(file.kms_tls_name),
+        parent_role: args.parent_role.or(file.parent_role),
+        instance_id: args.instance_id.or(file.instance_id),
+    })
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let image_path = abs(args.image)?;
+    let args = merge(args)?;
+    let image_path = abs(args
+        .image
+        .ok_or_else(|| UsageError("--image (or image in --config) is required".into()))?)?;
     let image = Image::parse(&super::read_file(&image_path)?)?;
     image.verify_signature()?;
     if args.kms_proxy.is_some() != args.kms_principal.is_some() {
@@ -202,7 +241,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         memory_mib: args.memory_mib,
         parent_role: args.parent_role,
         instance_id: args.instance_id,
-        platform: abs(args.platform)?,
+        platform: abs(args.platform.ok_or_else(|| {
+            UsageError(
+                "--platform (or CLOISTER_PLATFORM_DIR, or platform in --config) is required".into(),
+            )
+        })?)?,
         kms_proxy: args.kms_proxy,
         kms_principal: args.kms_principal,
         kms_principal_key: args.kms_principal_key.map(abs).transpose()?,
@@ -225,6 +268,7 @@ fn describe(spec: &Spec, state: &enclave::State, status: &str) -> Value {
         "Flags": if spec.debug_mode { "DEBUG_MODE" } else { "NONE" },
         "Measurements": state.measurements,
         "Socket": state.socket,
+        "Vsock": state.vsock,
         "Hardening": state.hardening,
     })
 }
@@ -327,6 +371,9 @@ pub struct CallArgs {
     /// Where to write the response: a file, or - for standard output (default).
     #[arg(long)]
     output: Option<String>,
+    /// Connect over vsock instead of the Unix socket (where the kernel has vsock loopback).
+    #[arg(long)]
+    vsock: bool,
 }
 
 pub fn call(args: CallArgs) -> anyhow::Result<()> {
@@ -348,7 +395,14 @@ pub fn call(args: CallArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let response = rt.block_on(enclave::call(&d.socket(), &request))?;
+    let address = match (&args.vsock, d.read_state().and_then(|s| s.vsock)) {
+        (true, Some(v)) => v.parse()?,
+        (true, None) => bail!(UsageError(
+            "--vsock: this enclave does not listen on vsock (no vsock loopback here)".into()
+        )),
+        (false, _) => Address::Unix(d.socket()),
+    };
+    let response = rt.block_on(enclave::call(&address, &request))?;
     match args.output.as_deref() {
         None | Some("-") => std::io::stdout().write_all(&response)?,
         Some(p) => super::write_output(std::path::Path::new(p), &response)?,
