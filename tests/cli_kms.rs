@@ -1124,3 +1124,115 @@ fn trust_roots_and_principals_can_be_removed() {
     );
     assert!(stderr.contains("unknown principal"), "{stderr}");
 }
+
+#[test]
+fn sealed_files_round_trip_and_every_kind_of_damage_is_refused_without_output() {
+    let kms = Kms::start();
+    let owner = kms.add_principal("owner", ALLOW_ALL);
+    let key = json_of(
+        &kms.run_as("owner", &owner, &["kms", "create-key"]),
+        "create",
+    )["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let csv: String = (0..20_000)
+        .map(|i| format!("P{i:06},{},F,{}.5,120\n", 40 + i % 40, 180 + i % 50))
+        .collect();
+    let plain = kms.path("patients.csv");
+    std::fs::write(&plain, &csv).unwrap();
+    let sealed = kms.path("patients.sealed");
+    let seal = |input: &Path, output: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "encrypt",
+            "--key-id",
+            key.as_str(),
+            "--encryption-context",
+            "study=fhs,site=7",
+            "--in",
+            s(input),
+            "--out",
+            s(output),
+        ];
+        args.extend_from_slice(extra);
+        kms.run_as("owner", &owner, &args)
+    };
+    let out = json_of(&seal(&plain, &sealed, &["--chunk-size", "4096"]), "encrypt");
+    assert_eq!(out["Records"], 20_000);
+    let bytes = std::fs::read(&sealed).unwrap();
+    assert!(
+        !bytes.windows(7).any(|w| w == b"P000123"),
+        "plaintext visible in the sealed file"
+    );
+
+    let opened = kms.path("opened.csv");
+    let unseal = |input: &Path| {
+        kms.run_as(
+            "owner",
+            &owner,
+            &["decrypt", "--in", s(input), "--out", s(&opened)],
+        )
+    };
+    json_of(&unseal(&sealed), "decrypt");
+    assert_eq!(std::fs::read_to_string(&opened).unwrap(), csv);
+    std::fs::remove_file(&opened).unwrap();
+
+    let damaged = kms.path("damaged.sealed");
+    let check = |bytes: &[u8], code: &str| {
+        std::fs::write(&damaged, bytes).unwrap();
+        failed_with(&unseal(&damaged), code);
+        assert!(!opened.exists(), "{code}: a partial output was left");
+        let leftovers: Vec<_> = std::fs::read_dir(kms.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "{code}: temporary files left");
+    };
+    check(&bytes[..bytes.len() - 100], "E-SEALED-TRUNCATED");
+    check(&bytes[..bytes.len() / 2], "E-SEALED-TRUNCATED");
+    let mut flipped = bytes.clone();
+    let at = bytes.len() - 5000;
+    flipped[at] ^= 1;
+    check(&flipped, "E-SEALED-TAMPERED");
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(b"more");
+    check(&longer, "E-SEALED-FORMAT");
+    check(b"not a sealed file at all", "E-SEALED-FORMAT");
+    // The header's encryption context is bound at the broker: changing it fails there.
+    let mut ctx = bytes.clone();
+    let pos = ctx.windows(3).position(|w| w == b"fhs").unwrap();
+    ctx[pos] = b'g';
+    check(&ctx, "E-KMS-INVALID-CIPHERTEXT");
+
+    // Another file's data key under this file's header: the key commitment catches it.
+    let other = kms.path("other.sealed");
+    json_of(
+        &seal(&plain, &other, &["--chunk-size", "4096"]),
+        "encrypt other",
+    );
+    let other_bytes = std::fs::read(&other).unwrap();
+    let edk = cloister_guest::sealed::Header::read(&mut &bytes[..])
+        .unwrap()
+        .encrypted_data_key;
+    let other_edk = cloister_guest::sealed::Header::read(&mut &other_bytes[..])
+        .unwrap()
+        .encrypted_data_key;
+    assert_eq!(edk.len(), other_edk.len());
+    let edk_at = bytes
+        .windows(edk.len())
+        .position(|w| w == edk.as_slice())
+        .unwrap();
+    let mut swapped = bytes.clone();
+    swapped[edk_at..edk_at + edk.len()].copy_from_slice(&other_edk);
+    check(&swapped, "E-SEALED-KEY-COMMITMENT");
+
+    // A record longer than a chunk: refused, and no sealed output appears.
+    std::fs::write(kms.path("long.csv"), format!("{}\n", "x".repeat(5000))).unwrap();
+    let long_out = kms.path("long.sealed");
+    failed_with(
+        &seal(&kms.path("long.csv"), &long_out, &["--chunk-size", "4096"]),
+        "E-SEALED-RECORD-TOO-LARGE",
+    );
+    assert!(!long_out.exists());
+}

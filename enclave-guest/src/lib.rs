@@ -13,6 +13,8 @@
 //! cloister_guest::export_workload!(Echo);
 //! ```
 
+pub mod sealed;
+
 #[doc(hidden)]
 #[allow(unsafe_code, clippy::all, missing_docs)]
 pub mod bindings {

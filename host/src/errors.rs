@@ -60,8 +60,9 @@ pub const CODES: &[cloister_proto::CodeInfo] = &[
 ];
 
 /// Every code table, for `cloister explain`.
-pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 6] {
+pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 7] {
     [
+        cloister_host::sealing::CODES,
         cloister_proto::codes::CODES,
         cloister_attestation::codes::CODES,
         cloister_kms::error::CODES,
@@ -79,6 +80,9 @@ pub fn code_of(err: &anyhow::Error) -> Option<&'static str> {
         };
     }
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<cloister_guest::sealed::SealedError>() {
+            return Some(e.code());
+        }
         try_types!(
             cause,
             UsageError,

@@ -5,3 +5,4 @@ pub mod enclave;
 pub mod hardening;
 pub mod image;
 pub mod runtime;
+pub mod sealing;

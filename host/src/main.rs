@@ -30,6 +30,10 @@ enum Command {
     /// The key broker (KMS analog): serve it, administer it, call it.
     #[command(subcommand)]
     Kms(commands::kms::KmsCommand),
+    /// Seal a file of records (CSV rows, JSON lines) under a fresh data key from the broker.
+    Encrypt(commands::kms::EncryptArgs),
+    /// Open a sealed file as its data owner (the broker must allow you kms:Decrypt).
+    Decrypt(commands::kms::DecryptArgs),
     /// Compute a PCR value the way the measurements are made (as `nitro-cli pcr`).
     Pcr(commands::pcr::PcrArgs),
     /// Build an enclave image from a WebAssembly component; prints its measurements.
@@ -75,6 +79,8 @@ fn main() -> ExitCode {
         Command::Attestation(cmd) => commands::attestation::run(cmd),
         Command::Kms(cmd) => commands::kms::run(cmd),
         Command::Pcr(args) => commands::pcr::run(args),
+        Command::Encrypt(args) => commands::kms::encrypt(args),
+        Command::Decrypt(args) => commands::kms::decrypt(args),
         Command::Explain { code } => commands::explain::run(&code),
         Command::BuildEnclave(args) => commands::enclave::build(args),
         Command::DescribeImage { image } => commands::enclave::describe_image(&image),

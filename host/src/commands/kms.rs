@@ -706,30 +706,7 @@ fn key_operation(cmd: KeyCommand) -> anyhow::Result<(ClientArgs, Operation)> {
 }
 
 fn call(args: &ClientArgs, op: Operation) -> anyhow::Result<()> {
-    let endpoint: Address = args.endpoint.parse()?;
-    let key = keyfile::read_signing_key(&args.principal_key)?;
-    let credentials = Credentials {
-        principal: args.principal.clone(),
-        key,
-    };
-    let tls = match &args.ca {
-        Some(ca) => {
-            let name = match (&args.tls_server_name, &endpoint) {
-                (Some(n), _) => n.clone(),
-                (None, Address::Tcp { host, .. }) => host.clone(),
-                (None, other) => bail!(UsageError(format!(
-                    "--ca with {other}: name the broker's certificate with --tls-server-name"
-                ))),
-            };
-            Some(ClientTls::new(ca, &name)?)
-        }
-        None => None,
-    };
-    let output = runtime()?.block_on(async {
-        let mut client = KmsClient::connect(&endpoint, tls.as_ref(), credentials).await?;
-        client.call(op).await
-    })?;
-    super::print_json(&render(output))
+    super::print_json(&render(kms_call(args, op)?))
 }
 
 fn recipient_json(c: &CiphertextForRecipient) -> (Value, Value, Value) {
@@ -825,4 +802,127 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+#[derive(Args)]
+pub struct EncryptArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The KMS key that encrypts the data key.
+    #[arg(long)]
+    key_id: String,
+    /// k=v,k2=v2: bound to the data key at the broker, stored in the header.
+    #[arg(long)]
+    encryption_context: Option<String>,
+    #[arg(long = "in")]
+    input: PathBuf,
+    #[arg(long = "out")]
+    output: PathBuf,
+    /// Plaintext bytes per chunk; records (lines) never straddle chunks.
+    #[arg(long, default_value_t = cloister_guest::sealed::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+}
+
+#[derive(Args)]
+pub struct DecryptArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[arg(long = "in")]
+    input: PathBuf,
+    #[arg(long = "out")]
+    output: PathBuf,
+}
+
+/// Connects as the client args say and runs one operation.
+fn kms_call(args: &ClientArgs, op: Operation) -> anyhow::Result<Output> {
+    let endpoint: Address = args.endpoint.parse()?;
+    let credentials = Credentials {
+        principal: args.principal.clone(),
+        key: keyfile::read_signing_key(&args.principal_key)?,
+    };
+    let tls = match &args.ca {
+        Some(ca) => {
+            let name = match (&args.tls_server_name, &endpoint) {
+                (Some(n), _) => n.clone(),
+                (None, Address::Tcp { host, .. }) => host.clone(),
+                (None, other) => bail!(UsageError(format!(
+                    "--ca with {other}: name the broker's certificate with --tls-server-name"
+                ))),
+            };
+            Some(ClientTls::new(ca, &name)?)
+        }
+        None => None,
+    };
+    Ok(runtime()?.block_on(async {
+        let mut client = KmsClient::connect(&endpoint, tls.as_ref(), credentials).await?;
+        client.call(op).await
+    })?)
+}
+
+/// `cloister encrypt`: seal a file under a fresh data key from the broker.
+pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
+    let context = context(&args.encryption_context)?;
+    let out = kms_call(
+        &args.client,
+        Operation::GenerateDataKey {
+            key_id: args.key_id.clone(),
+            key_spec: "AES_256".into(),
+            encryption_context: context.clone(),
+            recipient: None,
+        },
+    )?;
+    let Output::DataKey {
+        key_id,
+        ciphertext_blob,
+        plaintext: Some(plaintext),
+        ..
+    } = out
+    else {
+        bail!("the broker did not return a data key");
+    };
+    let key = cloister_host::sealing::DataKey::new(plaintext.0)?;
+    let records = cloister_host::sealing::seal_file(
+        &args.input,
+        &args.output,
+        &key,
+        &key_id,
+        ciphertext_blob,
+        context.into_iter().collect(),
+        args.chunk_size,
+    )?;
+    super::print_json(
+        &json!({ "KeyId": key_id, "Records": records, "Output": args.output.display().to_string() }),
+    )
+}
+
+/// `cloister decrypt`: open a sealed file as its data owner.
+pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
+    let file = std::fs::File::open(&args.input).map_err(|source| crate::errors::InputError {
+        path: args.input.display().to_string(),
+        source,
+    })?;
+    let mut input = std::io::BufReader::with_capacity(1 << 20, file);
+    let header = cloister_guest::sealed::Header::read(&mut input)?;
+    let out = kms_call(
+        &args.client,
+        Operation::Decrypt {
+            ciphertext_blob: header.encrypted_data_key.clone(),
+            key_id: None,
+            encryption_context: header.encryption_context.iter().cloned().collect(),
+            recipient: None,
+        },
+    )?;
+    let Output::Plaintext {
+        plaintext: Some(plaintext),
+        key_id,
+        ..
+    } = out
+    else {
+        bail!("the broker did not return the data key");
+    };
+    let key = cloister_host::sealing::DataKey::new(plaintext.0)?;
+    let bytes = cloister_host::sealing::open_file(header, input, &key, &args.output)?;
+    super::print_json(
+        &json!({ "KeyId": key_id, "Bytes": bytes, "Output": args.output.display().to_string() }),
+    )
 }
