@@ -4,88 +4,12 @@
 //! the proxy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::Path;
 
 use serde_json::Value;
 
 mod common;
-use common::{Server, cloister, failed_with, guest, json_of, s};
-
-/// A scratch area with its own run directory and platform.
-struct Host {
-    dir: tempfile::TempDir,
-}
-
-impl Host {
-    fn new() -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        let h = Host { dir };
-        h.ok(&["platform", "init", "--dir", s(&h.path("platform"))]);
-        h
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("CLOISTER_RUN_DIR", s(&self.path("run")).to_owned()),
-            (
-                "CLOISTER_PLATFORM_DIR",
-                s(&self.path("platform")).to_owned(),
-            ),
-        ]
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        let env = self.env();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        common::cloister_env(args, &env)
-    }
-    fn ok(&self, args: &[&str]) -> Value {
-        json_of(&self.run(args), &format!("{args:?}"))
-    }
-    fn build(&self, out: &str, extra: &[&str]) -> (PathBuf, Value) {
-        let image = self.path(out);
-        let wasm = guest("test_guest");
-        let mut args = vec![
-            "build-enclave",
-            "--wasm",
-            s(&wasm),
-            "--name",
-            "test",
-            "--version",
-            "1.0",
-            "--output",
-            s(&image),
-        ];
-        args.extend_from_slice(extra);
-        let v = self.ok(&args);
-        (image, v)
-    }
-    fn call(&self, which: &[&str], request: &[u8]) -> Output {
-        let req = self.path("request.bin");
-        std::fs::write(&req, request).unwrap();
-        let mut args = vec!["call", "--input", s(&req)];
-        args.extend_from_slice(which);
-        self.run(&args)
-    }
-    fn call_ok(&self, which: &[&str], request: &[u8]) -> Vec<u8> {
-        let out = self.call(which, request);
-        assert!(
-            out.status.success(),
-            "call {:?}: {}",
-            String::from_utf8_lossy(request),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.run(&["terminate-enclave", "--all"]);
-    }
-}
+use common::{Host, Server, cloister, failed_with, guest, json_of, s};
 
 fn pcr_of(h: &Host, args: &[&str]) -> String {
     let mut a = vec!["pcr"];

@@ -49,3 +49,84 @@ pub fn error(code: &str, message: impl Into<String>) -> Error {
         message: message.into(),
     }
 }
+
+/// A data key held in the runtime's keyring: the guest sees a handle, never the
+/// key. Dropping it removes the key from the keyring.
+pub struct DataKey {
+    handle: KeyHandle,
+}
+
+impl DataKey {
+    /// Attested KMS Decrypt of a ciphertext blob holding a data key.
+    pub fn decrypt(
+        ciphertext_blob: &[u8],
+        encryption_context: &[(String, String)],
+    ) -> Result<DataKey, Error> {
+        Ok(DataKey {
+            handle: kms::decrypt(ciphertext_blob, encryption_context)?,
+        })
+    }
+
+    /// Attested KMS GenerateDataKey: the key stays here, its encrypted form and the
+    /// KMS key's ARN are returned for storing beside the data.
+    pub fn generate(
+        key_id: &str,
+        encryption_context: &[(String, String)],
+    ) -> Result<(DataKey, Vec<u8>, String), Error> {
+        let dk = kms::generate_data_key(key_id, encryption_context)?;
+        Ok((DataKey { handle: dk.handle }, dk.ciphertext_blob, dk.key_id))
+    }
+
+    /// AES-256-GCM seal with a 12-byte nonce, in the runtime.
+    pub fn seal(&self, nonce: &[u8; 12], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, Error> {
+        keys::seal(self.handle, nonce, plaintext, aad)
+    }
+
+    /// AES-256-GCM open, in the runtime.
+    pub fn open(&self, nonce: &[u8; 12], ciphertext: &[u8], aad: &[u8]) -> Result<Vec<u8>, Error> {
+        keys::open(self.handle, nonce, ciphertext, aad)
+    }
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        keys::forget(self.handle);
+    }
+}
+
+impl sealed::Aead for DataKey {
+    fn seal(
+        &self,
+        nonce: &[u8; 12],
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, sealed::SealedError> {
+        DataKey::seal(self, nonce, plaintext, aad)
+            .map_err(|e| sealed::SealedError::Crypto(format!("[{}] {}", e.code, e.message)))
+    }
+    fn open(
+        &self,
+        nonce: &[u8; 12],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, sealed::SealedError> {
+        DataKey::open(self, nonce, ciphertext, aad)
+            .map_err(|e| sealed::SealedError::Crypto(format!("[{}] {}", e.code, e.message)))
+    }
+}
+
+impl From<sealed::SealedError> for Error {
+    fn from(e: sealed::SealedError) -> Self {
+        error(e.code(), e.to_string())
+    }
+}
+
+/// Opens a sealed input inside the enclave: reads its header, obtains its data
+/// key by attested KMS Decrypt (with the header's encryption context) and
+/// returns the key and a reader over the rest.
+pub fn open_sealed(bytes: &[u8]) -> Result<(DataKey, sealed::Header, &[u8]), Error> {
+    let mut rest = bytes;
+    let header = sealed::Header::read(&mut rest)?;
+    let key = DataKey::decrypt(&header.encrypted_data_key, &header.encryption_context)?;
+    Ok((key, header, rest))
+}

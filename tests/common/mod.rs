@@ -185,3 +185,88 @@ pub fn guest(name: &str) -> std::path::PathBuf {
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
+
+/// A scratch area with its own run directory and platform.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+}
+
+impl Host {
+    pub fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Host { dir };
+        h.ok(&["platform", "init", "--dir", s(&h.path("platform"))]);
+        h
+    }
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CLOISTER_RUN_DIR", s(&self.path("run")).to_owned()),
+            (
+                "CLOISTER_PLATFORM_DIR",
+                s(&self.path("platform")).to_owned(),
+            ),
+        ]
+    }
+    pub fn run(&self, args: &[&str]) -> Output {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        cloister_env(args, &env)
+    }
+    pub fn ok(&self, args: &[&str]) -> serde_json::Value {
+        json_of(&self.run(args), &format!("{args:?}"))
+    }
+    pub fn build(&self, out: &str, extra: &[&str]) -> (std::path::PathBuf, serde_json::Value) {
+        self.build_guest("test_guest", "test", out, extra)
+    }
+    /// Builds an image of one of the example guests.
+    pub fn build_guest(
+        &self,
+        guest_name: &str,
+        name: &str,
+        out: &str,
+        extra: &[&str],
+    ) -> (std::path::PathBuf, serde_json::Value) {
+        let image = self.path(out);
+        let wasm = guest(guest_name);
+        let mut args = vec![
+            "build-enclave",
+            "--wasm",
+            s(&wasm),
+            "--name",
+            name,
+            "--version",
+            "1.0",
+            "--output",
+            s(&image),
+        ];
+        args.extend_from_slice(extra);
+        let v = self.ok(&args);
+        (image, v)
+    }
+    pub fn call(&self, which: &[&str], request: &[u8]) -> Output {
+        let req = self.path("request.bin");
+        std::fs::write(&req, request).unwrap();
+        let mut args = vec!["call", "--input", s(&req)];
+        args.extend_from_slice(which);
+        self.run(&args)
+    }
+    pub fn call_ok(&self, which: &[&str], request: &[u8]) -> Vec<u8> {
+        let out = self.call(which, request);
+        assert!(
+            out.status.success(),
+            "call {:?}: {}",
+            String::from_utf8_lossy(request),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.run(&["terminate-enclave", "--all"]);
+    }
+}

@@ -1,0 +1,44 @@
+//! `phi-gen --seed N --rows N [--malformed-every K] [--out FILE]`: synthetic
+//! patients as CSV (no real PHI).
+
+use std::io::Write;
+
+fn main() {
+    let mut seed = 1u64;
+    let mut rows = 1000u64;
+    let mut malformed = 0u64;
+    let mut out: Option<String> = None;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let value = args.get(i + 1).cloned().unwrap_or_default();
+        let parsed = value.parse::<u64>();
+        match (args[i].as_str(), parsed) {
+            ("--seed", Ok(v)) => seed = v,
+            ("--rows", Ok(v)) => rows = v,
+            ("--malformed-every", Ok(v)) => malformed = v,
+            ("--out", _) => out = Some(value),
+            (other, _) => {
+                eprintln!(
+                    "phi-gen: unexpected argument {other:?} (use --seed N --rows N [--malformed-every K] [--out FILE])"
+                );
+                std::process::exit(2);
+            }
+        }
+        i += 2;
+    }
+    let result = (|| -> std::io::Result<()> {
+        let mut w: Box<dyn Write> = match &out {
+            Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+            None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        };
+        for line in phi_model::generate::patients(seed, rows, malformed) {
+            w.write_all(line.as_bytes())?;
+        }
+        w.flush()
+    })();
+    if let Err(e) = result {
+        eprintln!("phi-gen: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,430 @@
+//! The PHI scoring flow end to end, across processes: the data owner seals
+//! synthetic patient records, an attested scorer enclave decrypts them with a key
+//! only its image may use, scores them, seals the results for the owner; the
+//! parent side relays only ciphertext.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+mod common;
+use common::{Host, Server, cloister_env, failed_with, json_of, s};
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/Scorer";
+
+/// A relay the test controls, between the enclave and `cloister proxy`: it keeps
+/// every byte that crosses the parent side in either direction.
+fn capturing_relay(listen: PathBuf, to: PathBuf, captured: Arc<Mutex<Vec<u8>>>) {
+    let listener = UnixListener::bind(&listen).unwrap();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { continue };
+            let Ok(outbound) = UnixStream::connect(&to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                let captured = captured.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        captured.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+}
+
+struct Setup {
+    h: Host,
+    kms_sock: PathBuf,
+    relay_sock: PathBuf,
+    owner_key: PathBuf,
+    parent_key: PathBuf,
+    captured: Arc<Mutex<Vec<u8>>>,
+    _servers: Vec<Server>,
+}
+
+impl Setup {
+    fn client(&self, principal: &str, key: &Path, args: &[&str]) -> std::process::Output {
+        let endpoint = format!("unix:{}", s(&self.kms_sock));
+        cloister_env(
+            args,
+            &[
+                ("CLOISTER_KMS_ENDPOINT", &endpoint),
+                ("CLOISTER_PRINCIPAL", principal),
+                ("CLOISTER_PRINCIPAL_KEY", s(key)),
+            ],
+        )
+    }
+    fn admin(&self, args: &[&str]) -> Value {
+        json_of(
+            &self.client("admin", &self.h.path("kms/admin.key"), args),
+            &format!("{args:?}"),
+        )
+    }
+    fn principal(&self, name: &str, key: &Path) {
+        let k = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+        cloister_attestation::keyfile::write_signing_key(key, &k, false).unwrap();
+        let public = key.with_extension("pub");
+        std::fs::write(
+            &public,
+            cloister_attestation::keyfile::verifying_key_pem(&k.verifying_key()),
+        )
+        .unwrap();
+        let policy = self.h.path("allow-kms.json");
+        std::fs::write(&policy, r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#).unwrap();
+        self.admin(&[
+            "kms",
+            "principal",
+            "add",
+            "--name",
+            name,
+            "--public-key",
+            s(&public),
+            "--policy",
+            &format!("file://{}", s(&policy)),
+        ]);
+    }
+    fn launch(&self, name: &str, image: &Path, role: &str, extra: &[&str]) -> Value {
+        let relay = format!("unix:{}", s(&self.relay_sock));
+        let mut args = vec![
+            "run-enclave",
+            "--image",
+            s(image),
+            "--enclave-name",
+            name,
+            "--parent-role",
+            role,
+            "--kms-proxy",
+            &relay,
+            "--kms-principal",
+            ROLE,
+            "--kms-principal-key",
+            s(&self.parent_key),
+        ];
+        args.extend_from_slice(extra);
+        self.h.ok(&args)
+    }
+}
+
+fn setup() -> Setup {
+    let h = Host::new();
+    h.ok(&["kms", "init", "--data-dir", s(&h.path("kms"))]);
+    let kms_sock = h.path("kms.sock");
+    let kms = Server::start(
+        &[
+            "kms",
+            "serve",
+            "--data-dir",
+            s(&h.path("kms")),
+            "--listen",
+            &format!("unix:{}", s(&kms_sock)),
+        ],
+        &[],
+        &kms_sock,
+    );
+    let proxy_sock = h.path("proxy.sock");
+    let proxy = Server::start(
+        &[
+            "proxy",
+            "--listen",
+            &format!("unix:{}", s(&proxy_sock)),
+            "--to",
+            &format!("unix:{}", s(&kms_sock)),
+        ],
+        &[],
+        &proxy_sock,
+    );
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let relay_sock = h.path("relay.sock");
+    capturing_relay(relay_sock.clone(), proxy_sock, captured.clone());
+    let setup = Setup {
+        owner_key: h.path("owner.key"),
+        parent_key: h.path("parent.key"),
+        kms_sock,
+        relay_sock,
+        captured,
+        _servers: vec![kms, proxy],
+        h,
+    };
+    setup.admin(&[
+        "kms",
+        "trust",
+        "add",
+        "--root",
+        s(&setup.h.path("platform/root.pem")),
+        "--label",
+        "host",
+    ]);
+    setup.principal("owner", &setup.owner_key);
+    setup.principal(ROLE, &setup.parent_key);
+    setup
+}
+
+fn split_response(response: &[u8]) -> (Value, Vec<u8>) {
+    let nl = response
+        .iter()
+        .position(|b| *b == b'\n')
+        .expect("a summary line");
+    (
+        serde_json::from_slice(&response[..nl]).unwrap(),
+        response[nl + 1..].to_vec(),
+    )
+}
+
+#[test]
+fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext() {
+    let st = setup();
+    let h = &st.h;
+    let (image, built) = h.build_guest("phi_scorer", "phi-scorer", "scorer.cimg", &[]);
+    let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
+    let pcr3 = h.ok(&["pcr", "--string", ROLE])["PCR"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let policy = format!(
+        r#"{{"Version":"2012-10-17","Statement":[
+              {{"Sid":"Owner","Effect":"Allow","Principal":{{"AWS":"owner"}},"Action":["kms:GenerateDataKey","kms:Decrypt","kms:DescribeKey","kms:CreateAlias"],"Resource":"*"}},
+              {{"Sid":"ScorerEnclave","Effect":"Allow","Principal":{{"AWS":"{ROLE}"}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
+                "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{pcr0}","kms:RecipientAttestation:PCR3":"{pcr3}"}}}}}}]}}"#
+    );
+    std::fs::write(h.path("policy.json"), policy).unwrap();
+    let create = |alias: &str| {
+        let id = json_of(
+            &st.client(
+                "owner",
+                &st.owner_key,
+                &[
+                    "kms",
+                    "create-key",
+                    "--policy",
+                    &format!("file://{}", s(&h.path("policy.json"))),
+                ],
+            ),
+            "create",
+        )["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        json_of(
+            &st.client(
+                "owner",
+                &st.owner_key,
+                &[
+                    "kms",
+                    "create-alias",
+                    "--alias-name",
+                    alias,
+                    "--target-key-id",
+                    &id,
+                ],
+            ),
+            "alias",
+        );
+        id
+    };
+    create("alias/phi-input");
+    create("alias/phi-results");
+
+    // The data owner seals synthetic patients (a few malformed on purpose).
+    let csv: String = phi_model::generate::patients(2026, 3000, 250).collect();
+    std::fs::write(h.path("patients.csv"), &csv).unwrap();
+    json_of(
+        &st.client(
+            "owner",
+            &st.owner_key,
+            &[
+                "encrypt",
+                "--key-id",
+                "alias/phi-input",
+                "--encryption-context",
+                "study=fhs-demo",
+                "--in",
+                s(&h.path("patients.csv")),
+                "--out",
+                s(&h.path("patients.sealed")),
+            ],
+        ),
+        "encrypt",
+    );
+    let sealed = std::fs::read(h.path("patients.sealed")).unwrap();
+    let mut request = br#"{"output_key_id":"alias/phi-results","output_context":{"study":"fhs-demo","kind":"scores"}}"#.to_vec();
+    request.push(b'\n');
+    request.extend_from_slice(&sealed);
+
+    st.launch("scorer", &image, ROLE, &[]);
+    let response = h.call_ok(&["--enclave-name", "scorer"], &request);
+    let (summary, sealed_scores) = split_response(&response);
+    assert_eq!(summary["scored"], 2988);
+    assert_eq!(summary["malformed"], 12);
+
+    // 1. The owner decrypts the results: they equal the same scores computed natively.
+    std::fs::write(h.path("scores.sealed"), &sealed_scores).unwrap();
+    json_of(
+        &st.client(
+            "owner",
+            &st.owner_key,
+            &[
+                "decrypt",
+                "--in",
+                s(&h.path("scores.sealed")),
+                "--out",
+                s(&h.path("scores.csv")),
+            ],
+        ),
+        "decrypt",
+    );
+    let mut native = phi_model::Summary::default();
+    let expected: String = std::iter::once("patient_id,risk_10y\n".to_string())
+        .chain(
+            csv.lines()
+                .filter_map(|l| phi_model::score_line(l, &mut native)),
+        )
+        .collect();
+    assert_eq!(
+        std::fs::read_to_string(h.path("scores.csv")).unwrap(),
+        expected
+    );
+    assert_eq!(
+        summary["mean_risk"].as_f64().unwrap(),
+        (native.mean() * 1e6).round() / 1e6
+    );
+
+    // 3. Nothing the parent side handled holds a record, an identifier or a data key.
+    let dk = json_of(
+        &st.client(
+            "owner",
+            &st.owner_key,
+            &[
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                &format!(
+                    "fileb://{}",
+                    s(&write(
+                        h,
+                        "edk",
+                        &cloister_guest::sealed::Header::read(&mut &sealed[..])
+                            .unwrap()
+                            .encrypted_data_key
+                    ))
+                ),
+                "--encryption-context",
+                "study=fhs-demo",
+            ],
+        ),
+        "owner decrypts the data key",
+    );
+    use base64::Engine;
+    let data_key = base64::engine::general_purpose::STANDARD
+        .decode(dk["Plaintext"].as_str().unwrap())
+        .unwrap();
+    let proxy_stream = st.captured.lock().unwrap().clone();
+    assert!(proxy_stream.len() > 1000, "the relay saw the KMS traffic");
+    for (what, haystack) in [
+        ("proxy stream", &proxy_stream),
+        ("call request", &request),
+        ("call response", &response),
+    ] {
+        for needle in [
+            &b"P0000017"[..],
+            b"P0001234",
+            b"patient_id",
+            b",F,",
+            data_key.as_slice(),
+        ] {
+            assert!(
+                !haystack.windows(needle.len()).any(|w| w == needle),
+                "{what} contains {:?}",
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+    let first_row = csv.lines().nth(1).unwrap();
+    assert!(
+        !proxy_stream
+            .windows(first_row.len())
+            .any(|w| w == first_row.as_bytes())
+    );
+
+    // 4. A truncated or tampered input: an error, and no output.
+    let mut truncated = request.clone();
+    truncated.truncate(request.len() - 40);
+    let e = failed_with(
+        &h.call(&["--enclave-name", "scorer"], &truncated),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-SEALED-TRUNCATED"), "{e}");
+    let mut tampered = request.clone();
+    let at = request.len() - 2000;
+    tampered[at] ^= 1;
+    let e = failed_with(
+        &h.call(&["--enclave-name", "scorer"], &tampered),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-SEALED-TAMPERED"), "{e}");
+
+    // 2. Refusals, each with its reason, in the response and in the audit log.
+    let (modified, _) = h.build_guest(
+        "phi_scorer",
+        "phi-scorer",
+        "modified.cimg",
+        &["--metadata", "{\"patched\":1}"],
+    );
+    st.launch("modified", &modified, ROLE, &[]);
+    let e = failed_with(
+        &h.call(&["--enclave-name", "modified"], &request),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(
+        e.contains("E-KMS-ACCESS-DENIED") && e.contains("ImageSha384"),
+        "{e}"
+    );
+    st.launch("debug", &image, ROLE, &["--debug-mode"]);
+    let e = failed_with(
+        &h.call(&["--enclave-name", "debug"], &request),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-KMS-ACCESS-DENIED"), "{e}");
+    st.launch(
+        "wrong-role",
+        &image,
+        "arn:aws:iam::123456789012:role/Other",
+        &[],
+    );
+    let e = failed_with(
+        &h.call(&["--enclave-name", "wrong-role"], &request),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("PCR3"), "{e}");
+    let log = std::fs::read_to_string(h.path("kms/audit.log")).unwrap();
+    let denials: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["decision"] == "Deny" && l["action"] == "kms:Decrypt")
+        .collect();
+    assert_eq!(denials.len(), 3, "{denials:?}");
+    assert!(
+        denials
+            .iter()
+            .all(|d| d["reason"].as_str().unwrap().contains("ScorerEnclave"))
+    );
+}
+
+fn write(h: &Host, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = h.path(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
