@@ -65,6 +65,13 @@ enum Command {
         #[arg(long)]
         enclave_dir: std::path::PathBuf,
     },
+    /// Make an Ed25519 key pair for a principal (PKCS#8 private key 0600, SPKI public key).
+    Keygen {
+        #[arg(long)]
+        private_key: std::path::PathBuf,
+        #[arg(long)]
+        public_key: std::path::PathBuf,
+    },
     /// Explain a stable error code such as E-ATTEST-SIGNATURE.
     Explain {
         /// The code, e.g. E-ATTEST-SIGNATURE.
@@ -82,6 +89,10 @@ fn main() -> ExitCode {
         Command::Encrypt(args) => commands::kms::encrypt(args),
         Command::Decrypt(args) => commands::kms::decrypt(args),
         Command::Explain { code } => commands::explain::run(&code),
+        Command::Keygen {
+            private_key,
+            public_key,
+        } => commands::keygen(&private_key, &public_key),
         Command::BuildEnclave(args) => commands::enclave::build(args),
         Command::DescribeImage { image } => commands::enclave::describe_image(&image),
         Command::RunEnclave(args) => commands::enclave::run(args),

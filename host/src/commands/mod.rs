@@ -67,3 +67,19 @@ pub fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     cloister_attestation::keyfile::write_public(path, bytes, true)?;
     Ok(())
 }
+
+/// `cloister keygen`: an Ed25519 key pair, as `openssl genpkey -algorithm ed25519` would make.
+pub fn keygen(private_key: &Path, public_key: &Path) -> anyhow::Result<()> {
+    use cloister_attestation::keyfile;
+    let key = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+    keyfile::write_signing_key(private_key, &key, false)?;
+    keyfile::write_public(
+        public_key,
+        keyfile::verifying_key_pem(&key.verifying_key()).as_bytes(),
+        false,
+    )?;
+    print_json(&serde_json::json!({
+        "PrivateKey": private_key.display().to_string(),
+        "PublicKey": public_key.display().to_string(),
+    }))
+}
