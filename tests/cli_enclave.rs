@@ -228,6 +228,73 @@ fn run_call_attest_terminate() {
         String::from_utf8(pcr16).unwrap().as_str()
     );
 
+    // The platform owner's tool predicts the same PCR0..4 from the image alone.
+    let predicted = h.path("predicted.cose");
+    let pcr3 = format!("3={}", m["PCR3"].as_str().unwrap());
+    let pcr4 = format!("4={}", m["PCR4"].as_str().unwrap());
+    h.ok(&[
+        "platform",
+        "attest",
+        "--dir",
+        s(&h.path("platform")),
+        "--image",
+        s(&image),
+        "--pcr",
+        &pcr3,
+        "--pcr",
+        &pcr4,
+        "--out",
+        s(&predicted),
+    ]);
+    let p = h.ok(&[
+        "attestation",
+        "verify",
+        "--doc",
+        s(&predicted),
+        "--root",
+        s(&h.path("platform/root.pem")),
+    ]);
+    for i in 0..5 {
+        let k = format!("PCR{i}");
+        assert_eq!(p["PCRs"][&k], v["PCRs"][&k], "{k}");
+    }
+    failed_with(
+        &h.run(&[
+            "platform",
+            "attest",
+            "--dir",
+            s(&h.path("platform")),
+            "--image",
+            s(&image),
+            "--pcr",
+            &format!("0={}", "00".repeat(48)),
+            "--out",
+            s(&predicted),
+        ]),
+        "E-CLI-USAGE",
+    );
+
+    // The other NSM imports: random bytes, and locking PCR16..31 at once.
+    assert_eq!(
+        h.call_ok(&["--enclave-name", "app"], b"random:48").len(),
+        48
+    );
+    assert_ne!(
+        h.call_ok(&["--enclave-name", "app"], b"random:32"),
+        h.call_ok(&["--enclave-name", "app"], b"random:32")
+    );
+    assert_eq!(
+        h.call_ok(&["--enclave-name", "app"], b"lock-all"),
+        b"locked"
+    );
+    let e = failed_with(
+        &h.call(&["--enclave-name", "app"], b"extend:after lock"),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-ATTEST-PCR-LOCKED"), "{e}");
+    let locked = String::from_utf8(h.call_ok(&["--enclave-name", "app"], b"pcr:31")).unwrap();
+    assert!(locked.ends_with(" true"), "{locked}");
+
     // Production enclaves have no console, and no files, environment or network.
     failed_with(
         &h.run(&["console", "--enclave-name", "app"]),

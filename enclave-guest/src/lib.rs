@@ -1,17 +1,33 @@
 //! The Cloister guest SDK: bindings to the enclave runtime's imports (the WIT
 //! world `cloister:enclave/workload` in `wit/`) for wasm32-wasip2 workloads.
 //!
-//! A workload implements [`Handler`] and exports it with [`export_workload!`]:
+//! A workload implements [`Handler`] and exports it with [`export_workload!`].
+//! This one counts the records of a sealed file: the runtime obtains the data key
+//! by attested KMS Decrypt and keeps it; the guest holds only a handle.
 //!
 //! ```ignore
-//! struct Echo;
-//! impl cloister_guest::Handler for Echo {
-//!     fn handle(request: Vec<u8>) -> Result<Vec<u8>, cloister_guest::Error> {
-//!         Ok(request)
+//! use cloister_guest::{Error, Handler, sealed};
+//!
+//! struct Count;
+//! impl Handler for Count {
+//!     fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
+//!         let (key, header, body) = cloister_guest::open_sealed(&request)?;
+//!         let mut reader = sealed::Reader::new(header, body, &key)?;
+//!         let mut rows = 0u64;
+//!         reader.for_each_line(|_| {
+//!             rows += 1;
+//!             Ok(())
+//!         })?;
+//!         Ok(rows.to_string().into_bytes())
 //!     }
 //! }
-//! cloister_guest::export_workload!(Echo);
+//! cloister_guest::export_workload!(Count);
 //! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2`, then
+//! `cloister build-enclave --wasm target/wasm32-wasip2/release/count.wasm ...`.
+//! `examples/phi-scorer` is a complete workload; the end-to-end tests run it and
+//! `examples/test-guest` in the real runtime.
 
 pub mod sealed;
 

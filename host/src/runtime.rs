@@ -139,10 +139,23 @@ struct Keyring {
 }
 
 impl Keyring {
-    fn insert(&mut self, key: Zeroizing<Vec<u8>>) -> u32 {
+    /// At most this many keys are held at once; a guest that never forgets its
+    /// keys gets an error, not the runtime's memory.
+    const CAPACITY: usize = 4096;
+
+    fn insert(&mut self, key: Zeroizing<Vec<u8>>) -> Result<u32, GuestError> {
+        if self.keys.len() >= Self::CAPACITY {
+            return Err(guest_error(
+                "E-ENCLAVE-KEYRING-FULL",
+                format!(
+                    "the keyring holds {} keys, its limit; forget keys that are no longer needed",
+                    Self::CAPACITY
+                ),
+            ));
+        }
         self.next = self.next.wrapping_add(1).max(1);
         self.keys.insert(self.next, key);
-        self.next
+        Ok(self.next)
     }
 }
 
@@ -375,7 +388,7 @@ impl cloister::enclave::kms::Host for HostState {
                 ),
             ));
         }
-        Ok(self.shared.keyring()?.insert(data_key))
+        self.shared.keyring()?.insert(data_key)
     }
 
     fn generate_data_key(
@@ -405,7 +418,7 @@ impl cloister::enclave::kms::Host for HostState {
         };
         let data_key = open_for(&key, ciphertext_for_recipient)?;
         Ok(cloister::enclave::kms::DataKey {
-            handle: self.shared.keyring()?.insert(data_key),
+            handle: self.shared.keyring()?.insert(data_key)?,
             ciphertext_blob,
             key_id,
         })
@@ -774,6 +787,8 @@ codes! {
     "The broker's response lacked CiphertextForRecipient, or the decrypted blob is not a 256-bit data key.";
     "E-ENCLAVE-ARGUMENT" => "an import was called with an invalid argument",
     "The message names the argument (nonce length, byte count).";
+    "E-ENCLAVE-KEYRING-FULL" => "the enclave's keyring is full",
+    "A workload may hold 4096 keys at once. Forget keys (keys.forget, or drop the SDK's DataKey) when done with them.";
     "E-ENCLAVE-NO-SUCH-KEY" => "no key with that handle",
     "The handle was never issued or was forgotten.";
     "E-ENCLAVE-AEAD" => "AES-GCM authentication failed",

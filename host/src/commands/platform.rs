@@ -40,6 +40,10 @@ pub enum PlatformCommand {
         /// A PCR value, N=HEX (48 bytes); repeat for several. Absent PCRs are zero.
         #[arg(long = "pcr", value_name = "N=HEX")]
         pcrs: Vec<String>,
+        /// Take PCR0/1/2 (and PCR8 if signed) from an enclave image, as an enclave
+        /// of it would report them; --pcr may add others (PCR3, PCR4, ...).
+        #[arg(long, conflicts_with = "debug")]
+        image: Option<PathBuf>,
         /// A file whose bytes become `public_key` (at most 1024).
         #[arg(long)]
         public_key: Option<PathBuf>,
@@ -83,6 +87,7 @@ pub fn run(cmd: PlatformCommand) -> anyhow::Result<()> {
         PlatformCommand::Attest {
             dir,
             pcrs,
+            image,
             public_key,
             nonce,
             user_data,
@@ -93,12 +98,22 @@ pub fn run(cmd: PlatformCommand) -> anyhow::Result<()> {
             let pcrs = if debug {
                 PcrBank::debug().snapshot()
             } else {
-                let mut values = BTreeMap::new();
+                let mut values: BTreeMap<usize, pcr::Pcr> = match &image {
+                    Some(path) => {
+                        let image = cloister_host::image::Image::parse(&super::read_file(path)?)?;
+                        image.verify_signature()?;
+                        cloister_host::runtime::measurements(&image, None, None)
+                    }
+                    None => BTreeMap::new(),
+                };
                 for arg in &pcrs {
                     let (i, v) = super::parse_pcr_arg(arg)?;
                     let v: pcr::Pcr = v.try_into().map_err(|_| UsageError("PCR length".into()))?;
                     if values.insert(i, v).is_some() {
-                        return Err(UsageError(format!("--pcr {i} is given twice")).into());
+                        return Err(UsageError(format!(
+                            "PCR{i} is given twice (by --pcr twice, or by --image and --pcr)"
+                        ))
+                        .into());
                     }
                 }
                 (0..pcr::PCR_COUNT)
