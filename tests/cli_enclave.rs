@@ -443,77 +443,13 @@ fn ten_parallel_launches_get_distinct_cids() {
 #[test]
 fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
     let h = Host::new();
-    let kms_dir = h.path("kms");
-    h.ok(&["kms", "init", "--data-dir", s(&kms_dir)]);
-    let kms_sock = h.path("kms.sock");
-    let _kms = Server::start(
-        &[
-            "kms",
-            "serve",
-            "--data-dir",
-            s(&kms_dir),
-            "--listen",
-            &format!("unix:{}", s(&kms_sock)),
-        ],
-        &[],
-        &kms_sock,
-    );
-    let proxy_sock = h.path("proxy.sock");
-    let _proxy = Server::start(
-        &[
-            "proxy",
-            "--listen",
-            &format!("unix:{}", s(&proxy_sock)),
-            "--to",
-            &format!("unix:{}", s(&kms_sock)),
-            "--allow",
-            &format!("unix:{}", s(&kms_sock)),
-        ],
-        &[],
-        &proxy_sock,
-    );
-    let admin = |args: &[&str]| {
-        let env = [
-            ("CLOISTER_KMS_ENDPOINT", format!("unix:{}", s(&kms_sock))),
-            ("CLOISTER_PRINCIPAL", "admin".to_string()),
-            (
-                "CLOISTER_PRINCIPAL_KEY",
-                s(&kms_dir.join("admin.key")).to_string(),
-            ),
-        ];
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        json_of(&common::cloister_env(args, &env), &format!("{args:?}"))
-    };
-    admin(&[
-        "kms",
-        "trust",
-        "add",
-        "--root",
-        s(&h.path("platform/root.pem")),
-        "--label",
-        "host",
-    ]);
+    let broker = common::Broker::start(&h);
+    let kms_dir = broker.data.clone();
+    let proxy_sock = broker.proxy_sock.clone();
+    let admin = |args: &[&str]| broker.admin(args);
     let role = "arn:aws:iam::123456789012:role/Parent";
     let parent_key = h.path("parent.key");
-    let k = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
-    cloister_attestation::keyfile::write_signing_key(&parent_key, &k, false).unwrap();
-    std::fs::write(
-        h.path("parent.pub"),
-        cloister_attestation::keyfile::verifying_key_pem(&k.verifying_key()),
-    )
-    .unwrap();
-    std::fs::write(h.path("id.json"), r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#).unwrap();
-    admin(&[
-        "kms",
-        "principal",
-        "add",
-        "--name",
-        role,
-        "--public-key",
-        s(&h.path("parent.pub")),
-        "--policy",
-        &format!("file://{}", s(&h.path("id.json"))),
-    ]);
+    broker.add_principal(role, &parent_key);
 
     let (image, built) = h.build("good.cimg", &[]);
     let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 mod common;
-use common::{Host, Server, cloister_env, failed_with, json_of, s};
+use common::{Host, failed_with, json_of, s};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/Scorer";
 
@@ -48,54 +48,16 @@ fn capturing_relay(listen: PathBuf, to: PathBuf, captured: Arc<Mutex<Vec<u8>>>) 
 
 struct Setup {
     h: Host,
-    kms_sock: PathBuf,
+    broker: common::Broker,
     relay_sock: PathBuf,
     owner_key: PathBuf,
     parent_key: PathBuf,
     captured: Arc<Mutex<Vec<u8>>>,
-    _servers: Vec<Server>,
 }
 
 impl Setup {
     fn client(&self, principal: &str, key: &Path, args: &[&str]) -> std::process::Output {
-        let endpoint = format!("unix:{}", s(&self.kms_sock));
-        cloister_env(
-            args,
-            &[
-                ("CLOISTER_KMS_ENDPOINT", &endpoint),
-                ("CLOISTER_PRINCIPAL", principal),
-                ("CLOISTER_PRINCIPAL_KEY", s(key)),
-            ],
-        )
-    }
-    fn admin(&self, args: &[&str]) -> Value {
-        json_of(
-            &self.client("admin", &self.h.path("kms/admin.key"), args),
-            &format!("{args:?}"),
-        )
-    }
-    fn principal(&self, name: &str, key: &Path) {
-        let k = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
-        cloister_attestation::keyfile::write_signing_key(key, &k, false).unwrap();
-        let public = key.with_extension("pub");
-        std::fs::write(
-            &public,
-            cloister_attestation::keyfile::verifying_key_pem(&k.verifying_key()),
-        )
-        .unwrap();
-        let policy = self.h.path("allow-kms.json");
-        std::fs::write(&policy, r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#).unwrap();
-        self.admin(&[
-            "kms",
-            "principal",
-            "add",
-            "--name",
-            name,
-            "--public-key",
-            s(&public),
-            "--policy",
-            &format!("file://{}", s(&policy)),
-        ]);
+        self.broker.client(principal, key, args)
     }
     fn launch(&self, name: &str, image: &Path, role: &str, extra: &[&str]) -> Value {
         let relay = format!("unix:{}", s(&self.relay_sock));
@@ -121,56 +83,25 @@ impl Setup {
 
 fn setup() -> Setup {
     let h = Host::new();
-    h.ok(&["kms", "init", "--data-dir", s(&h.path("kms"))]);
-    let kms_sock = h.path("kms.sock");
-    let kms = Server::start(
-        &[
-            "kms",
-            "serve",
-            "--data-dir",
-            s(&h.path("kms")),
-            "--listen",
-            &format!("unix:{}", s(&kms_sock)),
-        ],
-        &[],
-        &kms_sock,
-    );
-    let proxy_sock = h.path("proxy.sock");
-    let proxy = Server::start(
-        &[
-            "proxy",
-            "--listen",
-            &format!("unix:{}", s(&proxy_sock)),
-            "--to",
-            &format!("unix:{}", s(&kms_sock)),
-        ],
-        &[],
-        &proxy_sock,
-    );
+    let broker = common::Broker::start(&h);
     let captured = Arc::new(Mutex::new(Vec::new()));
     let relay_sock = h.path("relay.sock");
-    capturing_relay(relay_sock.clone(), proxy_sock, captured.clone());
-    let setup = Setup {
-        owner_key: h.path("owner.key"),
-        parent_key: h.path("parent.key"),
-        kms_sock,
-        relay_sock,
-        captured,
-        _servers: vec![kms, proxy],
+    capturing_relay(
+        relay_sock.clone(),
+        broker.proxy_sock.clone(),
+        captured.clone(),
+    );
+    let (owner_key, parent_key) = (h.path("owner.key"), h.path("parent.key"));
+    broker.add_principal("owner", &owner_key);
+    broker.add_principal(ROLE, &parent_key);
+    Setup {
         h,
-    };
-    setup.admin(&[
-        "kms",
-        "trust",
-        "add",
-        "--root",
-        s(&setup.h.path("platform/root.pem")),
-        "--label",
-        "host",
-    ]);
-    setup.principal("owner", &setup.owner_key);
-    setup.principal(ROLE, &setup.parent_key);
-    setup
+        broker,
+        relay_sock,
+        owner_key,
+        parent_key,
+        captured,
+    }
 }
 
 fn split_response(response: &[u8]) -> (Value, Vec<u8>) {

@@ -270,3 +270,114 @@ impl Drop for Host {
         let _ = self.run(&["terminate-enclave", "--all"]);
     }
 }
+
+/// A key broker (`kms serve` on a Unix socket) and a `cloister proxy` to it, in a
+/// [`Host`]'s directory, trusting the host's platform root.
+pub struct Broker {
+    pub data: std::path::PathBuf,
+    pub sock: std::path::PathBuf,
+    pub proxy_sock: std::path::PathBuf,
+    _servers: Vec<Server>,
+}
+
+pub const ALLOW_ALL_KMS: &str =
+    r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#;
+
+impl Broker {
+    pub fn start(h: &Host) -> Broker {
+        let data = h.path("kms");
+        h.ok(&["kms", "init", "--data-dir", s(&data)]);
+        let sock = h.path("kms.sock");
+        let kms_addr = format!("unix:{}", s(&sock));
+        let kms = Server::start(
+            &[
+                "kms",
+                "serve",
+                "--data-dir",
+                s(&data),
+                "--listen",
+                &kms_addr,
+            ],
+            &[],
+            &sock,
+        );
+        let proxy_sock = h.path("proxy.sock");
+        let proxy = Server::start(
+            &[
+                "proxy",
+                "--listen",
+                &format!("unix:{}", s(&proxy_sock)),
+                "--to",
+                &kms_addr,
+                "--allow",
+                &kms_addr,
+            ],
+            &[],
+            &proxy_sock,
+        );
+        let broker = Broker {
+            data,
+            sock,
+            proxy_sock,
+            _servers: vec![kms, proxy],
+        };
+        broker.admin(&[
+            "kms",
+            "trust",
+            "add",
+            "--root",
+            s(&h.path("platform/root.pem")),
+            "--label",
+            "host",
+        ]);
+        broker
+    }
+
+    /// A client command as `principal` with its key.
+    pub fn client(&self, principal: &str, key: &Path, args: &[&str]) -> Output {
+        let endpoint = format!("unix:{}", s(&self.sock));
+        cloister_env(
+            args,
+            &[
+                ("CLOISTER_KMS_ENDPOINT", &endpoint),
+                ("CLOISTER_PRINCIPAL", principal),
+                ("CLOISTER_PRINCIPAL_KEY", s(key)),
+            ],
+        )
+    }
+
+    pub fn admin(&self, args: &[&str]) -> serde_json::Value {
+        json_of(
+            &self.client("admin", &self.data.join("admin.key"), args),
+            &format!("admin {args:?}"),
+        )
+    }
+
+    /// Makes a key pair at `key` (and `key`.pub) and registers it as `name`, allowed kms:*.
+    pub fn add_principal(&self, name: &str, key: &Path) {
+        let public = key.with_extension("pub");
+        json_of(
+            &cloister(&[
+                "keygen",
+                "--private-key",
+                s(key),
+                "--public-key",
+                s(&public),
+            ]),
+            "keygen",
+        );
+        let policy = key.with_extension("identity.json");
+        std::fs::write(&policy, ALLOW_ALL_KMS).unwrap();
+        self.admin(&[
+            "kms",
+            "principal",
+            "add",
+            "--name",
+            name,
+            "--public-key",
+            s(&public),
+            "--policy",
+            &format!("file://{}", s(&policy)),
+        ]);
+    }
+}
