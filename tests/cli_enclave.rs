@@ -510,6 +510,19 @@ fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
         h.ok(&args)
     };
     launch("good", &image, &[]);
+    // The runtime refuses a PCR3 that is not the principal it signs as.
+    let mut mismatched = vec![
+        "run-enclave",
+        "--image",
+        s(&image),
+        "--enclave-name",
+        "liar",
+        "--parent-role",
+        "arn:aws:iam::123456789012:role/Admin",
+    ];
+    mismatched.extend(kms_args.iter().map(String::as_str));
+    let e = failed_with(&h.run(&mismatched), "E-ENCLAVE-START");
+    assert!(e.contains("PCR3 must measure the principal"), "{e}");
     let out = String::from_utf8(h.call_ok(
         &["--enclave-name", "good"],
         format!("kms-decrypt:{blob_hex};set=a").as_bytes(),

@@ -15,6 +15,8 @@ mod common;
 use common::{Host, failed_with, json_of, s};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/Scorer";
+/// Another parent role, allowed by the key policy's Principal but not by its PCR3 pin.
+const OTHER_ROLE: &str = "arn:aws:iam::123456789012:role/Other";
 
 /// A relay the test controls, between the enclave and `cloister proxy`: it keeps
 /// every byte that crosses the parent side in either direction.
@@ -52,6 +54,7 @@ struct Setup {
     relay_sock: PathBuf,
     owner_key: PathBuf,
     parent_key: PathBuf,
+    other_key: PathBuf,
     captured: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -59,7 +62,13 @@ impl Setup {
     fn client(&self, principal: &str, key: &Path, args: &[&str]) -> std::process::Output {
         self.broker.client(principal, key, args)
     }
+    /// Launches an enclave whose parent acts as `role` (PCR3 and KMS credentials).
     fn launch(&self, name: &str, image: &Path, role: &str, extra: &[&str]) -> Value {
+        let key = if role == ROLE {
+            self.parent_key.clone()
+        } else {
+            self.other_key.clone()
+        };
         let relay = format!("unix:{}", s(&self.relay_sock));
         let mut args = vec![
             "run-enclave",
@@ -72,9 +81,9 @@ impl Setup {
             "--kms-proxy",
             &relay,
             "--kms-principal",
-            ROLE,
+            role,
             "--kms-principal-key",
-            s(&self.parent_key),
+            s(&key),
         ];
         args.extend_from_slice(extra);
         self.h.ok(&args)
@@ -94,12 +103,15 @@ fn setup() -> Setup {
     let (owner_key, parent_key) = (h.path("owner.key"), h.path("parent.key"));
     broker.add_principal("owner", &owner_key);
     broker.add_principal(ROLE, &parent_key);
+    let other_key = h.path("other.key");
+    broker.add_principal(OTHER_ROLE, &other_key);
     Setup {
         h,
         broker,
         relay_sock,
         owner_key,
         parent_key,
+        other_key,
         captured,
     }
 }
@@ -128,7 +140,7 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
     let policy = format!(
         r#"{{"Version":"2012-10-17","Statement":[
               {{"Sid":"Owner","Effect":"Allow","Principal":{{"AWS":"owner"}},"Action":["kms:GenerateDataKey","kms:Decrypt","kms:DescribeKey","kms:CreateAlias"],"Resource":"*"}},
-              {{"Sid":"ScorerEnclave","Effect":"Allow","Principal":{{"AWS":"{ROLE}"}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
+              {{"Sid":"ScorerEnclave","Effect":"Allow","Principal":{{"AWS":["{ROLE}","{OTHER_ROLE}"]}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
                 "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{pcr0}","kms:RecipientAttestation:PCR3":"{pcr3}"}}}}}}]}}"#
     );
     std::fs::write(h.path("policy.json"), policy).unwrap();

@@ -428,6 +428,19 @@ pub fn runtime_main(dir: PathBuf) -> anyhow::Result<()> {
     } else {
         None
     };
+    // PCR3 must name the identity whose credentials the runtime signs with, or a
+    // parent holding one principal's key could claim another's role.
+    if let (Some(principal), Some(role)) = (&spec.kms_principal, &spec.parent_role)
+        && principal != role
+    {
+        anyhow::bail!(
+            "--parent-role {role:?} differs from --kms-principal {principal:?}: PCR3 must measure the principal whose credentials the enclave uses"
+        );
+    }
+    let parent_role = spec
+        .parent_role
+        .clone()
+        .or_else(|| spec.kms_principal.clone());
     let nsm =
         cloister_attestation::Nsm::load(&cloister_attestation::PlatformDir::new(&spec.platform))?;
     let kms = match (
@@ -466,7 +479,7 @@ pub fn runtime_main(dir: PathBuf) -> anyhow::Result<()> {
             image,
             debug: spec.debug_mode,
             module_id: spec.enclave_id.clone(),
-            parent_role: spec.parent_role.clone(),
+            parent_role,
             instance_id: spec.instance_id.clone(),
             memory_mib: spec.memory_mib,
             nsm,
