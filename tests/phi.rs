@@ -17,6 +17,10 @@ use common::{Host, failed_with, json_of, s};
 const ROLE: &str = "arn:aws:iam::123456789012:role/Scorer";
 /// Another parent role, allowed by the key policy's Principal but not by its PCR3 pin.
 const OTHER_ROLE: &str = "arn:aws:iam::123456789012:role/Other";
+/// A parent role the key policy names, whose identity policy allows no Decrypt.
+const NO_IDENTITY: &str = "arn:aws:iam::123456789012:role/NoIdentity";
+/// A parent role with full identity permissions that the key policy does not name.
+const NOT_IN_KEY_POLICY: &str = "arn:aws:iam::123456789012:role/Stranger";
 
 /// A relay the test controls, between the enclave and `cloister proxy`: it keeps
 /// every byte that crosses the parent side in either direction.
@@ -53,9 +57,16 @@ struct Setup {
     broker: common::Broker,
     relay_sock: PathBuf,
     owner_key: PathBuf,
-    parent_key: PathBuf,
-    other_key: PathBuf,
     captured: Arc<Mutex<Vec<u8>>>,
+}
+
+/// The key file of a principal, by its name.
+fn key_name(principal: &str) -> String {
+    principal
+        .rsplit('/')
+        .next()
+        .unwrap_or(principal)
+        .to_ascii_lowercase()
 }
 
 impl Setup {
@@ -64,11 +75,7 @@ impl Setup {
     }
     /// Launches an enclave whose parent acts as `role` (PCR3 and KMS credentials).
     fn launch(&self, name: &str, image: &Path, role: &str, extra: &[&str]) -> Value {
-        let key = if role == ROLE {
-            self.parent_key.clone()
-        } else {
-            self.other_key.clone()
-        };
+        let key = self.h.path(&format!("{}.key", key_name(role)));
         let relay = format!("unix:{}", s(&self.relay_sock));
         let mut args = vec![
             "run-enclave",
@@ -100,18 +107,40 @@ fn setup() -> Setup {
         broker.proxy_sock.clone(),
         captured.clone(),
     );
-    let (owner_key, parent_key) = (h.path("owner.key"), h.path("parent.key"));
+    let owner_key = h.path("owner.key");
     broker.add_principal("owner", &owner_key);
-    broker.add_principal(ROLE, &parent_key);
-    let other_key = h.path("other.key");
-    broker.add_principal(OTHER_ROLE, &other_key);
+    for role in [ROLE, OTHER_ROLE, NOT_IN_KEY_POLICY] {
+        broker.add_principal(role, &h.path(&format!("{}.key", key_name(role))));
+    }
+    // A parent role whose identity policy allows only Encrypt.
+    let narrow = h.path(&format!("{}.key", key_name(NO_IDENTITY)));
+    json_of(
+        &common::cloister(&[
+            "keygen",
+            "--private-key",
+            s(&narrow),
+            "--public-key",
+            s(&narrow.with_extension("pub")),
+        ]),
+        "keygen",
+    );
+    std::fs::write(h.path("encrypt-only.json"), r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:Encrypt","Resource":"*"}}"#).unwrap();
+    broker.admin(&[
+        "kms",
+        "principal",
+        "add",
+        "--name",
+        NO_IDENTITY,
+        "--public-key",
+        s(&narrow.with_extension("pub")),
+        "--policy",
+        &format!("file://{}", s(&h.path("encrypt-only.json"))),
+    ]);
     Setup {
         h,
         broker,
         relay_sock,
         owner_key,
-        parent_key,
-        other_key,
         captured,
     }
 }
@@ -140,7 +169,7 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
     let policy = format!(
         r#"{{"Version":"2012-10-17","Statement":[
               {{"Sid":"Owner","Effect":"Allow","Principal":{{"AWS":"owner"}},"Action":["kms:GenerateDataKey","kms:Decrypt","kms:DescribeKey","kms:CreateAlias"],"Resource":"*"}},
-              {{"Sid":"ScorerEnclave","Effect":"Allow","Principal":{{"AWS":["{ROLE}","{OTHER_ROLE}"]}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
+              {{"Sid":"ScorerEnclave","Effect":"Allow","Principal":{{"AWS":["{ROLE}","{OTHER_ROLE}","{NO_IDENTITY}"]}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
                 "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{pcr0}","kms:RecipientAttestation:PCR3":"{pcr3}"}}}}}}]}}"#
     );
     std::fs::write(h.path("policy.json"), policy).unwrap();
@@ -341,24 +370,63 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
         "E-ENCLAVE-WORKLOAD",
     );
     assert!(e.contains("E-KMS-ACCESS-DENIED"), "{e}");
-    st.launch(
-        "wrong-role",
-        &image,
-        "arn:aws:iam::123456789012:role/Other",
-        &[],
-    );
+    st.launch("wrong-role", &image, OTHER_ROLE, &[]);
     let e = failed_with(
         &h.call(&["--enclave-name", "wrong-role"], &request),
         "E-ENCLAVE-WORKLOAD",
     );
     assert!(e.contains("PCR3"), "{e}");
+    st.launch("no-identity", &image, NO_IDENTITY, &[]);
+    let e = failed_with(
+        &h.call(&["--enclave-name", "no-identity"], &request),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(
+        e.contains("the identity policy of") && e.contains("does not allow kms:Decrypt"),
+        "{e}"
+    );
+    st.launch("stranger", &image, NOT_IN_KEY_POLICY, &[]);
+    let e = failed_with(
+        &h.call(&["--enclave-name", "stranger"], &request),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("does not name principal"), "{e}");
+    // An enclave on a platform the broker does not trust.
+    h.ok(&["platform", "init", "--dir", s(&h.path("rogue-platform"))]);
+    st.launch(
+        "rogue",
+        &image,
+        ROLE,
+        &["--platform", s(&h.path("rogue-platform"))],
+    );
+    let e = failed_with(
+        &h.call(&["--enclave-name", "rogue"], &request),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-ATTEST-UNTRUSTED-ROOT"), "{e}");
     let log = std::fs::read_to_string(h.path("kms/audit.log")).unwrap();
     let denials: Vec<Value> = log
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|l| l["decision"] == "Deny" && l["action"] == "kms:Decrypt")
         .collect();
-    assert_eq!(denials.len(), 3, "{denials:?}");
+    assert_eq!(denials.len(), 6, "{denials:?}");
+    let reasons: Vec<&str> = denials
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
+    assert!(reasons[3].contains("identity policy"), "{}", reasons[3]);
+    assert!(
+        reasons[4].contains("does not name principal"),
+        "{}",
+        reasons[4]
+    );
+    assert!(
+        reasons[5].contains("E-ATTEST-UNTRUSTED-ROOT"),
+        "{}",
+        reasons[5]
+    );
+    let denials = &denials[..3];
     assert!(
         denials
             .iter()
