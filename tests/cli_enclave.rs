@@ -341,13 +341,13 @@ fn hostile_guests_are_stopped_and_the_enclave_keeps_serving() {
     let h = Host::new();
     let (image, _) = h.build(
         "t.cimg",
-        &["--cpu-ms-per-call", "300", "--memory-mib", "32"],
+        &["--cpu-ms-per-call", "1500", "--memory-mib", "32"],
     );
     h.ok(&["run-enclave", "--image", s(&image), "--enclave-name", "h"]);
     let w = ["--enclave-name", "h"];
     failed_with(&h.call(&w, b"loop"), "E-ENCLAVE-CPU-LIMIT");
     failed_with(&h.call(&w, b"alloc"), "E-ENCLAVE-MEMORY-LIMIT");
-    failed_with(&h.call(&w, b"big:20000000"), "E-ENCLAVE-RESPONSE-TOO-LARGE");
+    failed_with(&h.call(&w, b"big:17000000"), "E-ENCLAVE-RESPONSE-TOO-LARGE");
     failed_with(&h.call(&w, b"panic"), "E-ENCLAVE-TRAP");
     let e = failed_with(&h.call(&w, b"fail:on purpose"), "E-ENCLAVE-WORKLOAD");
     assert!(e.contains("E-TEST-FAIL") && e.contains("on purpose"), "{e}");

@@ -163,6 +163,8 @@ pub struct VerifyOptions {
     pub expected_pcrs: BTreeMap<usize, Vec<u8>>,
     /// The challenge the document must answer (its `nonce`).
     pub expected_nonce: Option<Vec<u8>>,
+    /// Reuse chain validations across documents of the same NSM.
+    pub chain_cache: Option<std::sync::Arc<ChainCache>>,
 }
 
 /// A document whose signature, chain and freshness have been checked.
@@ -213,20 +215,13 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifiedDocument, Ve
             fingerprint: hex::encode(Sha256::digest(root_der)),
         })?;
 
-    // Every certificate: well-formed, in its validity period, proper constraints.
-    let mut chain = Vec::with_capacity(doc.cabundle.len() + 1);
-    for (i, der) in doc.cabundle.iter().enumerate() {
-        let c = ParsedCertificate::parse(&format!("cabundle[{i}]"), der)?;
-        c.check_time(at)?;
-        c.check_ca()?;
-        chain.push(c);
-    }
-    let leaf = ParsedCertificate::parse("certificate", &doc.certificate)?;
-    leaf.check_time(at)?;
-    leaf.check_signer()?;
+    let chain = match &opts.chain_cache {
+        Some(cache) => cache.get_or_validate(anchor, doc, at)?,
+        None => validate_chain(anchor, doc, at)?,
+    };
 
     // The COSE signature, with the leaf's key of the algorithm's type.
-    match (unverified.algorithm, &leaf.key) {
+    match (unverified.algorithm, &chain.key) {
         (SigningAlgorithm::EdDSA, PublicKey::Ed25519(key)) => {
             let key = ed25519_dalek::VerifyingKey::from_bytes(key).map_err(|_| {
                 VerifyError::Certificate {
@@ -258,39 +253,6 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifiedDocument, Ve
             });
         }
     }
-
-    // The path from the leaf through the bundle to the anchor.
-    let leaf_der = CertificateDer::from(doc.certificate.as_slice());
-    let end_entity =
-        webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| VerifyError::Certificate {
-            which: "certificate".into(),
-            problem: format!("{e:?}"),
-        })?;
-    let anchor_der = CertificateDer::from(anchor.der.as_slice());
-    let trust = [webpki::anchor_from_trusted_cert(&anchor_der)
-        .map_err(|e| VerifyError::Chain(format!("trust anchor {}: {e:?}", anchor.label)))?];
-    let intermediates: Vec<CertificateDer<'_>> = doc.cabundle[1..]
-        .iter()
-        .map(|d| CertificateDer::from(d.as_slice()))
-        .collect();
-    let unix = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    end_entity
-        .verify_for_usage(
-            &[
-                webpki::ring::ECDSA_P384_SHA384,
-                webpki::ring::ECDSA_P256_SHA256,
-                webpki::ring::ED25519,
-            ],
-            &trust,
-            &intermediates,
-            UnixTime::since_unix_epoch(unix),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| VerifyError::Chain(describe_webpki(&e)))?;
 
     // Freshness.
     let issued = SystemTime::UNIX_EPOCH + Duration::from_millis(doc.timestamp);
@@ -332,8 +294,7 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifiedDocument, Ve
 
     let zero = [0u8; PCR_LEN];
     let debug = (0..3).all(|i| doc.pcrs.get(&i).is_some_and(|v| v.as_slice() == zero));
-    let mut chain_subjects: Vec<String> = chain.into_iter().map(|c| c.subject).collect();
-    chain_subjects.push(leaf.subject);
+    let chain_subjects = chain.subjects;
     let doc = unverified.document;
     Ok(VerifiedDocument {
         algorithm: unverified.algorithm,
@@ -348,6 +309,122 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifiedDocument, Ve
         trust_anchor: anchor.label.clone(),
         chain_subjects,
     })
+}
+
+/// A certificate chain that validated: what the signature check and the report
+/// need, and the window in which every certificate of it is valid.
+#[derive(Debug, Clone)]
+struct ValidChain {
+    key: PublicKey,
+    subjects: Vec<String>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+/// Every certificate well-formed, in its validity period at `at`, with proper
+/// constraints, and a webpki path from the leaf through the bundle to the anchor.
+fn validate_chain(
+    anchor: &TrustAnchor,
+    doc: &crate::document::AttestationDocument,
+    at: SystemTime,
+) -> Result<ValidChain, VerifyError> {
+    let mut chain = Vec::with_capacity(doc.cabundle.len() + 1);
+    for (i, der) in doc.cabundle.iter().enumerate() {
+        let c = ParsedCertificate::parse(&format!("cabundle[{i}]"), der)?;
+        c.check_time(at)?;
+        c.check_ca()?;
+        chain.push(c);
+    }
+    let leaf = ParsedCertificate::parse("certificate", &doc.certificate)?;
+    leaf.check_time(at)?;
+    leaf.check_signer()?;
+
+    // The path from the leaf through the bundle to the anchor.
+    let leaf_der = CertificateDer::from(doc.certificate.as_slice());
+    let end_entity =
+        webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| VerifyError::Certificate {
+            which: "certificate".into(),
+            problem: format!("{e:?}"),
+        })?;
+    let anchor_der = CertificateDer::from(anchor.der.as_slice());
+    let trust = [webpki::anchor_from_trusted_cert(&anchor_der)
+        .map_err(|e| VerifyError::Chain(format!("trust anchor {}: {e:?}", anchor.label)))?];
+    let intermediates: Vec<CertificateDer<'_>> = doc.cabundle[1..]
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let unix = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    end_entity
+        .verify_for_usage(
+            &[
+                webpki::ring::ECDSA_P384_SHA384,
+                webpki::ring::ECDSA_P256_SHA256,
+                webpki::ring::ED25519,
+            ],
+            &trust,
+            &intermediates,
+            UnixTime::since_unix_epoch(unix),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| VerifyError::Chain(describe_webpki(&e)))?;
+    chain.push(leaf);
+    Ok(ValidChain {
+        key: chain[chain.len() - 1].key.clone(),
+        not_before: chain.iter().map(|c| c.not_before).max().unwrap_or(at),
+        not_after: chain.iter().map(|c| c.not_after).min().unwrap_or(at),
+        subjects: chain.into_iter().map(|c| c.subject).collect(),
+    })
+}
+
+/// Certificate chains that validated, so that the documents of one NSM (which all
+/// carry the same chain) are path-validated once. Keyed by SHA-256 over the anchor,
+/// the signing certificate and the bundle, byte for byte; a hit is used only when
+/// the verification time is inside every certificate's validity period, and a
+/// failed validation is never stored. The anchor must still be configured: the
+/// lookup happens after `cabundle[0]` matched one.
+#[derive(Debug, Default)]
+pub struct ChainCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], ValidChain>>,
+}
+
+impl ChainCache {
+    const CAPACITY: usize = 1024;
+
+    fn get_or_validate(
+        &self,
+        anchor: &TrustAnchor,
+        doc: &crate::document::AttestationDocument,
+        at: SystemTime,
+    ) -> Result<ValidChain, VerifyError> {
+        let mut h = Sha256::new();
+        for part in std::iter::once(&anchor.der)
+            .chain(std::iter::once(&doc.certificate))
+            .chain(doc.cabundle.iter())
+        {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        let key: [u8; 32] = h.finalize().into();
+        if let Ok(entries) = self.entries.lock()
+            && let Some(hit) = entries.get(&key)
+            && at >= hit.not_before
+            && at <= hit.not_after
+        {
+            return Ok(hit.clone());
+        }
+        let chain = validate_chain(anchor, doc, at)?;
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= Self::CAPACITY {
+                entries.clear();
+            }
+            entries.insert(key, chain.clone());
+        }
+        Ok(chain)
+    }
 }
 
 fn describe_webpki(e: &webpki::Error) -> String {

@@ -413,3 +413,51 @@ proptest! {
         let _ = AttestationDocument::from_cbor(&bytes);
     }
 }
+
+#[test]
+fn the_chain_cache_never_vouches_for_what_the_full_check_would_refuse() {
+    use cloister_attestation::verify::ChainCache;
+    let e = emulated();
+    let mut opts = opts_for(&e);
+    opts.chain_cache = Some(std::sync::Arc::new(ChainCache::default()));
+    let doc = e.nsm.attest(&request(), SystemTime::now()).unwrap();
+    // Before the NSM certificate is valid: refused, and nothing is cached.
+    let mut early = opts.clone();
+    early.at = Some(SystemTime::now() - Duration::from_secs(86_400));
+    assert_eq!(
+        verify(&doc, &early).unwrap_err().code(),
+        "E-ATTEST-CERTIFICATE-EXPIRED"
+    );
+    // Warm: the same answer as without the cache, twice.
+    let cold = verify(&doc, &opts_for(&e)).unwrap();
+    assert_eq!(verify(&doc, &opts).unwrap(), cold);
+    assert_eq!(verify(&doc, &opts).unwrap(), cold);
+    // With the chain cached, every changed byte is still refused.
+    for i in 0..doc.len() {
+        let mut bad = doc.clone();
+        bad[i] ^= 0x01;
+        assert!(verify(&bad, &opts).is_err(), "byte {i} with a warm cache");
+    }
+    // Outside the certificates' validity the cached chain is not used.
+    let mut late = opts.clone();
+    late.at = Some(SystemTime::now() + DEFAULT_NSM_VALIDITY + Duration::from_secs(60));
+    assert_eq!(
+        verify(&doc, &late).unwrap_err().code(),
+        "E-ATTEST-CERTIFICATE-EXPIRED"
+    );
+    // Another platform's chain under this cache is still untrusted.
+    let other = emulated();
+    let foreign = other.nsm.attest(&request(), SystemTime::now()).unwrap();
+    assert_eq!(
+        verify(&foreign, &opts).unwrap_err().code(),
+        "E-ATTEST-UNTRUSTED-ROOT"
+    );
+    // A document signed by another key under the cached chain fails its signature.
+    let (d, _) = parts(&e);
+    let wrong = sign_raw(
+        &d,
+        &ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng),
+        SigningAlgorithm::EdDSA,
+    );
+    assert_eq!(verify(&wrong, &opts).unwrap_err(), VerifyError::Signature);
+}

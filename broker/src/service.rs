@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use ed25519_dalek::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-use cloister_attestation::verify::{TrustAnchor, VerifyOptions, rfc3339};
+use cloister_attestation::verify::{ChainCache, TrustAnchor, VerifyOptions, rfc3339};
 
 use crate::audit::{AuditLog, Decision, RequestRecord};
 use crate::crypto::{self, KeyId};
@@ -92,7 +92,14 @@ pub struct Broker {
     started_ms: u64,
     replay: Mutex<ReplayCache>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Parsed trust anchors, rebuilt when the keystore's roots change.
+    anchors: Mutex<AnchorCache>,
+    /// Validated NSM certificate chains (see `ChainCache`).
+    chain_cache: std::sync::Arc<ChainCache>,
 }
+
+/// The keystore's (label, DER) roots and the anchors parsed from them.
+type AnchorCache = (Vec<(String, Vec<u8>)>, Vec<TrustAnchor>);
 
 /// The parts of a verified Recipient that the request needs.
 struct AttestedRecipient {
@@ -177,16 +184,10 @@ impl Call<'_> {
                 recipient::ALGORITHM
             )));
         }
-        let anchors = self
-            .broker
-            .keystore
-            .trust_roots()?
-            .into_iter()
-            .filter_map(|(label, der)| TrustAnchor::from_der(label, der).ok())
-            .collect();
         let opts = VerifyOptions {
-            anchors,
+            anchors: self.broker.trust_anchors()?,
             max_age: Some(self.broker.config.max_document_age),
+            chain_cache: Some(self.broker.chain_cache.clone()),
             ..Default::default()
         };
         let v = cloister_attestation::verify(&r.attestation_document, &opts).map_err(|e| {
@@ -266,7 +267,26 @@ impl Broker {
             started_ms: now_ms(),
             replay: Mutex::new(ReplayCache::default()),
             buckets: Mutex::new(HashMap::new()),
+            anchors: Mutex::new((Vec::new(), Vec::new())),
+            chain_cache: std::sync::Arc::new(ChainCache::default()),
         }
+    }
+
+    /// The keystore's trust roots as verifier anchors, parsed once per change.
+    fn trust_anchors(&self) -> Result<Vec<TrustAnchor>, KmsError> {
+        let roots = self.keystore.trust_roots()?;
+        let mut cached = self
+            .anchors
+            .lock()
+            .map_err(|_| error::internal("anchor cache poisoned"))?;
+        if cached.0 != roots {
+            let parsed = roots
+                .iter()
+                .filter_map(|(label, der)| TrustAnchor::from_der(label.clone(), der.clone()).ok())
+                .collect();
+            *cached = (roots, parsed);
+        }
+        Ok(cached.1.clone())
     }
 
     pub fn keystore(&self) -> &Keystore {
