@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use cloister_guest::sealed::Aead;
 use wasmtime::component::{HasSelf, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -29,6 +28,7 @@ use cloister_kms::tls::ClientTls;
 use cloister_proto::{Address, ErrorCode};
 
 use crate::image::Image;
+use crate::sealing::DataKey;
 
 wasmtime::component::bindgen!({
     world: "workload",
@@ -135,7 +135,7 @@ pub fn measurements(
 #[derive(Default)]
 struct Keyring {
     next: u32,
-    keys: HashMap<u32, Zeroizing<Vec<u8>>>,
+    keys: HashMap<u32, DataKey>,
 }
 
 impl Keyring {
@@ -144,6 +144,7 @@ impl Keyring {
     const CAPACITY: usize = 4096;
 
     fn insert(&mut self, key: Zeroizing<Vec<u8>>) -> Result<u32, GuestError> {
+        let key = DataKey::new(key).map_err(|e| guest_error("E-ENCLAVE-KMS", e.to_string()))?;
         if self.keys.len() >= Self::CAPACITY {
             return Err(guest_error(
                 "E-ENCLAVE-KEYRING-FULL",
@@ -445,28 +446,24 @@ impl cloister::enclave::kms::Host for HostState {
     }
 }
 
-fn aead(
+/// The key behind a handle and the 12-byte nonce, for the keys import.
+fn with_key<T>(
     shared: &Shared,
     key: u32,
     nonce: &[u8],
-    f: impl FnOnce(&Aes256Gcm, &Nonce<aes_gcm::aead::consts::U12>) -> Result<Vec<u8>, aes_gcm::Error>,
-) -> Result<Vec<u8>, GuestError> {
-    if nonce.len() != 12 {
-        return Err(guest_error(
-            "E-ENCLAVE-ARGUMENT",
-            "the AES-GCM nonce must be 12 bytes",
-        ));
-    }
+    f: impl FnOnce(&DataKey, &[u8; 12]) -> Result<T, cloister_guest::sealed::SealedError>,
+) -> Result<T, GuestError> {
+    let nonce: &[u8; 12] = nonce
+        .try_into()
+        .map_err(|_| guest_error("E-ENCLAVE-ARGUMENT", "the AES-GCM nonce must be 12 bytes"))?;
     let ring = shared.keyring()?;
-    let bytes = ring.keys.get(&key).ok_or_else(|| {
+    let data_key = ring.keys.get(&key).ok_or_else(|| {
         guest_error(
             "E-ENCLAVE-NO-SUCH-KEY",
             format!("no key with handle {key} in the keyring"),
         )
     })?;
-    let cipher = Aes256Gcm::new_from_slice(bytes)
-        .map_err(|_| guest_error("E-ENCLAVE-INTERNAL", "bad key length"))?;
-    f(&cipher, Nonce::from_slice(nonce)).map_err(|_| {
+    f(data_key, nonce).map_err(|_| {
         guest_error(
             "E-ENCLAVE-AEAD",
             "authentication failed: the ciphertext, nonce or AAD was altered",
@@ -482,14 +479,8 @@ impl cloister::enclave::keys::Host for HostState {
         plaintext: Vec<u8>,
         aad: Vec<u8>,
     ) -> Result<Vec<u8>, GuestError> {
-        aead(&self.shared, key, &nonce, |c, n| {
-            c.encrypt(
-                n,
-                Payload {
-                    msg: &plaintext,
-                    aad: &aad,
-                },
-            )
+        with_key(&self.shared, key, &nonce, |k, n| {
+            k.seal(n, &plaintext, &aad)
         })
     }
 
@@ -500,14 +491,8 @@ impl cloister::enclave::keys::Host for HostState {
         ciphertext: Vec<u8>,
         aad: Vec<u8>,
     ) -> Result<Vec<u8>, GuestError> {
-        aead(&self.shared, key, &nonce, |c, n| {
-            c.decrypt(
-                n,
-                Payload {
-                    msg: &ciphertext,
-                    aad: &aad,
-                },
-            )
+        with_key(&self.shared, key, &nonce, |k, n| {
+            k.open(n, &ciphertext, &aad)
         })
     }
 
