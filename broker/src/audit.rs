@@ -6,8 +6,11 @@
 //! Ed25519 signature by the broker's key over
 //! `"cloister-audit-checkpoint-v1\0" || seq (u64 BE) || prev (32 bytes)`.
 //! After each fsync the writer records the head (seq and hash of the last line,
-//! signed by the broker) in a head file beside the log, replaced atomically, so
-//! that truncation — which a hash chain alone cannot see — is detected too.
+//! signed by the broker) in one of two fixed slots of a head file beside the log,
+//! so that truncation — which a hash chain alone cannot see — is detected too.
+//! A log with records but no head is refused. A newest slot torn by a crash falls
+//! back to the previous one, so at most the last group-committed batch relies on
+//! the checkpoints alone.
 //!
 //! Writes are group-committed: one writer thread takes every record waiting,
 //! writes them, fsyncs once and then answers all their requests.
@@ -141,8 +144,16 @@ impl AuditLog {
             }
             None => (1, GENESIS.to_owned()),
         };
-        if let Some((head_seq, head_hash)) = recorded_head(head_path, &signing_key.verifying_key())?
-        {
+        let head = recorded_head(head_path, &signing_key.verifying_key())?;
+        if head.is_none() && next_seq > 1 {
+            return Err(error::internal(format!(
+                "the audit log {} has records but its head file {} is missing: it cannot be checked \
+                 for truncation; run `cloister kms audit verify`",
+                path.display(),
+                head_path.display()
+            )));
+        }
+        if let Some((head_seq, head_hash)) = head {
             let found = find_hash(&text[..complete], head_seq);
             if found.as_deref() != Some(head_hash.as_str()) {
                 return Err(error::internal(format!(
@@ -282,8 +293,22 @@ impl Writer {
             hash: self.prev.clone(),
             signature: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
         };
-        let bytes = serde_json::to_vec(&head).map_err(|e| error::internal(e.to_string()))?;
-        cloister_attestation::keyfile::write_public(&self.head_path, &bytes, true)
+        let mut slot = serde_json::to_vec(&head).map_err(|e| error::internal(e.to_string()))?;
+        slot.resize(HEAD_SLOT - 1, b' ');
+        slot.push(b'\n');
+        // Two slots, written alternately in place with one fdatasync: a write torn
+        // by a crash spoils only the slot being written, and the other still holds
+        // the previous head (which the log contains).
+        use std::os::unix::fs::FileExt;
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.head_path)
+            .and_then(|f| {
+                f.write_all_at(&slot, (head_seq % 2) * HEAD_SLOT as u64)?;
+                f.sync_data()
+            })
             .map_err(|e| error::internal(format!("cannot record the audit head: {e}")))?;
         Ok(first_seq.unwrap_or(self.next_seq))
     }
@@ -307,7 +332,10 @@ impl Writer {
     }
 }
 
-/// The head file: the last line's seq and hash, signed by the broker.
+/// Bytes per head slot; the head file holds two.
+const HEAD_SLOT: usize = 256;
+
+/// A head slot: the last line's seq and hash, signed by the broker.
 #[derive(Serialize, Deserialize)]
 struct Head {
     seq: u64,
@@ -321,8 +349,12 @@ pub fn recorded_head(
     head_path: &Path,
     broker_key: &VerifyingKey,
 ) -> Result<Option<(u64, String)>, KmsError> {
-    let bytes = match std::fs::read(head_path) {
-        Ok(b) => b,
+    let mut bytes = Vec::with_capacity(2 * HEAD_SLOT);
+    match File::open(head_path) {
+        Ok(f) => f
+            .take(2 * HEAD_SLOT as u64)
+            .read_to_end(&mut bytes)
+            .map_err(|e| error::internal(format!("{}: {e}", head_path.display())))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(error::internal(format!("{}: {e}", head_path.display()))),
     };
@@ -332,16 +364,28 @@ pub fn recorded_head(
             head_path.display()
         ))
     };
-    let head: Head = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-    let sig = base64::engine::general_purpose::STANDARD
-        .decode(&head.signature)
-        .ok()
-        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
-        .ok_or_else(bad)?;
-    broker_key
-        .verify(&signed_message(HEAD_LABEL, head.seq, &head.hash), &sig)
-        .map_err(|_| bad())?;
-    Ok(Some((head.seq, head.hash)))
+    let valid = |slot: &[u8]| -> Option<(u64, String)> {
+        let head: Head = serde_json::from_slice(slot.trim_ascii()).ok()?;
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(&head.signature)
+            .ok()
+            .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())?;
+        broker_key
+            .verify(&signed_message(HEAD_LABEL, head.seq, &head.hash), &sig)
+            .ok()?;
+        Some((head.seq, head.hash))
+    };
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    // The newest slot that is intact and signed by this broker.
+    bytes
+        .chunks(HEAD_SLOT)
+        .take(2)
+        .filter_map(valid)
+        .max_by_key(|(seq, _)| *seq)
+        .map(Some)
+        .ok_or_else(bad)
 }
 
 fn find_hash(text: &[u8], seq: u64) -> Option<String> {
@@ -450,6 +494,12 @@ pub fn verify_log(
             }
             head_seen = true;
         }
+    }
+    if head.is_none() && n > 0 {
+        return Err(AuditError {
+            line: n,
+            problem: "the log has records but no head was recorded (the head file is missing or empty): truncation cannot be ruled out".into(),
+        });
     }
     if !head_seen {
         let (head_seq, _) = head.unwrap_or_default();
@@ -638,6 +688,37 @@ mod tests {
         let err = verify_log(&f.log(), &other.verifying_key(), None).unwrap_err();
         assert_eq!(err.line, 1);
         assert!(err.problem.contains("signature does not verify"), "{err}");
+    }
+
+    #[test]
+    fn a_torn_head_slot_falls_back_to_the_other() {
+        let f = filled(3);
+        let (seq, _) = recorded_head(&f.head(), &f.key.verifying_key())
+            .unwrap()
+            .unwrap();
+        // Spoil the newest slot as a crash in the middle of its write would.
+        let mut bytes = std::fs::read(f.head()).unwrap();
+        let at = (seq % 2) as usize * HEAD_SLOT;
+        bytes[at + 10..at + 40].fill(b'#');
+        std::fs::write(f.head(), &bytes).unwrap();
+        let (older, _) = recorded_head(&f.head(), &f.key.verifying_key())
+            .unwrap()
+            .unwrap();
+        assert_eq!(older, seq - 1);
+        // The log still verifies against the older head, and the broker reopens it.
+        f.verify().unwrap();
+        f.open().unwrap().record(record(9)).unwrap();
+        f.verify().unwrap();
+    }
+
+    #[test]
+    fn a_missing_head_is_refused() {
+        let f = filled(2);
+        std::fs::remove_file(f.head()).unwrap();
+        let err = verify_log(&f.log(), &f.key.verifying_key(), None).unwrap_err();
+        assert!(err.problem.contains("no head was recorded"), "{err}");
+        let err = f.open().err().unwrap();
+        assert!(err.message.contains("head file"), "{err}");
     }
 
     #[test]

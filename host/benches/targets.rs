@@ -216,8 +216,8 @@ fn main() {
             .unwrap()
         })
         .collect();
-    let clients = 16;
-    let per_client = 1500;
+    let clients = 64;
+    let per_client = 400;
     let t = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|c| {
