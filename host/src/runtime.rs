@@ -144,7 +144,12 @@ impl Keyring {
     const CAPACITY: usize = 4096;
 
     fn insert(&mut self, key: Zeroizing<Vec<u8>>) -> Result<u32, GuestError> {
-        let key = DataKey::new(key).map_err(|e| guest_error("E-ENCLAVE-KMS", e.to_string()))?;
+        let key = DataKey::new(key).map_err(|e| {
+            guest_error(
+                "E-ENCLAVE-KMS",
+                format!("the broker's answer is not a 256-bit data key: {e}"),
+            )
+        })?;
         if self.keys.len() >= Self::CAPACITY {
             return Err(guest_error(
                 "E-ENCLAVE-KEYRING-FULL",
@@ -379,17 +384,10 @@ impl cloister::enclave::kms::Host for HostState {
                 "unexpected response to Decrypt",
             ));
         };
-        let data_key = open_for(&key, ciphertext_for_recipient)?;
-        if data_key.len() != 32 {
-            return Err(guest_error(
-                "E-ENCLAVE-KMS",
-                format!(
-                    "the decrypted blob is {} bytes, not a 256-bit data key",
-                    data_key.len()
-                ),
-            ));
-        }
-        self.shared.keyring()?.insert(data_key)
+        // The keyring accepts only 256-bit keys (E-ENCLAVE-KMS otherwise).
+        self.shared
+            .keyring()?
+            .insert(open_for(&key, ciphertext_for_recipient)?)
     }
 
     fn generate_data_key(
