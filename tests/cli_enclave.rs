@@ -352,7 +352,35 @@ fn hostile_guests_are_stopped_and_the_enclave_keeps_serving() {
     let e = failed_with(&h.call(&w, b"fail:on purpose"), "E-ENCLAVE-WORKLOAD");
     assert!(e.contains("E-TEST-FAIL") && e.contains("on purpose"), "{e}");
     failed_with(&h.call(&w, b"bad-handle"), "E-ENCLAVE-WORKLOAD");
-    failed_with(&h.call(&w, b"kms-random:8"), "E-ENCLAVE-WORKLOAD");
+    let e = failed_with(&h.call(&w, b"kms-random:8"), "E-ENCLAVE-WORKLOAD");
+    assert!(
+        e.contains("E-ENCLAVE-NO-KMS") && e.contains("names no key broker"),
+        "{e}"
+    );
+    // Calls blocked in a sleep are stopped at the deadline too, so that sleepers
+    // cannot hold every call slot (max 4 here): all four are stopped, then the
+    // enclave answers again.
+    let env = h.env();
+    let sleepers: Vec<_> = (0..4)
+        .map(|_| {
+            let env = env.clone();
+            let req = h.path("sleep.req");
+            std::fs::write(&req, b"sleep:60000").unwrap();
+            std::thread::spawn(move || {
+                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                common::cloister_env(&["call", "--enclave-name", "h", "--input", s(&req)], &env)
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    for t in sleepers {
+        let e = failed_with(&t.join().unwrap(), "E-ENCLAVE-DEADLINE");
+        assert!(e.contains("1500 ms"), "{e}");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "sleepers were not stopped at their deadline"
+    );
     // Locked PCRs stay locked across calls; build-time PCRs cannot be touched.
     h.call_ok(&w, b"lock");
     let e = failed_with(&h.call(&w, b"extend:x"), "E-ENCLAVE-WORKLOAD");
@@ -388,13 +416,18 @@ fn debug_mode_reads_zeros_and_keeps_its_console() {
         s(&h.path("platform/root.pem")),
     ]);
     assert_eq!(v["Debug"], true);
-    h.ok(&["terminate-enclave", "--all"]);
     let console = String::from_utf8(h.run(&["console", "--enclave-name", "test"]).stdout).unwrap();
     assert!(
         console.contains("hello from the guest")
             && console.contains("stdout: to stdout")
             && console.contains("stderr: to stdout"),
         "{console}"
+    );
+    // Terminated, the enclave and its console are gone (as on Nitro).
+    h.ok(&["terminate-enclave", "--all"]);
+    failed_with(
+        &h.run(&["console", "--enclave-name", "test"]),
+        "E-ENCLAVE-NOT-FOUND",
     );
 }
 
@@ -451,7 +484,9 @@ fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
     let parent_key = h.path("parent.key");
     broker.add_principal(role, &parent_key);
 
-    let (image, built) = h.build("good.cimg", &[]);
+    let trust = broker.trust_args();
+    let trust: Vec<&str> = trust.iter().map(String::as_str).collect();
+    let (image, built) = h.build("good.cimg", &trust);
     let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
     let policy = format!(
         r#"{{"Version":"2012-10-17","Statement":[
@@ -561,7 +596,9 @@ fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
     );
 
     // A modified image and a debug-mode enclave are refused, with the reason.
-    let (modified, _) = h.build("modified.cimg", &["--metadata", "{\"patched\":true}"]);
+    let mut patched = trust.clone();
+    patched.extend(["--metadata", "{\"patched\":true}"]);
+    let (modified, _) = h.build("modified.cimg", &patched);
     launch("modified", &modified, &[]);
     let e = failed_with(
         &h.call(
@@ -601,16 +638,36 @@ fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
 #[test]
 fn the_proxy_relays_only_to_allowed_destinations() {
     let h = Host::new();
-    let out = cloister(&[
-        "proxy",
-        "--listen",
-        &format!("unix:{}", s(&h.path("p.sock"))),
-        "--to",
-        "unix:/tmp/a.sock",
-        "--allow",
-        "unix:/tmp/b.sock",
-    ]);
-    failed_with(&out, "E-CLI-USAGE");
+    let allowlist = h.path("allowlist.json");
+    std::fs::write(&allowlist, r#"{"allowlist": ["unix:/tmp/b.sock"]}"#).unwrap();
+    let proxy = |to: &str| {
+        cloister(&[
+            "proxy",
+            "--listen",
+            &format!("unix:{}", s(&h.path("p.sock"))),
+            "--to",
+            to,
+            "--allowlist",
+            s(&allowlist),
+        ])
+    };
+    // A destination the administrator's file does not name is refused.
+    let e = failed_with(&proxy("unix:/tmp/a.sock"), "E-PROXY-NOT-ALLOWED");
+    assert!(
+        e.contains("unix:/tmp/a.sock") && e.contains("not in the allowlist"),
+        "{e}"
+    );
+    assert!(!h.path("p.sock").exists());
+    // An allowlist others could write is no allowlist.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&allowlist, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = failed_with(&proxy("unix:/tmp/b.sock"), "E-CLI-USAGE");
+    assert!(e.contains("writable by no one else"), "{e}");
+    std::fs::set_permissions(&allowlist, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&allowlist, r#"{"allow": []}"#).unwrap();
+    failed_with(&proxy("unix:/tmp/b.sock"), "E-CLI-USAGE");
+    std::fs::remove_file(&allowlist).unwrap();
+    failed_with(&proxy("unix:/tmp/b.sock"), "E-CLI-INPUT");
     failed_with(
         &h.run(&["run-enclave", "--image", "/nonexistent.cimg"]),
         "E-CLI-INPUT",
@@ -647,6 +704,8 @@ fn tls_to_the_broker_end_to_end_through_the_proxy() {
         &kms_sock,
     );
     let proxy_sock = h.path("proxy.sock");
+    let allowlist = h.path("allowlist.json");
+    std::fs::write(&allowlist, format!(r#"{{"allowlist": ["{tcp}"]}}"#)).unwrap();
     let _proxy = Server::start(
         &[
             "proxy",
@@ -654,6 +713,8 @@ fn tls_to_the_broker_end_to_end_through_the_proxy() {
             &format!("unix:{}", s(&proxy_sock)),
             "--to",
             &tcp,
+            "--allowlist",
+            s(&allowlist),
         ],
         &[],
         &proxy_sock,
@@ -681,48 +742,58 @@ fn tls_to_the_broker_end_to_end_through_the_proxy() {
         "trust add",
     );
 
-    let (image, _) = h.build("t.cimg", &[]);
+    // Which broker the enclave trusts, and its TLS CA, are in the image (PCR0).
+    let ca = kms_dir.join("tls/ca.pem");
+    let broker_pub = kms_dir.join("broker.pub");
+    let (image, _) = h.build(
+        "t.cimg",
+        &[
+            "--kms-broker-key",
+            s(&broker_pub),
+            "--kms-ca",
+            s(&ca),
+            "--kms-tls-name",
+            "127.0.0.1",
+        ],
+    );
     let proxy = format!("unix:{}", s(&proxy_sock));
     let admin_key = kms_dir.join("admin.key");
-    let ca = kms_dir.join("tls/ca.pem");
-    let base = [
-        "run-enclave",
-        "--image",
-        s(&image),
-        "--kms-proxy",
-        &proxy,
-        "--kms-principal",
-        "admin",
-        "--kms-principal-key",
-        s(&admin_key),
-    ];
-    let mut with_tls = base.to_vec();
-    with_tls.extend([
-        "--enclave-name",
-        "tls",
-        "--kms-ca",
-        s(&ca),
-        "--kms-tls-name",
-        "127.0.0.1",
-    ]);
-    h.ok(&with_tls);
+    let run = |image: &Path, name: &str| {
+        h.ok(&[
+            "run-enclave",
+            "--image",
+            s(image),
+            "--enclave-name",
+            name,
+            "--kms-proxy",
+            &proxy,
+            "--kms-principal",
+            "admin",
+            "--kms-principal-key",
+            s(&admin_key),
+        ])
+    };
+    run(&image, "tls");
     assert_eq!(
         h.call_ok(&["--enclave-name", "tls"], b"kms-random:16")
             .len(),
         16
     );
+    // The parent has no say in the CA: run-enclave takes none.
+    let out = h.run(&["run-enclave", "--image", s(&image), "--kms-ca", s(&ca)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--kms-ca"));
 
-    // Without TLS the broker's TCP listener does not answer in the clear.
-    let mut plain = base.to_vec();
-    plain.extend(["--enclave-name", "plain"]);
-    h.ok(&plain);
+    // An image without the CA speaks plain to the TLS listener: no answer.
+    let (plain_image, _) = h.build("plain.cimg", &["--kms-broker-key", s(&broker_pub)]);
+    run(&plain_image, "plain");
     let e = failed_with(
         &h.call(&["--enclave-name", "plain"], b"kms-random:16"),
         "E-ENCLAVE-WORKLOAD",
     );
     assert!(e.contains("E-PROTO") || e.contains("E-KMS"), "{e}");
 
-    let cached = std::fs::read_dir(h.path("run/cache"))
+    let cached = std::fs::read_dir(h.path("state/cache"))
         .map(|d| d.count())
         .unwrap_or(0);
     assert!(cached > 0, "no compiled code was cached");

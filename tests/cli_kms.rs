@@ -1212,10 +1212,10 @@ fn sealed_files_round_trip_and_every_kind_of_damage_is_refused_without_output() 
         "encrypt other",
     );
     let other_bytes = std::fs::read(&other).unwrap();
-    let edk = cloister_guest::sealed::Header::read(&mut &bytes[..])
+    let edk = cloister_sealed::Header::read(&mut &bytes[..])
         .unwrap()
         .encrypted_data_key;
-    let other_edk = cloister_guest::sealed::Header::read(&mut &other_bytes[..])
+    let other_edk = cloister_sealed::Header::read(&mut &other_bytes[..])
         .unwrap()
         .encrypted_data_key;
     assert_eq!(edk.len(), other_edk.len());

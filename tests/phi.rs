@@ -26,6 +26,9 @@ const NOT_IN_KEY_POLICY: &str = "arn:aws:iam::123456789012:role/Stranger";
 /// every byte that crosses the parent side in either direction.
 fn capturing_relay(listen: PathBuf, to: PathBuf, captured: Arc<Mutex<Vec<u8>>>) {
     let listener = UnixListener::bind(&listen).unwrap();
+    // Enclave runtimes run as uids of their own: any uid may connect.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&listen, std::fs::Permissions::from_mode(0o666)).unwrap();
     std::thread::spawn(move || {
         for inbound in listener.incoming() {
             let Ok(inbound) = inbound else { continue };
@@ -160,7 +163,19 @@ fn split_response(response: &[u8]) -> (Value, Vec<u8>) {
 fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext() {
     let st = setup();
     let h = &st.h;
-    let (image, built) = h.build_guest("phi_scorer", "phi-scorer", "scorer.cimg", &[]);
+    // Where results go is measured configuration: in the image, not the request.
+    let mut scorer_args = st.broker.trust_args();
+    scorer_args.extend(
+        [
+            "--config",
+            "output-key-id=alias/phi-results",
+            "--config",
+            "output-context=study=fhs-demo,kind=scores",
+        ]
+        .map(str::to_owned),
+    );
+    let scorer_args: Vec<&str> = scorer_args.iter().map(String::as_str).collect();
+    let (image, built) = h.build_guest("phi_scorer", "phi-scorer", "scorer.cimg", &scorer_args);
     let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
     let pcr3 = h.ok(&["pcr", "--string", ROLE])["PCR"]
         .as_str()
@@ -232,9 +247,7 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
         "encrypt",
     );
     let sealed = std::fs::read(h.path("patients.sealed")).unwrap();
-    let mut request = br#"{"output_key_id":"alias/phi-results","output_context":{"study":"fhs-demo","kind":"scores"}}"#.to_vec();
-    request.push(b'\n');
-    request.extend_from_slice(&sealed);
+    let request = sealed.clone();
 
     st.launch("scorer", &image, ROLE, &[]);
     let response = h.call_ok(&["--enclave-name", "scorer"], &request);
@@ -288,7 +301,7 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
                     s(&write(
                         h,
                         "edk",
-                        &cloister_guest::sealed::Header::read(&mut &sealed[..])
+                        &cloister_sealed::Header::read(&mut &sealed[..])
                             .unwrap()
                             .encrypted_data_key
                     ))
@@ -349,12 +362,9 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
     assert!(e.contains("E-SEALED-TAMPERED"), "{e}");
 
     // 2. Refusals, each with its reason, in the response and in the audit log.
-    let (modified, _) = h.build_guest(
-        "phi_scorer",
-        "phi-scorer",
-        "modified.cimg",
-        &["--metadata", "{\"patched\":1}"],
-    );
+    let mut patched = scorer_args.clone();
+    patched.extend(["--metadata", "{\"patched\":1}"]);
+    let (modified, _) = h.build_guest("phi_scorer", "phi-scorer", "modified.cimg", &patched);
     st.launch("modified", &modified, ROLE, &[]);
     let e = failed_with(
         &h.call(&["--enclave-name", "modified"], &request),
@@ -391,16 +401,47 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
         "E-ENCLAVE-WORKLOAD",
     );
     assert!(e.contains("does not name principal"), "{e}");
-    // An enclave on a platform the broker does not trust.
+    // An enclave of a supervisor whose platform the broker does not trust.
     h.ok(&["platform", "init", "--dir", s(&h.path("rogue-platform"))]);
-    st.launch(
-        "rogue",
-        &image,
-        ROLE,
-        &["--platform", s(&h.path("rogue-platform"))],
+    let rogue_sock = h.path("rogue.sock");
+    let _rogue = common::Server::start(
+        &[
+            "supervisor",
+            "--state-dir",
+            s(&h.path("rogue-state")),
+            "--platform",
+            s(&h.path("rogue-platform")),
+            "--listen",
+            &format!("unix:{}", s(&rogue_sock)),
+        ],
+        &[],
+        &rogue_sock,
     );
+    let rogue_env = format!("unix:{}", s(&rogue_sock));
+    let rogue = |args: &[&str]| common::cloister_env(args, &[("CLOISTER_SUPERVISOR", &rogue_env)]);
+    let key = h.path(&format!("{}.key", key_name(ROLE)));
+    let relay = format!("unix:{}", s(&st.relay_sock));
+    json_of(
+        &rogue(&[
+            "run-enclave",
+            "--image",
+            s(&image),
+            "--enclave-name",
+            "rogue",
+            "--parent-role",
+            ROLE,
+            "--kms-proxy",
+            &relay,
+            "--kms-principal",
+            ROLE,
+            "--kms-principal-key",
+            s(&key),
+        ]),
+        "run on the rogue platform",
+    );
+    let req = write(h, "rogue.req", &request);
     let e = failed_with(
-        &h.call(&["--enclave-name", "rogue"], &request),
+        &rogue(&["call", "--enclave-name", "rogue", "--input", s(&req)]),
         "E-ENCLAVE-WORKLOAD",
     );
     assert!(e.contains("E-ATTEST-UNTRUSTED-ROOT"), "{e}");

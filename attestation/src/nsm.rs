@@ -15,6 +15,7 @@
 //! verifier that trusts `root.pem` can check it exactly as it checks Nitro's.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -102,10 +103,15 @@ impl PlatformDir {
         if self.root_cert().exists() || self.root_key().exists() {
             return Err(NsmError::AlreadyInitialised(self.dir.clone()));
         }
-        std::fs::create_dir_all(&self.dir).map_err(|source| KeyFileError::Write {
-            path: self.dir.clone(),
-            source,
-        })?;
+        // Private to its owner: the supervisor refuses a platform others can enter.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|source| KeyFileError::Write {
+                path: self.dir.clone(),
+                source,
+            })?;
         let root_key = SigningKey::generate(&mut rand_core::OsRng);
         let now = OffsetDateTime::now_utc();
         let mut params = root_params(name);

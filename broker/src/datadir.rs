@@ -130,8 +130,8 @@ impl DataDir {
         let keystore = Keystore::open(&self.keystore(), root)?;
         let broker_key = keyfile::read_signing_key(&self.broker_key())
             .map_err(|e| error::internal(e.to_string()))?;
-        let audit = AuditLog::open(&self.audit_log(), &self.audit_head(), broker_key)?;
-        Ok(Broker::new(keystore, audit, config))
+        let audit = AuditLog::open(&self.audit_log(), &self.audit_head(), broker_key.clone())?;
+        Ok(Broker::new(keystore, audit, config, broker_key))
     }
 
     fn root(&self, passphrase: Option<Zeroizing<String>>) -> Result<RootKey, KmsError> {

@@ -1,21 +1,18 @@
-//! The Cloister key broker (KMS analog).
+//! The Cloister key broker (KMS analog): the server. Its wire protocol and client
+//! are `cloister-kms-api`.
 //!
 //! - [`policy`]: AWS-style identity and key policies and the two-factor check.
 //! - [`crypto`]: the root key, the ciphertext blob format, encryption contexts.
-//! - [`recipient`]: HPKE `CiphertextForRecipient` for attested operations.
-//! - [`error`]: AWS-style exceptions with stable codes.
+//! - [`keystore`], [`audit`], [`service`], [`server`]: storage, the audit log,
+//!   the operations, the listeners.
 
 pub mod audit;
-pub mod client;
 pub mod crypto;
 pub mod datadir;
-pub mod error;
 pub mod keystore;
 pub mod policy;
-pub mod protocol;
-pub mod recipient;
 pub mod server;
 pub mod service;
 pub mod tls;
 
-pub use error::{ErrorKind, KmsError};
+pub use cloister_kms_api::{ErrorKind, KmsError, error, protocol, recipient};

@@ -111,12 +111,13 @@ async fn accept_loop(
             continue;
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let refusal = Response {
+            let refusal = broker.sign(&Response {
                 request_id: String::new(),
+                request_digest: Vec::new(),
                 result: Err(error::limit_exceeded(
                     "the broker is at its connection limit; retry later",
                 )),
-            };
+            });
             tokio::spawn(async move {
                 let _ = frame::send(&mut stream, &refusal, MAX_MESSAGE).await;
             });
@@ -160,21 +161,28 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(Some(bytes))) => bytes,
             Ok(Err(e)) => {
                 // The stream is no longer in step with frames: answer and close.
-                let reply = Response {
+                let reply = broker.sign(&Response {
                     request_id: String::new(),
+                    request_digest: Vec::new(),
                     result: Err(frame_error(&e)),
-                };
+                });
                 let _ = frame::send(&mut stream, &reply, MAX_MESSAGE).await;
                 return;
             }
         };
         let b = broker.clone();
-        let response = match tokio::task::spawn_blocking(move || b.handle(&request)).await {
+        let response = match tokio::task::spawn_blocking(move || {
+            let response = b.handle(&request);
+            b.sign(&response)
+        })
+        .await
+        {
             Ok(r) => r,
-            Err(e) => Response {
+            Err(e) => broker.sign(&Response {
                 request_id: String::new(),
+                request_digest: Vec::new(),
                 result: Err(error::internal(format!("request handler failed: {e}"))),
-            },
+            }),
         };
         if frame::send(&mut stream, &response, MAX_MESSAGE)
             .await

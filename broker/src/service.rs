@@ -42,11 +42,7 @@ impl Default for BrokerConfig {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use cloister_kms_api::now_ms;
 
 fn ms_to_rfc3339(ms: u64) -> String {
     rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
@@ -96,6 +92,8 @@ pub struct Broker {
     anchors: Mutex<AnchorCache>,
     /// Validated NSM certificate chains (see `ChainCache`).
     chain_cache: std::sync::Arc<ChainCache>,
+    /// The broker key: signs every response (and the audit log's checkpoints).
+    response_key: ed25519_dalek::SigningKey,
 }
 
 /// The keystore's (label, DER) roots and the anchors parsed from them.
@@ -259,8 +257,14 @@ fn default_key_policy(creator: &str) -> String {
 }
 
 impl Broker {
-    pub fn new(keystore: Keystore, audit: AuditLog, config: BrokerConfig) -> Self {
+    pub fn new(
+        keystore: Keystore,
+        audit: AuditLog,
+        config: BrokerConfig,
+        response_key: ed25519_dalek::SigningKey,
+    ) -> Self {
         Broker {
+            response_key,
             keystore,
             audit,
             config,
@@ -297,6 +301,22 @@ impl Broker {
         &self.audit
     }
 
+    /// The response as sent: signed with the broker key.
+    pub fn sign(&self, response: &Response) -> SignedResponse {
+        SignedResponse::sign(response, &self.response_key).unwrap_or_else(|e| {
+            // A response always encodes; should it not, send a signed error.
+            let fallback = Response {
+                request_id: response.request_id.clone(),
+                request_digest: response.request_digest.clone(),
+                result: Err(error::internal(format!("the response did not encode: {e}"))),
+            };
+            SignedResponse::sign(&fallback, &self.response_key).unwrap_or(SignedResponse {
+                payload: Vec::new(),
+                signature: Vec::new(),
+            })
+        })
+    }
+
     /// Handles one request frame and returns the response to send. The audit
     /// record is on disk before this returns; if it cannot be written, the
     /// response is an error and carries no result.
@@ -309,6 +329,7 @@ impl Broker {
         let (signed, payload) = match decoded {
             Ok(d) => d,
             Err(e) => {
+                let request_digest = request_digest(frame);
                 let err = error::validation(format!("malformed request: {e}"));
                 let record = RequestRecord {
                     request_id: String::new(),
@@ -326,6 +347,7 @@ impl Broker {
                 };
                 return Response {
                     request_id: String::new(),
+                    request_digest,
                     result,
                 };
             }
@@ -364,6 +386,7 @@ impl Broker {
                     }
                     return Response {
                         request_id: payload.request_id,
+                        request_digest: request_digest(&signed.payload),
                         result: result.map(|(out, _)| out),
                     };
                 }
@@ -398,6 +421,7 @@ impl Broker {
         };
         Response {
             request_id: payload.request_id,
+            request_digest: request_digest(&signed.payload),
             result,
         }
     }

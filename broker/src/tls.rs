@@ -13,13 +13,14 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use time::OffsetDateTime;
 
 use cloister_attestation::keyfile;
 
-use crate::error::{self, KmsError};
+use cloister_kms_api::error::{self, KmsError};
+use cloister_kms_api::tls::{provider, read_certs};
 
 pub struct TlsFiles {
     pub dir: PathBuf,
@@ -105,28 +106,6 @@ impl TlsFiles {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, KmsError> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            error::validation(format!(
-                "{}: not a PEM certificate file ({e})",
-                path.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(error::validation(format!(
-            "{}: no certificate in it",
-            path.display()
-        )));
-    }
-    Ok(certs)
-}
-
 /// A TLS 1.3 server configuration from PEM files.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, KmsError> {
     let certs = read_certs(cert)?;
@@ -140,35 +119,4 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         .with_single_cert(certs, key)
         .map_err(|e| error::validation(format!("TLS certificate and key do not fit: {e}")))?;
     Ok(Arc::new(config))
-}
-
-/// What a client needs to reach the broker over TLS.
-#[derive(Clone)]
-pub struct ClientTls {
-    pub config: Arc<rustls::ClientConfig>,
-    pub server_name: ServerName<'static>,
-}
-
-impl ClientTls {
-    /// Trusts the CA certificates in `ca` and expects the server to be `server_name`.
-    pub fn new(ca: &Path, server_name: &str) -> Result<Self, KmsError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in read_certs(ca)? {
-            roots
-                .add(c)
-                .map_err(|e| error::validation(format!("{}: {e}", ca.display())))?;
-        }
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| error::internal(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let server_name = ServerName::try_from(server_name.to_owned()).map_err(|_| {
-            error::validation(format!("{server_name:?} is not a valid TLS server name"))
-        })?;
-        Ok(ClientTls {
-            config: Arc::new(config),
-            server_name,
-        })
-    }
 }

@@ -10,13 +10,13 @@ use cloister_attestation::nsm::{
     AttestationRequest, DEFAULT_NSM_VALIDITY, Nsm, PlatformDir, read_pem_certificates,
 };
 use cloister_attestation::pcr;
-use cloister_kms::client::{ClientError, Credentials, KmsClient};
 use cloister_kms::datadir::{ADMIN, DataDir};
 use cloister_kms::protocol::*;
 use cloister_kms::recipient::{self, RecipientKey};
 use cloister_kms::server::{ServerLimits, serve};
 use cloister_kms::service::BrokerConfig;
 use cloister_kms::{ErrorKind, KmsError};
+use cloister_kms_api::client::{ClientError, Credentials, KmsClient};
 use cloister_proto::Address;
 use ed25519_dalek::SigningKey;
 

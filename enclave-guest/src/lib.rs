@@ -29,7 +29,7 @@
 //! `examples/phi-scorer` is a complete workload; the end-to-end tests run it and
 //! `examples/test-guest` in the real runtime.
 
-pub mod sealed;
+pub use cloister_sealed as sealed;
 
 #[doc(hidden)]
 #[allow(unsafe_code, clippy::all, missing_docs)]
@@ -47,7 +47,7 @@ pub mod bindings {
 pub use bindings as __bindings;
 
 pub use bindings::cloister::enclave::types::{Error, KeyHandle};
-pub use bindings::cloister::enclave::{console, keys, kms, nsm};
+pub use bindings::cloister::enclave::{config, console, keys, kms, nsm};
 pub use bindings::exports::cloister::enclave::handler::Guest as Handler;
 
 /// Exports a type implementing [`Handler`] as the workload's `handler`.
@@ -145,4 +145,15 @@ pub fn open_sealed(bytes: &[u8]) -> Result<(DataKey, sealed::Header, &[u8]), Err
     let header = sealed::Header::read(&mut rest)?;
     let key = DataKey::decrypt(&header.encrypted_data_key, &header.encryption_context)?;
     Ok((key, header, rest))
+}
+
+/// A value of the image's measured configuration that the workload cannot do
+/// without: an error naming the key when the image does not set it.
+pub fn required_config(key: &str) -> Result<String, Error> {
+    config::get(key).ok_or_else(|| {
+        error(
+            "E-WORKLOAD-CONFIG",
+            format!("the image sets no {key:?} (build it with --config {key}=VALUE)"),
+        )
+    })
 }

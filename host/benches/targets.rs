@@ -22,18 +22,18 @@ use std::time::{Duration, Instant, SystemTime};
 use cloister_attestation::nsm::{
     AttestationRequest, DEFAULT_NSM_VALIDITY, Nsm, PlatformDir, read_pem_certificates,
 };
-use cloister_attestation::pcr;
-use cloister_guest::sealed;
-use cloister_host::image::{Image, Manifest};
-use cloister_host::runtime::{Enclave, EnclaveConfig, KmsAccess};
-use cloister_host::sealing::DataKey;
-use cloister_kms::client::{Credentials, KmsClient};
+use cloister_attestation::pcr::{self, PcrBank};
+use cloister_image::{BrokerTrust, Image, Manifest};
 use cloister_kms::datadir::{ADMIN, DataDir};
-use cloister_kms::protocol::*;
-use cloister_kms::recipient::{self, RecipientKey};
 use cloister_kms::server::{ServerLimits, serve};
 use cloister_kms::service::BrokerConfig;
+use cloister_kms_api::client::{Credentials, KmsClient};
+use cloister_kms_api::protocol::*;
+use cloister_kms_api::recipient::{self, RecipientKey};
 use cloister_proto::Address;
+use cloister_runtime::channel::{NsmRequest, NsmResponse};
+use cloister_runtime::engine::{Enclave, EnclaveConfig, KmsAccess, NsmPort};
+use cloister_sealed::{self as sealed, DataKey};
 
 fn report(name: &str, value: String, target: &str, met: bool) {
     println!(
@@ -109,9 +109,36 @@ impl World {
             .block_on(KmsClient::connect(&self.addr, None, creds))
             .unwrap()
     }
-    fn call(&self, op: Operation) -> Result<Output, cloister_kms::client::ClientError> {
+    fn call(&self, op: Operation) -> Result<Output, cloister_kms_api::client::ClientError> {
         let mut c = self.client();
         self.rt.block_on(c.call(op))
+    }
+}
+
+/// The supervisor's NSM answers, in process (the bench measures the engine).
+struct LocalNsm {
+    nsm: Nsm,
+    bank: std::sync::Mutex<PcrBank>,
+}
+
+impl NsmPort for LocalNsm {
+    fn request(&self, request: NsmRequest) -> Result<NsmResponse, String> {
+        let NsmRequest::Attestation { public_key, .. } = request else {
+            return Err("the bench answers attestation requests only".into());
+        };
+        let pcrs = self.bank.lock().unwrap().snapshot();
+        self.nsm
+            .attest(
+                &AttestationRequest {
+                    module_id: "bench".into(),
+                    pcrs,
+                    public_key: public_key.map(|k| k.into_vec()),
+                    ..Default::default()
+                },
+                SystemTime::now(),
+            )
+            .map(|d| NsmResponse::Document(d.into()))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -323,44 +350,53 @@ fn main() {
     let mut manifest = Manifest::new("phi-scorer", "bench");
     manifest.memory_mib = 1024;
     manifest.cpu_ms_per_call = 600_000;
+    manifest
+        .config
+        .insert("output-key-id".into(), key.key_id.clone());
+    let broker_pub =
+        cloister_attestation::keyfile::read_verifying_key(&w.dir.path().join("kms/broker.pub"))
+            .unwrap();
+    manifest.kms = Some(BrokerTrust {
+        broker_key: hex::encode(broker_pub.as_bytes()),
+        tls_ca: None,
+        tls_name: None,
+    });
     let image = Image::parse(&Image::build(manifest, wasm, None).unwrap()).unwrap();
-    let cache = w.dir.path().join("cache");
+    let code = cloister_runtime::engine::compile(&image.component).unwrap();
     let start_enclave = |image: Image| {
         let _guard = w.rt.enter();
+        let measurements = image.measurements(None, Some(ADMIN), None);
         Enclave::start(EnclaveConfig {
             image,
+            code: code.clone(),
             debug: false,
-            module_id: "bench".into(),
-            parent_role: Some(ADMIN.into()),
-            instance_id: None,
-            memory_mib: None,
-            nsm: Nsm::load(&w.platform).unwrap(),
+            memory_mib: 1024,
+            nsm: Arc::new(LocalNsm {
+                nsm: Nsm::load(&w.platform).unwrap(),
+                bank: std::sync::Mutex::new(PcrBank::new(&measurements).unwrap()),
+            }),
             kms: Some(KmsAccess {
                 proxy: w.addr.clone(),
-                tls: None,
                 principal: ADMIN.into(),
                 key: w.admin_key.clone(),
             }),
             console: None,
-            cache_dir: Some(cache.clone()),
         })
         .unwrap()
     };
     let enclave = Arc::new(start_enclave(image.clone()));
-    let mut request = format!(
-        "{{\"output_key_id\":\"{}\",\"output_context\":{{}}}}\n",
-        key.key_id
-    )
-    .into_bytes();
-    request.extend_from_slice(&sealed_input);
+    let request = sealed_input.clone();
     let in_enclave = || {
         let e = enclave.clone();
         let req = request.clone();
         let t = Instant::now();
         let out =
-            w.rt.block_on(async move { tokio::task::spawn_blocking(move || e.call(&req)).await })
-                .unwrap()
-                .unwrap();
+            w.rt.block_on(async move {
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || handle.block_on(e.call(req))).await
+            })
+            .unwrap()
+            .unwrap();
         std::hint::black_box(out);
         t.elapsed()
     };

@@ -3,13 +3,17 @@
 
 use cloister_attestation::keyfile::KeyFileError;
 use cloister_attestation::{DocumentError, NsmError, PcrError, VerifyError};
-use cloister_host::enclave::LaunchError;
-use cloister_host::image::ImageError;
-use cloister_host::runtime::EnclaveError;
-use cloister_kms::KmsError;
+use cloister_image::ImageError;
 use cloister_kms::audit::AuditError;
-use cloister_kms::client::ClientError;
+use cloister_kms_api::KmsError;
+use cloister_kms_api::client::ClientError;
+use cloister_proto::call::CallError;
 use cloister_proto::{AddressError, ErrorCode, FrameError, TransportError};
+use cloister_runtime::EnclaveError;
+use cloister_supervisor::SupervisorError;
+use cloister_supervisor::daemon::StateError;
+
+use crate::commands::enclave::ProxyRefused;
 
 /// A mistake in how the command was called that clap cannot see.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,13 @@ pub const CODES: &[cloister_proto::CodeInfo] = &[
         explanation: "The path does not exist, is not readable by this user, or is a directory.",
     },
     cloister_proto::CodeInfo {
+        code: "E-PROXY-NOT-ALLOWED",
+        summary: "the proxy refuses a destination its allowlist does not name",
+        explanation: "`cloister proxy --to` must be one of the addresses in the administrator's \
+            allowlist file (--allowlist, default /etc/cloister/proxy-allowlist.json), which \
+            group and others cannot write: the parent cannot point enclaves elsewhere.",
+    },
+    cloister_proto::CodeInfo {
         code: "E-KMS-AUDIT-TAMPERED",
         summary: "the audit log does not verify",
         explanation: "A line of the audit log was edited, deleted, reordered or cut off, a \
@@ -60,14 +71,15 @@ pub const CODES: &[cloister_proto::CodeInfo] = &[
 ];
 
 /// Every code table, for `cloister explain`.
-pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 7] {
+pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 8] {
     [
         cloister_host::sealing::CODES,
         cloister_proto::codes::CODES,
         cloister_attestation::codes::CODES,
-        cloister_kms::error::CODES,
-        cloister_host::image::CODES,
-        cloister_host::runtime::CODES,
+        cloister_kms_api::error::CODES,
+        cloister_image::CODES,
+        cloister_runtime::CODES,
+        cloister_supervisor::CODES,
         CODES,
     ]
 }
@@ -80,14 +92,17 @@ pub fn code_of(err: &anyhow::Error) -> Option<&'static str> {
         };
     }
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<cloister_guest::sealed::SealedError>() {
+        if let Some(e) = cause.downcast_ref::<cloister_sealed::SealedError>() {
             return Some(e.code());
         }
         try_types!(
             cause,
             UsageError,
             InputError,
-            LaunchError,
+            ProxyRefused,
+            SupervisorError,
+            StateError,
+            CallError,
             ImageError,
             EnclaveError,
             ClientError,

@@ -1,8 +1,5 @@
-//! The host side of Cloister: enclave images and the enclave runtime. The
-//! `cloister` binary (src/main.rs) is the CLI over them.
+//! The `cloister` CLI's library part: the data owner's envelope encryption
+//! (`cloister encrypt`/`decrypt`). The binary (src/main.rs) holds the commands:
+//! the owner's and the parent's, the broker and the supervisor daemons.
 
-pub mod enclave;
-pub mod hardening;
-pub mod image;
-pub mod runtime;
 pub mod sealing;

@@ -59,12 +59,9 @@ enum Command {
     Call(commands::enclave::CallArgs),
     /// Relay an enclave's connections to the key broker (the vsock-proxy analog).
     Proxy(commands::enclave::ProxyArgs),
-    /// The enclave runtime process (started by run-enclave).
-    #[command(hide = true)]
-    EnclaveRuntime {
-        #[arg(long)]
-        enclave_dir: std::path::PathBuf,
-    },
+    /// The supervisor daemon (the hypervisor + NSM analog): holds the NSM key and
+    /// the code cache, launches enclave runtimes for the parent's commands.
+    Supervisor(commands::enclave::SupervisorArgs),
     /// Make an Ed25519 key pair for a principal (PKCS#8 private key 0600, SPKI public key).
     Keygen {
         #[arg(long)]
@@ -101,9 +98,7 @@ fn main() -> ExitCode {
         Command::Console { which } => commands::enclave::console(which),
         Command::Call(args) => commands::enclave::call(args),
         Command::Proxy(args) => commands::enclave::proxy(args),
-        Command::EnclaveRuntime { enclave_dir } => {
-            cloister_host::enclave::runtime_main(enclave_dir)
-        }
+        Command::Supervisor(args) => commands::enclave::supervisor_daemon(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

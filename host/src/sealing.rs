@@ -5,60 +5,7 @@
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead as _, Payload};
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
-use zeroize::Zeroizing;
-
-use cloister_guest::sealed::{self, Aead, SealedError};
-
-/// A data key held by the host process.
-pub struct DataKey(Zeroizing<Vec<u8>>);
-
-impl DataKey {
-    pub fn new(key: Zeroizing<Vec<u8>>) -> Result<Self, SealedError> {
-        if key.len() != 32 {
-            return Err(SealedError::Crypto(format!(
-                "a data key is 32 bytes, not {}",
-                key.len()
-            )));
-        }
-        Ok(DataKey(key))
-    }
-
-    fn cipher(&self) -> Result<Aes256Gcm, SealedError> {
-        Aes256Gcm::new_from_slice(&self.0).map_err(|_| SealedError::Crypto("bad key length".into()))
-    }
-}
-
-impl Aead for DataKey {
-    fn seal(&self, nonce: &[u8; 12], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, SealedError> {
-        self.cipher()?
-            .encrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .map_err(|_| SealedError::Crypto("AES-GCM encryption failed".into()))
-    }
-    fn open(
-        &self,
-        nonce: &[u8; 12],
-        ciphertext: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>, SealedError> {
-        self.cipher()?
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad,
-                },
-            )
-            .map_err(|_| SealedError::Crypto("AES-GCM authentication failed".into()))
-    }
-}
+use cloister_sealed::{self as sealed, DataKey, SealedError};
 
 /// An output file that appears only when complete: written to a temporary file
 /// beside it, fsynced, then renamed; removed if dropped unfinished.

@@ -23,7 +23,8 @@ use crate::codes::ErrorCode;
 pub const PROTOCOL_VERSION: u8 = 1;
 /// The default hard cap on one frame's payload: 4 MiB. Larger data is streamed.
 pub const MAX_FRAME_LEN: u32 = 4 * 1024 * 1024;
-const HEADER_LEN: usize = 5;
+/// The frame header: version and length.
+pub const HEADER_LEN: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -57,16 +58,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     payload: &[u8],
     max: u32,
 ) -> Result<(), FrameError> {
-    let len = u32::try_from(payload.len())
-        .ok()
-        .filter(|l| *l <= max)
-        .ok_or(FrameError::TooLarge {
-            len: payload.len() as u64,
-            max,
-        })?;
-    let mut header = [0u8; HEADER_LEN];
-    header[0] = PROTOCOL_VERSION;
-    header[1..].copy_from_slice(&len.to_be_bytes());
+    let header = header(payload.len(), max)?;
     w.write_all(&header).await?;
     w.write_all(payload).await?;
     w.flush().await?;
@@ -89,6 +81,36 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             expected: HEADER_LEN,
         });
     }
+    let len = check_header(&header, max)?;
+    let mut payload = vec![0u8; len];
+    let got = read_full(r, &mut payload).await?;
+    if got < payload.len() {
+        return Err(FrameError::Truncated {
+            got: HEADER_LEN + got,
+            expected: HEADER_LEN + payload.len(),
+        });
+    }
+    Ok(Some(payload))
+}
+
+/// The header of a frame of `len` bytes; refuses a length over `max`.
+pub fn header(len: usize, max: u32) -> Result<[u8; HEADER_LEN], FrameError> {
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or(FrameError::TooLarge {
+            len: len as u64,
+            max,
+        })?;
+    let mut header = [0u8; HEADER_LEN];
+    header[0] = PROTOCOL_VERSION;
+    header[1..].copy_from_slice(&len.to_be_bytes());
+    Ok(header)
+}
+
+/// The payload length a header announces, checked against `max` (before
+/// anything is allocated) and the protocol version.
+pub fn check_header(header: &[u8; HEADER_LEN], max: u32) -> Result<usize, FrameError> {
     if header[0] != PROTOCOL_VERSION {
         return Err(FrameError::Version(header[0]));
     }
@@ -99,15 +121,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             max,
         });
     }
-    let mut payload = vec![0u8; len as usize];
-    let got = read_full(r, &mut payload).await?;
-    if got < payload.len() {
-        return Err(FrameError::Truncated {
-            got: HEADER_LEN + got,
-            expected: HEADER_LEN + payload.len(),
-        });
-    }
-    Ok(Some(payload))
+    Ok(len as usize)
 }
 
 /// Reads until `buf` is full or EOF; returns how many bytes were read.

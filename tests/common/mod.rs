@@ -186,29 +186,57 @@ pub fn guest(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// A scratch area with its own run directory and platform.
+/// A scratch area with its own platform and a supervisor (its own process,
+/// on its own control socket) that the parent's commands talk to.
 pub struct Host {
     pub dir: tempfile::TempDir,
+    pub supervisor: Option<Server>,
 }
 
 impl Host {
     pub fn new() -> Host {
         let dir = tempfile::tempdir().unwrap();
-        let h = Host { dir };
+        // Enclave runtimes run as uids of their own (when the tests run as root):
+        // they pass through this directory to reach the proxy's socket.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut h = Host {
+            dir,
+            supervisor: None,
+        };
         h.ok(&["platform", "init", "--dir", s(&h.path("platform"))]);
+        h.start_supervisor(&[]);
         h
+    }
+    /// (Re)starts the supervisor with extra options.
+    pub fn start_supervisor(&mut self, extra: &[&str]) {
+        if let Some(old) = self.supervisor.take() {
+            old.terminate();
+        }
+        let sock = self.path("supervisor.sock");
+        let listen = format!("unix:{}", s(&sock));
+        let state = self.path("state");
+        let platform = self.path("platform");
+        let mut args = vec![
+            "supervisor",
+            "--state-dir",
+            s(&state),
+            "--platform",
+            s(&platform),
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        self.supervisor = Some(Server::start(&args, &[], &sock));
     }
     pub fn path(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join(name)
     }
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("CLOISTER_RUN_DIR", s(&self.path("run")).to_owned()),
-            (
-                "CLOISTER_PLATFORM_DIR",
-                s(&self.path("platform")).to_owned(),
-            ),
-        ]
+        vec![(
+            "CLOISTER_SUPERVISOR",
+            format!("unix:{}", s(&self.path("supervisor.sock"))),
+        )]
     }
     pub fn run(&self, args: &[&str]) -> Output {
         let env = self.env();
@@ -267,7 +295,10 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        let _ = self.run(&["terminate-enclave", "--all"]);
+        // The supervisor's enclaves end with it.
+        if let Some(sup) = self.supervisor.take() {
+            sup.terminate();
+        }
     }
 }
 
@@ -302,6 +333,8 @@ impl Broker {
             &sock,
         );
         let proxy_sock = h.path("proxy.sock");
+        let allowlist = h.path("proxy-allowlist.json");
+        std::fs::write(&allowlist, format!("{{\"allowlist\":[\"{kms_addr}\"]}}")).unwrap();
         let proxy = Server::start(
             &[
                 "proxy",
@@ -309,8 +342,8 @@ impl Broker {
                 &format!("unix:{}", s(&proxy_sock)),
                 "--to",
                 &kms_addr,
-                "--allow",
-                &kms_addr,
+                "--allowlist",
+                s(&allowlist),
             ],
             &[],
             &proxy_sock,
@@ -331,6 +364,14 @@ impl Broker {
             "host",
         ]);
         broker
+    }
+
+    /// Options of build-enclave that make an image trust this broker.
+    pub fn trust_args(&self) -> Vec<String> {
+        vec![
+            "--kms-broker-key".into(),
+            s(&self.data.join("broker.pub")).to_owned(),
+        ]
     }
 
     /// A client command as `principal` with its key.

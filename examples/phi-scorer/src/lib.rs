@@ -1,70 +1,37 @@
 //! The PHI scoring workload.
 //!
-//! Request: one JSON line of parameters, then the sealed patient CSV:
-//! `{"output_key_id":"alias/phi-results","output_context":{"k":"v"}}\n<sealed bytes>`.
-//! Response: one JSON line of aggregates (what the key policy lets leave in the
-//! clear), then the per-patient scores sealed under a fresh data key from the
-//! output KMS key: `{"scored":..,"malformed":..,"mean_risk":..,"bands":{..}}\n<sealed bytes>`.
+//! Request: the sealed patient CSV. Response: one JSON line of aggregates (what
+//! the key policy lets leave in the clear), then the per-patient scores sealed
+//! under a fresh data key from the output KMS key:
+//! `{"scored":..,"malformed":..,"mean_risk":..,"bands":{..}}\n<sealed bytes>`.
 //!
-//! The input's data key comes from an attested KMS Decrypt and the output's from an
-//! attested GenerateDataKey; both stay in the runtime's keyring.
+//! Where the scores go is the image's measured configuration, never the
+//! request's (the parent relays requests and must not choose it):
+//! `output-key-id` (required) and `output-context` (`k=v,k=v`).
+//!
+//! The input's data key comes from an attested KMS Decrypt and the output's from
+//! an attested GenerateDataKey; both stay in the runtime's keyring for this call.
 
 use cloister_guest::sealed::{self, DEFAULT_CHUNK_SIZE};
-use cloister_guest::{DataKey, Error, Handler, error, nsm};
+use cloister_guest::{DataKey, Error, Handler, config, nsm};
 use phi_model::{Summary, score_line};
 
 struct Scorer;
 
-/// Pulls `"name":"value"` and `"name":{...}` out of the small parameter line
-/// without a JSON dependency: keys and values are plain strings.
-fn string_field(json: &str, name: &str) -> Option<String> {
-    let at = json.find(&format!("\"{name}\""))? + name.len() + 2;
-    let rest = json[at..]
-        .trim_start()
-        .strip_prefix(':')?
-        .trim_start()
-        .strip_prefix('"')?;
-    Some(rest[..rest.find('"')?].to_owned())
-}
-
-fn object_field(json: &str, name: &str) -> Vec<(String, String)> {
-    let Some(at) = json.find(&format!("\"{name}\"")) else {
-        return Vec::new();
-    };
-    let Some(open) = json[at..].find('{') else {
-        return Vec::new();
-    };
-    let Some(close) = json[at + open..].find('}') else {
-        return Vec::new();
-    };
-    json[at + open + 1..at + open + close]
-        .split(',')
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once(':')?;
-            Some((
-                k.trim().trim_matches('"').to_owned(),
-                v.trim().trim_matches('"').to_owned(),
-            ))
-        })
+/// `k=v,k=v` as an encryption context.
+fn context(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .filter(|(k, _)| !k.is_empty())
         .collect()
 }
 
 impl Handler for Scorer {
     fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
-        let newline = request.iter().position(|b| *b == b'\n').ok_or_else(|| {
-            error(
-                "E-PHI-REQUEST",
-                "the request starts with a JSON parameter line",
-            )
-        })?;
-        let params = std::str::from_utf8(&request[..newline])
-            .map_err(|_| error("E-PHI-REQUEST", "parameters are not UTF-8"))?;
-        let output_key = string_field(params, "output_key_id")
-            .ok_or_else(|| error("E-PHI-REQUEST", "output_key_id is missing"))?;
-        let output_context = object_field(params, "output_context");
-
-        let (input_key, header, rest) = cloister_guest::open_sealed(&request[newline + 1..])?;
+        let output_key = cloister_guest::required_config("output-key-id")?;
+        let output_context = context(&config::get("output-context").unwrap_or_default());
+        let (input_key, header, rest) = cloister_guest::open_sealed(&request)?;
         let mut reader = sealed::Reader::new(header, rest, &input_key)?;
 
         let (output_key, encrypted, key_arn) = DataKey::generate(&output_key, &output_context)?;

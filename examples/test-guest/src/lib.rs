@@ -92,6 +92,20 @@ impl Handler for TestGuest {
             }
             "big" => Ok(vec![0x42; arg.parse().unwrap_or(1 << 20)]),
             "panic" => panic!("the guest panicked on purpose"),
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_millis(
+                    arg.parse().unwrap_or(60_000),
+                ));
+                Ok(b"slept".to_vec())
+            }
+            // A key obtained, then a trap: the key must not outlive the call.
+            "kms-decrypt-then-trap" => {
+                let key = kms::decrypt(&unhex(arg)?, &[])?;
+                panic!("trapped holding key handle {key}")
+            }
+            "config" => Ok(cloister_guest::config::get(arg)
+                .unwrap_or_else(|| "(unset)".into())
+                .into_bytes()),
             "fail" => Err(error("E-TEST-FAIL", arg)),
             _ => Err(error("E-TEST-UNKNOWN", format!("unknown command {cmd:?}"))),
         }

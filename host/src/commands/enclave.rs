@@ -1,5 +1,7 @@
-//! nitro-cli-style enclave commands: build-enclave, describe-image, run-enclave,
-//! describe-enclaves, terminate-enclave, console, call; and the proxy.
+//! nitro-cli-style enclave commands: build-enclave, describe-image (the image
+//! owner's), run-enclave, describe-enclaves, terminate-enclave, console, call
+//! (the parent's: clients of the supervisor), the supervisor daemon itself, and
+//! the proxy.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -11,10 +13,10 @@ use serde_json::{Value, json};
 
 use cloister_attestation::keyfile;
 use cloister_attestation::nsm::read_pem_certificates;
-use cloister_host::enclave::{self, EnclaveDir, LaunchError, Registry, Spec};
-use cloister_host::image::{Image, ImageSigner, Manifest};
-use cloister_host::runtime;
+use cloister_attestation::pcr::Pcr;
+use cloister_image::{BrokerTrust, Image, ImageSigner, Manifest};
 use cloister_proto::Address;
+use cloister_supervisor::protocol::{self as control, EnclaveInfo, Reply, Request, RunSpec};
 
 use crate::errors::UsageError;
 
@@ -36,6 +38,20 @@ pub struct BuildArgs {
     /// A JSON object stored in the manifest.
     #[arg(long)]
     metadata: Option<String>,
+    /// Measured configuration the workload reads (KEY=VALUE, repeatable): covered
+    /// by PCR0, so the parent cannot choose it.
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+    /// The key broker this enclave trusts: its public key (`broker.pub` of its
+    /// data directory). Every answer to the enclave must be signed by it.
+    #[arg(long)]
+    kms_broker_key: Option<PathBuf>,
+    /// The broker's TLS CA (`tls/ca.pem`), for a broker on TCP.
+    #[arg(long, requires = "kms_broker_key")]
+    kms_ca: Option<PathBuf>,
+    /// The name in the broker's TLS certificate (default: localhost).
+    #[arg(long, requires = "kms_ca")]
+    kms_tls_name: Option<String>,
     /// Sign the image: an X.509 certificate (PEM) with an Ed25519 key...
     #[arg(long, requires = "private_key")]
     signing_certificate: Option<PathBuf>,
@@ -65,6 +81,24 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         manifest.metadata =
             serde_json::from_str(m).map_err(|e| UsageError(format!("--metadata: {e}")))?;
     }
+    for entry in &args.config {
+        let (k, v) = entry
+            .split_once('=')
+            .ok_or_else(|| UsageError(format!("--config {entry:?}: write KEY=VALUE")))?;
+        manifest.config.insert(k.to_owned(), v.to_owned());
+    }
+    if let Some(path) = &args.kms_broker_key {
+        let key = keyfile::read_verifying_key(path)?;
+        manifest.kms = Some(BrokerTrust {
+            broker_key: hex::encode(key.as_bytes()),
+            tls_ca: args
+                .kms_ca
+                .as_ref()
+                .map(|p| super::read_file(p).map(|b| String::from_utf8_lossy(&b).into_owned()))
+                .transpose()?,
+            tls_name: args.kms_tls_name.clone(),
+        });
+    }
     let signer = match (&args.signing_certificate, &args.private_key) {
         (Some(cert), Some(key)) => Some(ImageSigner {
             certificate_der: read_pem_certificates(cert)?.remove(0),
@@ -76,8 +110,15 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
     super::write_output(&args.output, &bytes)?;
     let image = Image::parse(&bytes)?;
     super::print_json(
-        &json!({ "Measurements": measurements_json(&runtime::measurements(&image, None, None)) }),
+        &json!({ "Measurements": measurements_json(&image.measurements(runtime_pcr1(), None, None)) }),
     )
+}
+
+/// PCR1 of the runtime binary installed beside this executable, if there is one.
+pub fn runtime_pcr1() -> Option<Pcr> {
+    let exe = std::env::current_exe().ok()?;
+    let bytes = std::fs::read(exe.with_file_name("cloister-runtime")).ok()?;
+    Some(cloister_runtime::engine::pcr1(&bytes))
 }
 
 pub fn describe_image(path: &std::path::Path) -> anyhow::Result<()> {
@@ -98,7 +139,7 @@ pub fn describe_image(path: &std::path::Path) -> anyhow::Result<()> {
     };
     let m = &image.manifest;
     super::print_json(&json!({
-        "Measurements": measurements_json(&runtime::measurements(&image, None, None)),
+        "Measurements": measurements_json(&image.measurements(runtime_pcr1(), None, None)),
         "ImageSize": bytes.len(),
         "ComponentSize": image.component.len(),
         "Signature": sig_json,
@@ -107,7 +148,10 @@ pub fn describe_image(path: &std::path::Path) -> anyhow::Result<()> {
             "CpuMsPerCall": m.cpu_ms_per_call, "MaxConcurrentCalls": m.max_concurrent_calls,
         },
         "Metadata": m.metadata,
-        "RuntimeIdentity": runtime::runtime_identity(),
+        "Config": m.config,
+        "KeyBroker": m.kms.as_ref().map(|k| json!({
+            "BrokerKey": k.broker_key, "TlsCa": k.tls_ca.is_some(), "TlsName": k.tls_name,
+        })),
     }))?;
     if let Err(e) = signature {
         return Err(e.into());
@@ -137,9 +181,6 @@ pub struct RunArgs {
     /// Debug mode: every PCR reads as zeros and the console is available.
     #[arg(long)]
     debug_mode: bool,
-    /// The platform directory whose NSM signs this host's documents.
-    #[arg(long, env = "CLOISTER_PLATFORM_DIR")]
-    platform: Option<PathBuf>,
     /// The proxy through which the enclave reaches the key broker (unix: or vsock:).
     #[arg(long)]
     kms_proxy: Option<String>,
@@ -148,28 +189,12 @@ pub struct RunArgs {
     kms_principal: Option<String>,
     #[arg(long, requires = "kms_principal")]
     kms_principal_key: Option<PathBuf>,
-    /// The broker's TLS CA when the proxy leads to a TCP (TLS) broker.
-    #[arg(long)]
-    kms_ca: Option<PathBuf>,
-    /// The name in the broker's TLS certificate (default: localhost).
-    #[arg(long)]
-    kms_tls_name: Option<String>,
     /// The parent's role ARN: measured into PCR3.
     #[arg(long)]
     parent_role: Option<String>,
     /// The parent's instance id: measured into PCR4.
     #[arg(long)]
     instance_id: Option<String>,
-}
-
-fn abs(p: PathBuf) -> anyhow::Result<PathBuf> {
-    std::fs::canonicalize(&p).map_err(|source| {
-        crate::errors::InputError {
-            path: p.display().to_string(),
-            source,
-        }
-        .into()
-    })
 }
 
 /// Flags win over the config file's values.
@@ -190,23 +215,39 @@ fn merge(args: RunArgs) -> anyhow::Result<RunArgs> {
         enclave_name: args.enclave_name.or(file.enclave_name),
         memory_mib: args.memory_mib.or(file.memory_mib),
         debug_mode: args.debug_mode || file.debug_mode,
-        platform: args.platform.or(file.platform),
         kms_proxy: args.kms_proxy.or(file.kms_proxy),
         kms_principal: args.kms_principal.or(file.kms_principal),
         kms_principal_key: args.kms_principal_key.or(file.kms_principal_key),
-        kms_ca: args.kms_ca.or(file.kms_ca),
-        kms_tls_name: args.kms_tls_name.or(file.kms_tls_name),
         parent_role: args.parent_role.or(file.parent_role),
         instance_id: args.instance_id.or(file.instance_id),
     })
 }
 
+/// The supervisor's control socket.
+fn supervisor() -> anyhow::Result<Address> {
+    Ok(control::default_address().parse()?)
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}
+
+fn ask(request: Request) -> anyhow::Result<Reply> {
+    let address = supervisor()?;
+    Ok(block_on(control::request(&address, request))??)
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let args = merge(args)?;
-    let image_path = abs(args
+    let image_path = args
         .image
-        .ok_or_else(|| UsageError("--image (or image in --config) is required".into()))?)?;
-    let image = Image::parse(&super::read_file(&image_path)?)?;
+        .ok_or_else(|| UsageError("--image (or image in --config) is required".into()))?;
+    let image_bytes = super::read_file(&image_path)?;
+    let image = Image::parse(&image_bytes)
+        .with_context(|| format!("{} is refused", image_path.display()))?;
     image.verify_signature()?;
     if args.kms_proxy.is_some() != args.kms_principal.is_some() {
         bail!(UsageError(
@@ -221,67 +262,57 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             )));
         }
     }
-    let mut rnd = [0u8; 8];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let enclave_id = format!(
-        "i-{}-enc{}",
-        host.trim()
-            .replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-        hex::encode(rnd)
-    );
-    let spec = Spec {
-        enclave_name: args
-            .enclave_name
-            .unwrap_or_else(|| image.manifest.name.clone()),
-        enclave_id,
-        enclave_cid: args.enclave_cid,
-        image: image_path,
-        debug_mode: args.debug_mode,
+    let kms = match (args.kms_proxy, args.kms_principal, args.kms_principal_key) {
+        (Some(proxy), Some(principal), Some(key)) => {
+            let key = keyfile::read_signing_key(&key)?;
+            Some(cloister_runtime::channel::KmsRoute {
+                proxy,
+                principal,
+                principal_key: cloister_kms_api::protocol::Secret::new(key.to_bytes().to_vec()),
+            })
+        }
+        _ => None,
+    };
+    let reply = ask(Request::RunEnclave(RunSpec {
+        image: serde_bytes::ByteBuf::from(image_bytes),
+        name: args.enclave_name,
+        cid: args.enclave_cid,
+        debug: args.debug_mode,
         memory_mib: args.memory_mib,
         parent_role: args.parent_role,
         instance_id: args.instance_id,
-        platform: abs(args.platform.ok_or_else(|| {
-            UsageError(
-                "--platform (or CLOISTER_PLATFORM_DIR, or platform in --config) is required".into(),
-            )
-        })?)?,
-        kms_proxy: args.kms_proxy,
-        kms_principal: args.kms_principal,
-        kms_principal_key: args.kms_principal_key.map(abs).transpose()?,
-        kms_ca: args.kms_ca.map(abs).transpose()?,
-        kms_tls_name: args.kms_tls_name,
+        kms,
+    }))?;
+    let Reply::Enclave(info) = reply else {
+        bail!(cloister_supervisor::SupervisorError::Unexpected);
     };
-    let registry = Registry::new(enclave::run_dir())?;
-    let (spec, state) = enclave::launch(&registry, spec)?;
-    super::print_json(&describe(&spec, &state, "RUNNING"))
+    if let Some(warning) = &info.boundary_warning {
+        eprintln!("cloister: WARNING: {warning}");
+    }
+    super::print_json(&describe(&info))
 }
 
-fn describe(spec: &Spec, state: &enclave::State, status: &str) -> Value {
+fn describe(info: &EnclaveInfo) -> Value {
     json!({
-        "EnclaveName": spec.enclave_name,
-        "EnclaveID": spec.enclave_id,
-        "ProcessID": state.process_id,
-        "EnclaveCID": spec.enclave_cid,
-        "MemoryMiB": state.memory_mib,
-        "State": status,
-        "Flags": if spec.debug_mode { "DEBUG_MODE" } else { "NONE" },
-        "Measurements": state.measurements,
-        "Socket": state.socket,
-        "Vsock": state.vsock,
-        "Hardening": state.hardening,
+        "EnclaveName": info.enclave_name,
+        "EnclaveID": info.enclave_id,
+        "ProcessID": info.process_id,
+        "EnclaveCID": info.enclave_cid,
+        "MemoryMiB": info.memory_mib,
+        "State": "RUNNING",
+        "Flags": if info.debug { "DEBUG_MODE" } else { "NONE" },
+        "Measurements": info.measurements,
+        "Vsock": info.vsock,
+        "RuntimeUid": info.runtime_uid,
+        "Hardening": info.hardening,
     })
 }
 
 pub fn describe_enclaves() -> anyhow::Result<()> {
-    let registry = Registry::new(enclave::run_dir())?;
-    let list: Vec<Value> = registry
-        .all()
-        .into_iter()
-        .filter(EnclaveDir::alive)
-        .filter_map(|d| Some(describe(&d.read_spec().ok()?, &d.read_state()?, "RUNNING")))
-        .collect();
-    super::print_json(&Value::Array(list))
+    let Reply::Enclaves(list) = ask(Request::DescribeEnclaves)? else {
+        bail!(cloister_supervisor::SupervisorError::Unexpected);
+    };
+    super::print_json(&Value::Array(list.iter().map(describe).collect()))
 }
 
 #[derive(Args)]
@@ -296,12 +327,12 @@ pub struct Which {
 }
 
 impl Which {
-    fn find(&self, registry: &Registry) -> Result<EnclaveDir, LaunchError> {
-        registry.find(
-            self.enclave_id.as_deref(),
-            self.enclave_name.as_deref(),
-            self.enclave_cid,
-        )
+    fn to_control(&self) -> control::Which {
+        control::Which {
+            id: self.enclave_id.clone(),
+            name: self.enclave_name.clone(),
+            cid: self.enclave_cid,
+        }
     }
 }
 
@@ -320,43 +351,25 @@ pub struct TerminateArgs {
 }
 
 pub fn terminate(args: TerminateArgs) -> anyhow::Result<()> {
-    let registry = Registry::new(enclave::run_dir())?;
-    let targets: Vec<EnclaveDir> = if args.all {
-        registry
-            .all()
-            .into_iter()
-            .filter(EnclaveDir::alive)
-            .collect()
-    } else {
-        let d = registry.find(
-            args.enclave_id.as_deref(),
-            args.enclave_name.as_deref(),
-            args.enclave_cid,
-        )?;
-        if !d.alive() {
-            return Err(
-                LaunchError::NotFound(format!("{} (it is not running)", d.dir.display())).into(),
-            );
-        }
-        vec![d]
+    let which = (!args.all).then_some(control::Which {
+        id: args.enclave_id,
+        name: args.enclave_name,
+        cid: args.enclave_cid,
+    });
+    let Reply::Terminated(done) = ask(Request::Terminate(which))? else {
+        bail!(cloister_supervisor::SupervisorError::Unexpected);
     };
-    let mut done = Vec::new();
-    for d in targets {
-        let spec = d.read_spec()?;
-        enclave::terminate(&d)?;
-        done.push(json!({ "EnclaveName": spec.enclave_name, "EnclaveID": spec.enclave_id, "Terminated": true }));
-    }
-    super::print_json(&Value::Array(done))
+    super::print_json(&Value::Array(
+        done.into_iter()
+            .map(|(name, id)| json!({ "EnclaveName": name, "EnclaveID": id, "Terminated": true }))
+            .collect(),
+    ))
 }
 
 pub fn console(which: Which) -> anyhow::Result<()> {
-    let registry = Registry::new(enclave::run_dir())?;
-    let d = which.find(&registry)?;
-    let spec = d.read_spec()?;
-    if !spec.debug_mode {
-        return Err(LaunchError::NotDebug(spec.enclave_id).into());
-    }
-    let text = std::fs::read(d.console()).unwrap_or_default();
+    let Reply::Console(text) = ask(Request::Console(which.to_control()))? else {
+        bail!(cloister_supervisor::SupervisorError::Unexpected);
+    };
     std::io::stdout().write_all(&text)?;
     Ok(())
 }
@@ -371,18 +384,13 @@ pub struct CallArgs {
     /// Where to write the response: a file, or - for standard output (default).
     #[arg(long)]
     output: Option<String>,
-    /// Connect over vsock instead of the Unix socket (where the kernel has vsock loopback).
+    /// Connect over vsock to the enclave instead of through the supervisor
+    /// (where the kernel has vsock loopback).
     #[arg(long)]
     vsock: bool,
 }
 
 pub fn call(args: CallArgs) -> anyhow::Result<()> {
-    let registry = Registry::new(enclave::run_dir())?;
-    let d = args.which.find(&registry)?;
-    if !d.alive() {
-        let id = d.read_spec().map(|s| s.enclave_id).unwrap_or_default();
-        return Err(LaunchError::NotFound(format!("{id} (it is not running)")).into());
-    }
     let request = match args.input.as_deref() {
         None => Vec::new(),
         Some("-") => {
@@ -392,17 +400,37 @@ pub fn call(args: CallArgs) -> anyhow::Result<()> {
         }
         Some(p) => super::read_file(std::path::Path::new(p))?,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let address = match (&args.vsock, d.read_state().and_then(|s| s.vsock)) {
-        (true, Some(v)) => v.parse()?,
-        (true, None) => bail!(UsageError(
-            "--vsock: this enclave does not listen on vsock (no vsock loopback here)".into()
-        )),
-        (false, _) => Address::Unix(d.socket()),
+    let response = if args.vsock {
+        let Reply::Enclaves(list) = ask(Request::DescribeEnclaves)? else {
+            bail!(cloister_supervisor::SupervisorError::Unexpected);
+        };
+        let w = args.which.to_control();
+        let info = list
+            .iter()
+            .find(|i| {
+                w.id.as_ref().is_none_or(|x| *x == i.enclave_id)
+                    && w.name.as_ref().is_none_or(|x| *x == i.enclave_name)
+                    && w.cid.is_none_or(|c| c == i.enclave_cid)
+            })
+            .ok_or_else(|| UsageError("no such running enclave".into()))?;
+        let Some(v) = &info.vsock else {
+            bail!(UsageError(
+                "--vsock: this enclave does not listen on vsock (no vsock loopback here)".into()
+            ));
+        };
+        let address: Address = v.parse()?;
+        block_on(async {
+            let mut s = cloister_proto::connect(&address).await?;
+            Ok::<_, anyhow::Error>(cloister_proto::call::call(&mut s, &request).await?)
+        })??
+    } else {
+        let address = supervisor()?;
+        block_on(control::call_enclave(
+            &address,
+            args.which.to_control(),
+            &request,
+        ))??
     };
-    let response = rt.block_on(enclave::call(&address, &request))?;
     match args.output.as_deref() {
         None | Some("-") => std::io::stdout().write_all(&response)?,
         Some(p) => super::write_output(std::path::Path::new(p), &response)?,
@@ -411,34 +439,119 @@ pub fn call(args: CallArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Args)]
+pub struct SupervisorArgs {
+    /// Its private state: code cache, enclave directories (0700, its own).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// The platform directory whose NSM key signs this host's documents (0700, its own).
+    #[arg(long)]
+    platform: PathBuf,
+    /// The control socket the parent's commands use.
+    #[arg(long, default_value = control::DEFAULT_ADDRESS)]
+    listen: String,
+    /// The enclave runtime binary (default: cloister-runtime beside this executable).
+    #[arg(long)]
+    runtime: Option<PathBuf>,
+    /// A uid allowed to use the supervisor besides root and its own (repeatable).
+    #[arg(long = "allow-uid")]
+    allow_uid: Vec<u32>,
+    /// A group whose members may use the supervisor (repeatable), as Nitro's `ne`.
+    #[arg(long = "allow-gid")]
+    allow_gid: Vec<u32>,
+    /// When run as root: enclave runtimes run as uid BASE+CID each.
+    #[arg(long, default_value_t = 200_000)]
+    enclave_uid_base: u32,
+}
+
+pub fn supervisor_daemon(args: SupervisorArgs) -> anyhow::Result<()> {
+    let runtime = match args.runtime {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("cloister-runtime"),
+    };
+    let listen: Address = args.listen.parse()?;
+    if !matches!(listen, Address::Unix(_)) {
+        bail!(UsageError(
+            "--listen: the supervisor listens on a unix: socket (clients are known by their uid)"
+                .into()
+        ));
+    }
+    cloister_supervisor::daemon::run(cloister_supervisor::daemon::Options {
+        state_dir: args.state_dir,
+        platform_dir: args.platform,
+        listen,
+        runtime,
+        allow_uids: args.allow_uid,
+        allow_gids: args.allow_gid,
+        enclave_uid_base: args.enclave_uid_base,
+    })
+}
+
+#[derive(Args)]
 pub struct ProxyArgs {
-    /// Where the enclave connects (unix:PATH or vsock:CID:PORT).
+    /// Where the enclave connects (unix:PATH or vsock:CID:PORT). A Unix socket is
+    /// made connectable by every uid: enclave runtimes run as users of their own.
     #[arg(long)]
     listen: String,
-    /// Where to relay to (the key broker).
+    /// Where to relay to (the key broker): must be in the allowlist.
     #[arg(long)]
     to: String,
-    /// Destinations this proxy may relay to; --to must be one of them.
-    #[arg(long = "allow")]
-    allow: Vec<String>,
+    /// The administrator's allowlist, as Nitro's vsock-proxy.yaml: a JSON file
+    /// `{"allowlist": ["unix:/run/kms.sock", "tcp:kms.example:8443"]}` that
+    /// group and others cannot write.
+    #[arg(long, default_value = "/etc/cloister/proxy-allowlist.json")]
+    allowlist: PathBuf,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Allowlist {
+    allowlist: Vec<String>,
+}
+
+/// The destinations the administrator allows, from a file only they can write.
+fn read_allowlist(path: &std::path::Path) -> anyhow::Result<Vec<Address>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| crate::errors::InputError {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.mode() & 0o022 != 0 || (meta.uid() != 0 && meta.uid() != me) {
+        bail!(UsageError(format!(
+            "--allowlist {}: it must belong to root or to this user and be writable by no one else (it is uid {}, mode {:o})",
+            path.display(),
+            meta.uid(),
+            meta.mode() & 0o777
+        )));
+    }
+    let list: Allowlist = serde_json::from_slice(&super::read_file(path)?)
+        .map_err(|e| UsageError(format!("--allowlist {}: {e}", path.display())))?;
+    Ok(list
+        .allowlist
+        .iter()
+        .map(|a| a.parse::<Address>())
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 pub fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let listen: Address = args.listen.parse()?;
     let to: Address = args.to.parse()?;
-    let allow = args
-        .allow
-        .iter()
-        .map(|a| a.parse::<Address>())
-        .collect::<Result<Vec<_>, _>>()?;
-    if !allow.is_empty() && !allow.contains(&to) {
-        bail!(UsageError(format!("--to {to} is not in the --allow list")));
+    let allow = read_allowlist(&args.allowlist)?;
+    if !allow.contains(&to) {
+        bail!(ProxyRefused(format!(
+            "--to {to} is not in the allowlist {}",
+            args.allowlist.display()
+        )));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let listener = cloister_proto::listen(&listen).await?;
+        if let Address::Unix(path) = &listen {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        }
         super::print_json(&json!({ "Listening": listener.local_address()?.to_string(), "RelayTo": to.to_string() }))?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
@@ -457,4 +570,15 @@ pub fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// A destination the proxy's allowlist does not name.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProxyRefused(pub String);
+
+impl cloister_proto::ErrorCode for ProxyRefused {
+    fn code(&self) -> &'static str {
+        "E-PROXY-NOT-ALLOWED"
+    }
 }

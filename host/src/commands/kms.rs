@@ -16,7 +16,6 @@ use cloister_attestation::keyfile;
 use cloister_attestation::nsm::read_pem_certificates;
 use cloister_attestation::verify::TrustAnchor;
 use cloister_kms::audit;
-use cloister_kms::client::{Credentials, KmsClient};
 use cloister_kms::datadir::DataDir;
 use cloister_kms::policy::{Policy, PolicyKind};
 use cloister_kms::protocol::{
@@ -24,7 +23,8 @@ use cloister_kms::protocol::{
 };
 use cloister_kms::server::{ServerLimits, serve};
 use cloister_kms::service::BrokerConfig;
-use cloister_kms::tls::ClientTls;
+use cloister_kms_api::client::{Credentials, KmsClient};
+use cloister_kms_api::tls::ClientTls;
 use cloister_proto::Address;
 
 use crate::errors::UsageError;
@@ -819,7 +819,7 @@ pub struct EncryptArgs {
     #[arg(long = "out")]
     output: PathBuf,
     /// Plaintext bytes per chunk; records (lines) never straddle chunks.
-    #[arg(long, default_value_t = cloister_guest::sealed::DEFAULT_CHUNK_SIZE)]
+    #[arg(long, default_value_t = cloister_sealed::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
 }
 
@@ -880,7 +880,7 @@ pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
     else {
         bail!("the broker did not return a data key");
     };
-    let key = cloister_host::sealing::DataKey::new(plaintext.0)?;
+    let key = cloister_sealed::DataKey::new(plaintext.0)?;
     let records = cloister_host::sealing::seal_file(
         &args.input,
         &args.output,
@@ -902,7 +902,7 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
         source,
     })?;
     let mut input = std::io::BufReader::with_capacity(1 << 20, file);
-    let header = cloister_guest::sealed::Header::read(&mut input)?;
+    let header = cloister_sealed::Header::read(&mut input)?;
     let out = kms_call(
         &args.client,
         Operation::Decrypt {
@@ -920,7 +920,7 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     else {
         bail!("the broker did not return the data key");
     };
-    let key = cloister_host::sealing::DataKey::new(plaintext.0)?;
+    let key = cloister_sealed::DataKey::new(plaintext.0)?;
     let bytes = cloister_host::sealing::open_file(header, input, &key, &args.output)?;
     super::print_json(
         &json!({ "KeyId": key_id, "Bytes": bytes, "Output": args.output.display().to_string() }),

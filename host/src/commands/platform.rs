@@ -100,9 +100,9 @@ pub fn run(cmd: PlatformCommand) -> anyhow::Result<()> {
             } else {
                 let mut values: BTreeMap<usize, pcr::Pcr> = match &image {
                     Some(path) => {
-                        let image = cloister_host::image::Image::parse(&super::read_file(path)?)?;
+                        let image = cloister_image::Image::parse(&super::read_file(path)?)?;
                         image.verify_signature()?;
-                        cloister_host::runtime::measurements(&image, None, None)
+                        image.measurements(super::enclave::runtime_pcr1(), None, None)
                     }
                     None => BTreeMap::new(),
                 };

@@ -11,7 +11,12 @@
 //!
 //! PCR0 = measure(the image without its signature section), PCR2 = measure(the
 //! component), PCR8 = measure(the signing certificate's DER), PCR1 = measure(the
-//! runtime identity). The signature is Ed25519 over
+//! runtime identity, which names the SHA-384 of the runtime binary).
+//!
+//! The manifest also holds what the parent must not choose, so that PCR0 covers
+//! it: the workload's configuration (`config`, read by the guest) and the key
+//! broker the enclave trusts (`kms`: its Ed25519 response key and TLS CA), as a
+//! Nitro EIF carries its CA bundle. The signature is Ed25519 over
 //! `"cloister-image-signature-v1\0" || PCR0`, by the key the certificate certifies:
 //! the analog of nitro-cli's signed EIF and PCR8.
 
@@ -101,7 +106,45 @@ pub struct Manifest {
     pub cpu_ms_per_call: u32,
     pub max_concurrent_calls: u32,
     pub metadata: Value,
+    /// Measured configuration the workload reads through the SDK
+    /// (`build-enclave --config KEY=VALUE`).
+    pub config: BTreeMap<String, String>,
+    /// The key broker this enclave trusts; without it the enclave makes no KMS calls.
+    pub kms: Option<BrokerTrust>,
 }
+
+/// Which key broker an enclave trusts, fixed in its measured manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTrust {
+    /// The broker's Ed25519 public key (hex, 32 bytes): every answer to the
+    /// enclave must be signed by it.
+    pub broker_key: String,
+    /// The broker's TLS CA (PEM), for a broker on TCP reached through the proxy.
+    pub tls_ca: Option<String>,
+    /// The name in the broker's TLS certificate (default `localhost`).
+    pub tls_name: Option<String>,
+}
+
+impl BrokerTrust {
+    pub fn verifying_key(&self) -> Result<VerifyingKey, ImageError> {
+        let bad = || {
+            ImageError::Manifest(format!(
+                "kms.broker_key {:?} is not a hex Ed25519 public key of 32 bytes",
+                self.broker_key
+            ))
+        };
+        let raw: [u8; 32] = hex::decode(&self.broker_key)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(bad)?;
+        VerifyingKey::from_bytes(&raw).map_err(|_| bad())
+    }
+}
+
+/// Limits of the measured configuration.
+pub const MAX_CONFIG_ENTRIES: usize = 256;
+pub const MAX_CONFIG_VALUE: usize = 4096;
 
 impl Manifest {
     pub fn new(name: &str, version: &str) -> Self {
@@ -113,6 +156,8 @@ impl Manifest {
             cpu_ms_per_call: 1000,
             max_concurrent_calls: 4,
             metadata: Value::Object(Default::default()),
+            config: BTreeMap::new(),
+            kms: None,
         }
     }
 
@@ -159,6 +204,36 @@ impl Manifest {
         }
         if !self.metadata.is_object() {
             return bad("metadata must be a JSON object".into());
+        }
+        if self.config.len() > MAX_CONFIG_ENTRIES {
+            return bad(format!(
+                "{} config entries: at most {MAX_CONFIG_ENTRIES}",
+                self.config.len()
+            ));
+        }
+        for (k, v) in &self.config {
+            if k.is_empty()
+                || k.len() > 64
+                || !k
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+            {
+                return bad(format!(
+                    "config key {k:?}: 1-64 lower-case letters, digits, '.', '_' or '-'"
+                ));
+            }
+            if v.len() > MAX_CONFIG_VALUE {
+                return bad(format!(
+                    "config value of {k:?} is {} bytes: at most {MAX_CONFIG_VALUE}",
+                    v.len()
+                ));
+            }
+        }
+        if let Some(kms) = &self.kms {
+            kms.verifying_key()?;
+            if kms.tls_ca.as_ref().is_some_and(|pem| pem.len() > 32 * 1024) {
+                return bad("kms.tls_ca is over 32 KiB".into());
+            }
         }
         Ok(())
     }
@@ -372,6 +447,23 @@ impl Image {
             unsigned: bytes[..unsigned_end].to_vec(),
             signature,
         })
+    }
+
+    /// The measurements an enclave of this image reports (Nitro's numbering):
+    /// PCR0, PCR1 (the runtime's, when known), PCR2, PCR3 (the parent role),
+    /// PCR4 (the instance id), PCR8 (when signed).
+    pub fn measurements(
+        &self,
+        pcr1: Option<Pcr>,
+        parent_role: Option<&str>,
+        instance_id: Option<&str>,
+    ) -> BTreeMap<usize, Pcr> {
+        let mut m = BTreeMap::from([(0, self.pcr0()), (2, self.pcr2())]);
+        m.extend(pcr1.map(|p| (1, p)));
+        m.extend(parent_role.map(|r| (3, pcr::measure_raw(r))));
+        m.extend(instance_id.map(|i| (4, pcr::measure_raw(i))));
+        m.extend(self.pcr8().map(|p| (8, p)));
+        m
     }
 
     /// PCR0: the image without its signature section.

@@ -156,4 +156,9 @@ pub const CODES: &[CodeInfo] = &[
         summary: "KMSInternalException: the broker could not complete the request",
         explanation: "The keystore or the audit log could not be written; nothing was released. The broker's log says more.",
     },
+    CodeInfo {
+        code: "E-KMS-UNAUTHENTICATED-RESPONSE",
+        summary: "an answer did not come from the pinned key broker",
+        explanation: "An enclave accepts only answers signed by the broker key its image names (build-enclave --kms-broker-key), each bound to the SHA-256 of the request it answers. A relay or proxy that answers itself, replays another answer, or alters one is refused; nothing it sent is used.",
+    },
 ];

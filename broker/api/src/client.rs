@@ -1,6 +1,6 @@
 //! A client of the broker: signs each request with the principal's key.
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand_core::RngCore;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -9,8 +9,11 @@ use cloister_proto::frame::{self, FrameError};
 use cloister_proto::{Address, ErrorCode, TransportError};
 
 use crate::error::KmsError;
-use crate::protocol::{MAX_MESSAGE, Operation, Output, RequestPayload, Response, SignedRequest};
-use crate::service::now_ms;
+use crate::now_ms;
+use crate::protocol::{
+    MAX_MESSAGE, Operation, Output, RequestPayload, ResponseError, SignedRequest, SignedResponse,
+    request_digest,
+};
 use crate::tls::ClientTls;
 
 /// Any byte stream the client can speak over: a socket, or TLS over one.
@@ -35,6 +38,10 @@ pub enum ClientError {
     Closed,
     #[error("the broker answered request {got:?} to request {sent:?}")]
     Mismatch { sent: String, got: String },
+    #[error("the answer is not the broker's: {0}")]
+    Unauthenticated(#[from] ResponseError),
+    #[error("the broker's signed answer is for another request than the one sent")]
+    WrongRequest,
     #[error("TLS with the broker failed: {0}")]
     Tls(String),
     #[error(
@@ -50,6 +57,9 @@ impl ErrorCode for ClientError {
             ClientError::Frame(e) => e.code(),
             ClientError::Kms(e) => e.code(),
             ClientError::Closed | ClientError::Mismatch { .. } => "E-PROTO-IO",
+            ClientError::Unauthenticated(_) | ClientError::WrongRequest => {
+                "E-KMS-UNAUTHENTICATED-RESPONSE"
+            }
             ClientError::Tls(_) | ClientError::TlsRequired(_) => "E-KMS-TLS",
         }
     }
@@ -58,6 +68,7 @@ impl ErrorCode for ClientError {
 pub struct KmsClient {
     stream: Box<dyn Io>,
     credentials: Credentials,
+    broker_key: Option<VerifyingKey>,
 }
 
 impl KmsClient {
@@ -87,11 +98,27 @@ impl KmsClient {
         Ok(KmsClient {
             stream,
             credentials,
+            broker_key: None,
         })
+    }
+
+    /// Accepts only answers signed by this broker key and bound to the request
+    /// sent (an enclave runtime pins the key its image names).
+    pub fn pin_broker_key(mut self, key: VerifyingKey) -> Self {
+        self.broker_key = Some(key);
+        self
     }
 
     /// Signs and sends one operation; returns its output or the broker's error.
     pub async fn call(&mut self, operation: Operation) -> Result<Output, ClientError> {
+        Ok(self.call_identified(operation).await?.1)
+    }
+
+    /// As [`KmsClient::call`], also returning the request id it signed.
+    pub async fn call_identified(
+        &mut self,
+        operation: Operation,
+    ) -> Result<(String, Output), ClientError> {
         let mut id = [0u8; 16];
         rand_core::OsRng.fill_bytes(&mut id);
         let payload = RequestPayload {
@@ -102,9 +129,19 @@ impl KmsClient {
         };
         let signed = SignedRequest::sign(&payload, &self.credentials.key)?;
         frame::send(&mut self.stream, &signed, MAX_MESSAGE).await?;
-        let response: Response = frame::recv(&mut self.stream, MAX_MESSAGE)
+        let answer: SignedResponse = frame::recv(&mut self.stream, MAX_MESSAGE)
             .await?
             .ok_or(ClientError::Closed)?;
+        let response = match &self.broker_key {
+            Some(key) => {
+                let response = answer.verify(key)?;
+                if response.request_digest != request_digest(&signed.payload) {
+                    return Err(ClientError::WrongRequest);
+                }
+                response
+            }
+            None => answer.decode_unverified()?,
+        };
         if response.request_id != payload.request_id {
             // A refusal before the request was read (connection limit, bad frame)
             // carries no id; report the broker's reason.
@@ -118,6 +155,6 @@ impl KmsClient {
                 got: response.request_id,
             });
         }
-        Ok(response.result?)
+        Ok((payload.request_id, response.result?))
     }
 }

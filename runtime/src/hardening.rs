@@ -21,6 +21,8 @@ pub struct Report {
     pub no_core_files: bool,
     pub network_namespace: String,
     pub seccomp: String,
+    /// The runtime dies with its supervisor (PR_SET_PDEATHSIG).
+    pub dies_with_supervisor: bool,
 }
 
 /// Steps that must run while the process has a single thread.
@@ -28,6 +30,9 @@ pub fn before_threads(report: &mut Report) {
     report.not_dumpable = nix::sys::prctl::set_dumpable(false).is_ok()
         && nix::sys::prctl::get_dumpable().is_ok_and(|d| !d);
     report.no_new_privs = nix::sys::prctl::set_no_new_privs().is_ok();
+    report.dies_with_supervisor = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .is_ok()
+        && nix::unistd::getppid() != nix::unistd::Pid::from_raw(1);
     report.no_core_files =
         nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0).is_ok();
     report.network_namespace = match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {

@@ -3,17 +3,25 @@
 //! A request is a [`SignedRequest`]: the CBOR bytes of a [`RequestPayload`] and an
 //! Ed25519 signature by the principal over `"cloister-kms-request-v1\0" || payload`.
 //! The broker verifies the signature over the exact bytes it received, then
-//! decodes them — no canonicalisation is needed. The reply is a [`Response`].
+//! decodes them — no canonicalisation is needed.
+//!
+//! The reply is a [`SignedResponse`]: the CBOR bytes of a [`Response`] and the
+//! broker's Ed25519 signature over `"cloister-kms-response-v1\0" || response`.
+//! The response names the SHA-256 of the request payload it answers, so a
+//! caller that pins the broker's key (an enclave runtime, through its image)
+//! knows that the broker, and no relay, answered this very request.
 
 use std::collections::BTreeMap;
 
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::error::KmsError;
 
 pub const REQUEST_LABEL: &[u8] = b"cloister-kms-request-v1\0";
+pub const RESPONSE_LABEL: &[u8] = b"cloister-kms-response-v1\0";
 /// The largest request or response frame the broker exchanges.
 pub const MAX_MESSAGE: u32 = 256 * 1024;
 
@@ -292,5 +300,60 @@ pub enum Output {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub request_id: String,
+    /// SHA-256 of the signed request's payload bytes ([`request_digest`]);
+    /// empty when the broker refused before it read a request.
+    #[serde(with = "serde_bytes")]
+    pub request_digest: Vec<u8>,
     pub result: Result<Output, KmsError>,
+}
+
+/// What a response answers: the SHA-256 of the request payload's exact bytes.
+pub fn request_digest(payload: &[u8]) -> Vec<u8> {
+    Sha256::digest(payload).to_vec()
+}
+
+/// A [`Response`] as sent: its CBOR bytes and the broker's signature over them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedResponse {
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// Why a response was not accepted as the broker's answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    #[error("the response is malformed: {0}")]
+    Malformed(String),
+    #[error("the response is not signed by the broker's key (answered by something else?)")]
+    BadSignature,
+}
+
+impl SignedResponse {
+    pub fn sign(response: &Response, key: &SigningKey) -> Result<Self, cloister_proto::FrameError> {
+        let payload = cloister_proto::frame::encode(response)?;
+        let signature = key
+            .sign(&[RESPONSE_LABEL, &payload].concat())
+            .to_bytes()
+            .to_vec();
+        Ok(SignedResponse { payload, signature })
+    }
+
+    /// The response, its signature checked against the broker's key.
+    pub fn verify(&self, broker: &VerifyingKey) -> Result<Response, ResponseError> {
+        let signature =
+            Signature::from_slice(&self.signature).map_err(|_| ResponseError::BadSignature)?;
+        broker
+            .verify_strict(&[RESPONSE_LABEL, &self.payload].concat(), &signature)
+            .map_err(|_| ResponseError::BadSignature)?;
+        self.decode_unverified()
+    }
+
+    /// The response without checking who signed it (for callers that rely on
+    /// TLS or a local socket alone).
+    pub fn decode_unverified(&self) -> Result<Response, ResponseError> {
+        cloister_proto::frame::decode(&self.payload)
+            .map_err(|e| ResponseError::Malformed(e.to_string()))
+    }
 }

@@ -11,12 +11,16 @@
 //!   all detected.
 //! - Records (CSV rows, JSON lines) never straddle chunks.
 //!
-//! The module does no cryptography itself: an [`Aead`] is supplied — the
-//! runtime's `keys` import inside an enclave, RustCrypto's AES-GCM on the host.
+//! The format does no cryptography itself: an [`Aead`] is supplied — the
+//! runtime's `keys` import inside an enclave, or [`DataKey`] (RustCrypto's
+//! AES-256-GCM) on the host and in the runtime.
 
 use std::io::{Read, Write};
 
+use aes_gcm::aead::{Aead as _, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 pub const MAGIC: &[u8; 6] = b"CLSEAL";
 pub const VERSION: u8 = 1;
@@ -426,6 +430,56 @@ impl<'a, R: Read> Reader<'a, R> {
             }
         }
         Ok(())
+    }
+}
+
+/// A 256-bit data key held in this process, with RustCrypto's AES-256-GCM;
+/// zeroized on drop.
+pub struct DataKey(Zeroizing<Vec<u8>>);
+
+impl DataKey {
+    pub fn new(key: Zeroizing<Vec<u8>>) -> Result<Self, SealedError> {
+        if key.len() != 32 {
+            return Err(SealedError::Crypto(format!(
+                "a data key is 32 bytes, not {}",
+                key.len()
+            )));
+        }
+        Ok(DataKey(key))
+    }
+
+    fn cipher(&self) -> Result<Aes256Gcm, SealedError> {
+        Aes256Gcm::new_from_slice(&self.0).map_err(|_| SealedError::Crypto("bad key length".into()))
+    }
+}
+
+impl Aead for DataKey {
+    fn seal(&self, nonce: &[u8; 12], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, SealedError> {
+        self.cipher()?
+            .encrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .map_err(|_| SealedError::Crypto("AES-GCM encryption failed".into()))
+    }
+    fn open(
+        &self,
+        nonce: &[u8; 12],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, SealedError> {
+        self.cipher()?
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad,
+                },
+            )
+            .map_err(|_| SealedError::Crypto("AES-GCM authentication failed".into()))
     }
 }
 

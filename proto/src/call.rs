@@ -1,0 +1,91 @@
+//! The call protocol between a caller (through the supervisor's relay) and an
+//! enclave runtime: the request as data frames (each at most [`CHUNK`]) ended
+//! by an empty frame; the answer as one CBOR status frame ([`CallStatus`]),
+//! then, on success, the response as data frames ended by an empty frame.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::codes::ErrorCode;
+use crate::frame::{self, FrameError};
+
+/// Data frames of the call protocol carry at most this much.
+pub const CHUNK: usize = 1 << 20;
+/// The largest request an enclave accepts.
+pub const MAX_REQUEST: usize = 64 << 20;
+/// The largest response a call may return.
+pub const MAX_RESPONSE: usize = 16 << 20;
+
+/// The status frame of a call's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallStatus {
+    Ok,
+    Err { code: String, message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("the connection closed in the middle of a message")]
+    Closed,
+    #[error("the message is over the limit of {0} bytes")]
+    TooLarge(usize),
+    /// The enclave's refusal, with its own code (`E-ENCLAVE-...`).
+    #[error("[{code}] {message}")]
+    Refused { code: String, message: String },
+}
+
+impl ErrorCode for CallError {
+    fn code(&self) -> &'static str {
+        match self {
+            CallError::Frame(e) => e.code(),
+            CallError::Closed => "E-PROTO-IO",
+            CallError::TooLarge(_) => "E-ENCLAVE-REQUEST-TOO-LARGE",
+            CallError::Refused { .. } => "E-ENCLAVE-CALL",
+        }
+    }
+}
+
+/// Reads a message sent as data frames ended by an empty frame.
+pub async fn read_chunks<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Vec<u8>, CallError> {
+    let mut out = Vec::new();
+    loop {
+        let chunk = frame::read_frame(r, CHUNK as u32)
+            .await?
+            .ok_or(CallError::Closed)?;
+        if chunk.is_empty() {
+            return Ok(out);
+        }
+        if out.len() + chunk.len() > max {
+            return Err(CallError::TooLarge(max));
+        }
+        out.extend_from_slice(&chunk);
+    }
+}
+
+/// Writes a message as data frames ended by an empty frame.
+pub async fn write_chunks<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result<(), CallError> {
+    for chunk in data.chunks(CHUNK) {
+        frame::write_frame(w, chunk, CHUNK as u32).await?;
+    }
+    Ok(frame::write_frame(w, &[], CHUNK as u32).await?)
+}
+
+/// Sends one request over a connection to an enclave and returns its response.
+pub async fn call<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: &[u8],
+) -> Result<Vec<u8>, CallError> {
+    write_chunks(stream, request).await?;
+    let status: CallStatus = frame::recv(stream, CHUNK as u32)
+        .await?
+        .ok_or(CallError::Closed)?;
+    match status {
+        CallStatus::Ok => read_chunks(stream, MAX_RESPONSE).await,
+        CallStatus::Err { code, message } => Err(CallError::Refused { code, message }),
+    }
+}

@@ -1,0 +1,158 @@
+//! The runtime process's life: harden, boot from the supervisor's channel,
+//! start the enclave, serve calls on its socket until SIGTERM (or until the
+//! supervisor dies: the runtime asked the kernel to kill it then).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use ed25519_dalek::SigningKey;
+
+use cloister_image::Image;
+use cloister_proto::call::{self, CallStatus, MAX_REQUEST};
+use cloister_proto::{Address, ErrorCode, frame};
+
+use crate::channel::{Boot, FromRuntime, RuntimeEnd};
+use crate::engine::{Enclave, EnclaveConfig, KmsAccess};
+use crate::hardening;
+
+/// The `cloister-runtime` binary's main.
+pub fn main() -> anyhow::Result<()> {
+    let mut report = hardening::Report::default();
+    hardening::before_threads(&mut report);
+    let channel = Arc::new(RuntimeEnd::new());
+    let boot = channel.boot().context(
+        "no boot message from the supervisor (this binary is started by `cloister supervisor`)",
+    )?;
+    let result = run(channel.clone(), boot, report);
+    if let Err(e) = &result {
+        let _ = channel.send(&FromRuntime::Failed {
+            message: format!("{e:#}"),
+        });
+    }
+    result
+}
+
+fn kms_access(boot: &mut Boot) -> anyhow::Result<Option<KmsAccess>> {
+    let Some(route) = boot.kms.take() else {
+        return Ok(None);
+    };
+    let key: [u8; 32] = route
+        .principal_key
+        .as_bytes()
+        .try_into()
+        .context("the principal key is not 32 bytes")?;
+    Ok(Some(KmsAccess {
+        proxy: route.proxy.parse()?,
+        principal: route.principal,
+        key: SigningKey::from_bytes(&key),
+    }))
+}
+
+fn run(
+    channel: Arc<RuntimeEnd>,
+    mut boot: Boot,
+    mut report: hardening::Report,
+) -> anyhow::Result<()> {
+    let image = Image::parse(&boot.image)?;
+    let console = match (&boot.console, boot.debug) {
+        (Some(path), true) => Some(
+            std::fs::File::create(path).with_context(|| format!("console {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    let kms = kms_access(&mut boot)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let enclave = Arc::new(Enclave::start(EnclaveConfig {
+            image,
+            code: boot.code.into_vec(),
+            debug: boot.debug,
+            memory_mib: boot.memory_mib,
+            nsm: channel.clone(),
+            kms,
+            console,
+        })?);
+        let listener = cloister_proto::listen(&Address::Unix(boot.socket.clone())).await?;
+        // vsock only where the kernel has loopback; never probed otherwise.
+        let vsock = match (boot.vsock_port, cloister_proto::vsock_loopback_available()) {
+            (Some(port), Ok(())) => {
+                match cloister_proto::listen(&Address::Vsock {
+                    cid: u32::MAX,
+                    port,
+                })
+                .await
+                {
+                    Ok(l) => Some((l, format!("vsock:1:{port}"))),
+                    Err(e) => {
+                        eprintln!("cloister-runtime: not listening on vsock: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        hardening::after_start(&mut report);
+        channel.send(&FromRuntime::Ready {
+            hardening: report,
+            vsock: vsock.as_ref().map(|(_, a)| a.clone()),
+        })?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        if let Some((v, _)) = vsock {
+            let enclave = enclave.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = v.accept().await {
+                    tokio::spawn(serve_call(enclave.clone(), stream));
+                }
+            });
+        }
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    tokio::spawn(serve_call(enclave.clone(), stream));
+                }
+                _ = term.recv() => break,
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn serve_call(enclave: Arc<Enclave>, mut stream: cloister_proto::Stream) {
+    let status = |code: &str, message: String| CallStatus::Err {
+        code: code.to_owned(),
+        message,
+    };
+    let request = match call::read_chunks(&mut stream, MAX_REQUEST).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = frame::send(
+                &mut stream,
+                &status(e.code(), e.to_string()),
+                call::CHUNK as u32,
+            )
+            .await;
+            return;
+        }
+    };
+    // The call runs on a thread of its own (a busy guest must not hold up the
+    // I/O threads); its imports' I/O and its deadline use this runtime's timers.
+    let handle = tokio::runtime::Handle::current();
+    let result = tokio::task::spawn_blocking(move || handle.block_on(enclave.call(request))).await;
+    let answer = match &result {
+        Ok(Ok(_)) => CallStatus::Ok,
+        Ok(Err(e)) => status(e.code(), e.to_string()),
+        Err(e) => status("E-ENCLAVE-TRAP", format!("the call's thread failed: {e}")),
+    };
+    if frame::send(&mut stream, &answer, call::CHUNK as u32)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if let Ok(Ok(response)) = result {
+        let _ = call::write_chunks(&mut stream, &response).await;
+    }
+}

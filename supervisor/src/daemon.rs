@@ -1,0 +1,771 @@
+//! The supervisor daemon: the one process that holds the platform's NSM key,
+//! the compiled-code cache and the run state, measures images and launches a
+//! runtime process per enclave.
+//!
+//! State directory (0711, owned by the supervisor's uid; one owned by someone
+//! else or writable by group or others is refused):
+//!
+//! ```text
+//! cache.key, cache/           0600 / 0700: compiled code, MAC'd (see `cache`)
+//! enclaves/                    0711: runtimes pass through, nobody lists
+//! enclaves/<EnclaveID>/        0700, owned by the enclave's runtime uid
+//!     enclave.sock             the runtime's call socket (relayed by `Call`)
+//!     console.log              a debug enclave's console
+//!     runtime.log              the runtime process's stderr
+//! ```
+//!
+//! Each runtime is started from the fixed runtime binary with an empty
+//! environment, no descriptors but its channel (stdin/stdout) and its log,
+//! in its own process group, as the supervisor's uid or — when the supervisor
+//! runs as root — an unprivileged uid of its own. Clients are authorised by
+//! their peer credentials on the control socket.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use serde_bytes::ByteBuf;
+use tokio::process::{ChildStdin, ChildStdout};
+
+use cloister_attestation::nsm::{AttestationRequest, Nsm, PlatformDir};
+use cloister_attestation::pcr::{self, PCR_COUNT, PcrBank};
+use cloister_image::Image;
+use cloister_proto::{Address, ErrorCode, frame};
+use cloister_runtime::channel::{Boot, FromRuntime, MAX_FRAME, NsmRequest, NsmResponse};
+
+use crate::cache::CodeCache;
+use crate::protocol::{EnclaveInfo, MAX_CONTROL, Reply, Request, RunSpec, Which};
+
+/// The first CID handed out, as Nitro's enclaves start at 16.
+pub const FIRST_CID: u32 = 16;
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the supervisor is run.
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub platform_dir: PathBuf,
+    pub listen: Address,
+    /// The runtime binary (default: `cloister-runtime` beside this executable).
+    pub runtime: PathBuf,
+    /// Clients allowed besides root and the supervisor's own uid.
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    /// When root: enclave runtimes run as uids from here up (one per enclave).
+    pub enclave_uid_base: u32,
+}
+
+/// Refuses a path not owned by this uid, or whose mode has any of `forbidden`.
+fn check_owned(path: &Path, forbidden: u32, what: &str) -> anyhow::Result<()> {
+    let m = std::fs::metadata(path).with_context(|| path.display().to_string())?;
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != me {
+        bail!(StateError(format!(
+            "{} is owned by uid {}, not by the supervisor's uid {me}: refusing to use it",
+            path.display(),
+            m.uid()
+        )));
+    }
+    if m.mode() & forbidden != 0 {
+        bail!(StateError(format!(
+            "{} has mode {:o}: {what} (chmod it)",
+            path.display(),
+            m.mode() & 0o777
+        )));
+    }
+    Ok(())
+}
+
+/// A secret file or private directory: this uid's, closed to group and others.
+pub fn check_private(path: &Path) -> anyhow::Result<()> {
+    check_owned(path, 0o077, "group and others must have no access")
+}
+
+/// A directory others may pass through but not change: this uid's, not
+/// writable by group or others.
+pub fn check_dir(path: &Path) -> anyhow::Result<()> {
+    check_owned(path, 0o022, "group and others must not be able to write it")
+}
+
+/// Makes a directory with `mode` or checks an existing one.
+fn make_dir(dir: &Path, mode: u32) -> anyhow::Result<()> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)
+            .with_context(|| dir.display().to_string())?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    }
+    if mode & 0o077 == 0 {
+        check_private(dir)
+    } else {
+        check_dir(dir)
+    }
+}
+
+/// Makes a private directory (0700) or checks an existing one.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    make_dir(dir, 0o700)
+}
+
+/// A state or platform directory the supervisor refuses to use.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StateError(pub String);
+
+impl ErrorCode for StateError {
+    fn code(&self) -> &'static str {
+        "E-SUPERVISOR-STATE"
+    }
+}
+
+/// The runtime binary and its measurement.
+struct RuntimeBinary {
+    path: PathBuf,
+    pcr1: pcr::Pcr,
+    /// (device, inode, size, mtime) when measured: a changed file is measured again.
+    stamp: (u64, u64, u64, i64),
+}
+
+fn stamp(path: &Path) -> anyhow::Result<(u64, u64, u64, i64)> {
+    let m =
+        std::fs::metadata(path).with_context(|| format!("runtime binary {}", path.display()))?;
+    Ok((m.dev(), m.ino(), m.size(), m.mtime()))
+}
+
+impl RuntimeBinary {
+    fn measure(path: PathBuf) -> anyhow::Result<Self> {
+        let stamp = stamp(&path)?;
+        let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
+        Ok(RuntimeBinary {
+            pcr1: cloister_runtime::engine::pcr1(&bytes),
+            path,
+            stamp,
+        })
+    }
+}
+
+struct Running {
+    info: EnclaveInfo,
+    dir: PathBuf,
+    exited: tokio::sync::watch::Receiver<bool>,
+}
+
+struct Supervisor {
+    options: Options,
+    nsm: Nsm,
+    cache: CodeCache,
+    runtime: Mutex<RuntimeBinary>,
+    enclaves: Mutex<BTreeMap<String, Running>>,
+    /// CIDs and names reserved by launches in progress.
+    reserved: Mutex<Vec<(u32, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Errors answered to clients, with their codes.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("uid {0} is not allowed to use this supervisor (see --allow-uid/--allow-gid)")]
+    Unauthorized(u32),
+    #[error("no running enclave {0}")]
+    NotFound(String),
+    #[error("CID {0} is already used by a running enclave")]
+    CidInUse(u32),
+    #[error("an enclave named {0:?} is already running")]
+    NameInUse(String),
+    #[error(
+        "enclave {0} is not in debug mode: its console is not available (run it with --debug-mode)"
+    )]
+    NotDebug(String),
+    #[error("the enclave runtime did not start: {0}")]
+    Start(String),
+    #[error("{message}")]
+    Coded { code: &'static str, message: String },
+}
+
+impl Refusal {
+    fn code(&self) -> &'static str {
+        match self {
+            Refusal::Unauthorized(_) => "E-SUPERVISOR-UNAUTHORIZED",
+            Refusal::NotFound(_) => "E-ENCLAVE-NOT-FOUND",
+            Refusal::CidInUse(_) | Refusal::NameInUse(_) => "E-ENCLAVE-IN-USE",
+            Refusal::NotDebug(_) => "E-ENCLAVE-NOT-DEBUG",
+            Refusal::Start(_) => "E-ENCLAVE-START",
+            Refusal::Coded { code, .. } => code,
+        }
+    }
+    fn coded<E: ErrorCode + std::fmt::Display>(e: E) -> Self {
+        Refusal::Coded {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Runs the supervisor until SIGTERM or SIGINT; enclaves end with it.
+pub fn run(options: Options) -> anyhow::Result<()> {
+    make_dir(&options.state_dir, 0o711)?;
+    check_dir(&options.platform_dir)?;
+    let nsm = Nsm::load(&PlatformDir::new(&options.platform_dir))?;
+    let cache = CodeCache::open(&options.state_dir)?;
+    make_dir(&options.state_dir.join("enclaves"), 0o711)?;
+    let runtime = RuntimeBinary::measure(options.runtime.clone())?;
+    let me = nix::unistd::geteuid();
+    if !me.is_root() {
+        eprintln!(
+            "cloister supervisor: WARNING: not running as root, so every enclave runtime runs as this uid ({me}). \
+             A parent running as uid {me} has no boundary to the enclaves; run the parent's commands as another user."
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = cloister_proto::listen(&options.listen).await?;
+        if let Address::Unix(path) = &options.listen {
+            // Anyone may connect; peer credentials decide who is served.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        }
+        let supervisor = Arc::new(Supervisor {
+            nsm,
+            cache,
+            runtime: Mutex::new(runtime),
+            enclaves: Mutex::new(BTreeMap::new()),
+            reserved: Mutex::new(Vec::new()),
+            options,
+        });
+        eprintln!(
+            "cloister supervisor: listening on {}",
+            supervisor.options.listen
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    tokio::spawn(client(supervisor.clone(), stream));
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        supervisor.terminate_all().await;
+        Ok(())
+    })
+}
+
+/// The peer's uid and whether it may use the supervisor.
+fn authorize(options: &Options, stream: &cloister_proto::Stream) -> Result<u32, Refusal> {
+    let cloister_proto::Stream::Unix(s) = stream else {
+        return Err(Refusal::Unauthorized(u32::MAX));
+    };
+    let cred = s.peer_cred().map_err(|_| Refusal::Unauthorized(u32::MAX))?;
+    let uid = cred.uid();
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() || options.allow_uids.contains(&uid) {
+        return Ok(uid);
+    }
+    let mut gids = vec![cred.gid()];
+    if let Some(pid) = cred.pid()
+        && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
+    {
+        gids.extend(
+            line[7..]
+                .split_whitespace()
+                .filter_map(|g| g.parse::<u32>().ok()),
+        );
+    }
+    if gids.iter().any(|g| options.allow_gids.contains(g)) {
+        return Ok(uid);
+    }
+    Err(Refusal::Unauthorized(uid))
+}
+
+async fn client(supervisor: Arc<Supervisor>, mut stream: cloister_proto::Stream) {
+    let answer = async {
+        let uid = authorize(&supervisor.options, &stream)?;
+        let request: Request = frame::recv(&mut stream, MAX_CONTROL)
+            .await
+            .map_err(Refusal::coded)?
+            .ok_or_else(|| Refusal::NotFound("(no request)".into()))?;
+        supervisor.handle(uid, request).await
+    }
+    .await;
+    let reply = match answer {
+        Ok(Handled::Reply(r)) => r,
+        Ok(Handled::Relay(socket)) => match cloister_proto::connect(&Address::Unix(socket)).await {
+            Ok(mut enclave) => {
+                if frame::send(&mut stream, &Reply::Relaying, MAX_CONTROL)
+                    .await
+                    .is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut enclave).await;
+                }
+                return;
+            }
+            Err(e) => Reply::Err {
+                code: "E-ENCLAVE-IO".into(),
+                message: format!("the enclave's socket: {e}"),
+            },
+        },
+        Err(r) => Reply::Err {
+            code: r.code().into(),
+            message: r.to_string(),
+        },
+    };
+    let _ = frame::send(&mut stream, &reply, MAX_CONTROL).await;
+}
+
+enum Handled {
+    Reply(Reply),
+    Relay(PathBuf),
+}
+
+impl Supervisor {
+    async fn handle(self: &Arc<Self>, uid: u32, request: Request) -> Result<Handled, Refusal> {
+        Ok(Handled::Reply(match request {
+            Request::RunEnclave(spec) => {
+                let mut info = self.clone().launch(spec).await?;
+                let me = nix::unistd::geteuid().as_raw();
+                if uid == me || uid == info.runtime_uid {
+                    info.boundary_warning = Some(format!(
+                        "the parent (uid {uid}) shares a uid with the {}: this setup has no parent/enclave boundary (the parent could read the enclave's memory and keys). Run the parent's commands as another user.",
+                        if uid == info.runtime_uid {
+                            "enclave runtime"
+                        } else {
+                            "supervisor"
+                        }
+                    ));
+                }
+                Reply::Enclave(Box::new(info))
+            }
+            Request::DescribeEnclaves => Reply::Enclaves(
+                lock(&self.enclaves)
+                    .values()
+                    .map(|r| r.info.clone())
+                    .collect(),
+            ),
+            Request::Terminate(which) => {
+                let ids: Vec<String> = match which {
+                    Some(w) => vec![self.find(&w)?],
+                    None => lock(&self.enclaves).keys().cloned().collect(),
+                };
+                let mut done = Vec::new();
+                for id in ids {
+                    if let Some(name) = self.terminate(&id).await {
+                        done.push((name, id));
+                    }
+                }
+                Reply::Terminated(done)
+            }
+            Request::Console(which) => {
+                let id = self.find(&which)?;
+                let dir = {
+                    let enclaves = lock(&self.enclaves);
+                    let r = enclaves
+                        .get(&id)
+                        .ok_or_else(|| Refusal::NotFound(id.clone()))?;
+                    if !r.info.debug {
+                        return Err(Refusal::NotDebug(id));
+                    }
+                    r.dir.clone()
+                };
+                Reply::Console(ByteBuf::from(
+                    std::fs::read(dir.join("console.log")).unwrap_or_default(),
+                ))
+            }
+            Request::Call(which) => {
+                let id = self.find(&which)?;
+                let dir = lock(&self.enclaves)
+                    .get(&id)
+                    .map(|r| r.dir.clone())
+                    .ok_or_else(|| Refusal::NotFound(id.clone()))?;
+                return Ok(Handled::Relay(dir.join("enclave.sock")));
+            }
+        }))
+    }
+
+    fn find(&self, which: &Which) -> Result<String, Refusal> {
+        let enclaves = lock(&self.enclaves);
+        enclaves
+            .values()
+            .find(|r| {
+                which.id.as_ref().is_none_or(|i| *i == r.info.enclave_id)
+                    && which
+                        .name
+                        .as_ref()
+                        .is_none_or(|n| *n == r.info.enclave_name)
+                    && which.cid.is_none_or(|c| c == r.info.enclave_cid)
+            })
+            .map(|r| r.info.enclave_id.clone())
+            .ok_or_else(|| {
+                Refusal::NotFound(
+                    which
+                        .id
+                        .clone()
+                        .or(which.name.clone())
+                        .or(which.cid.map(|c| format!("CID {c}")))
+                        .unwrap_or_default(),
+                )
+            })
+    }
+
+    /// Reserves a CID and a name among the running and starting enclaves.
+    fn reserve(&self, name: &str, cid: u32) -> Result<u32, Refusal> {
+        let enclaves = lock(&self.enclaves);
+        let mut reserved = lock(&self.reserved);
+        let used: Vec<(u32, &str)> = enclaves
+            .values()
+            .map(|r| (r.info.enclave_cid, r.info.enclave_name.as_str()))
+            .chain(reserved.iter().map(|(c, n)| (*c, n.as_str())))
+            .collect();
+        if used.iter().any(|(_, n)| *n == name) {
+            return Err(Refusal::NameInUse(name.into()));
+        }
+        let cid = if cid == 0 {
+            (FIRST_CID..)
+                .find(|c| !used.iter().any(|(u, _)| u == c))
+                .unwrap_or(FIRST_CID)
+        } else if cid < 4 || used.iter().any(|(u, _)| *u == cid) {
+            return Err(Refusal::CidInUse(cid));
+        } else {
+            cid
+        };
+        reserved.push((cid, name.to_owned()));
+        Ok(cid)
+    }
+
+    fn unreserve(&self, cid: u32) {
+        lock(&self.reserved).retain(|(c, _)| *c != cid);
+    }
+
+    /// The uid an enclave's runtime runs as: its own when the supervisor is
+    /// root, the supervisor's otherwise.
+    fn runtime_uid(&self, cid: u32) -> u32 {
+        if nix::unistd::geteuid().is_root() {
+            self.options.enclave_uid_base.saturating_add(cid)
+        } else {
+            nix::unistd::geteuid().as_raw()
+        }
+    }
+
+    /// PCR1 of the runtime binary as it is now on disk.
+    fn runtime_binary(&self) -> anyhow::Result<(PathBuf, pcr::Pcr)> {
+        let mut rt = lock(&self.runtime);
+        if stamp(&rt.path)? != rt.stamp {
+            *rt = RuntimeBinary::measure(rt.path.clone())?;
+        }
+        Ok((rt.path.clone(), rt.pcr1))
+    }
+
+    async fn launch(self: Arc<Self>, spec: RunSpec) -> Result<EnclaveInfo, Refusal> {
+        let image = Image::parse(&spec.image).map_err(Refusal::coded)?;
+        image.verify_signature().map_err(Refusal::coded)?;
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| image.manifest.name.clone());
+        let cid = self.reserve(&name, spec.cid)?;
+        let result = self.clone().start(spec, image, name, cid).await;
+        self.unreserve(cid);
+        result
+    }
+
+    async fn start(
+        self: Arc<Self>,
+        spec: RunSpec,
+        image: Image,
+        name: String,
+        cid: u32,
+    ) -> Result<EnclaveInfo, Refusal> {
+        let start = |e: anyhow::Error| Refusal::Start(format!("{e:#}"));
+        let (runtime_path, pcr1) = self.runtime_binary().map_err(start)?;
+        let measurements = image.measurements(
+            Some(pcr1),
+            spec.parent_role.as_deref(),
+            spec.instance_id.as_deref(),
+        );
+        // PCR3 must name the identity whose credentials the runtime signs with,
+        // or a parent holding one principal's key could claim another's role.
+        if let (Some(route), Some(role)) = (&spec.kms, &spec.parent_role)
+            && route.principal != *role
+        {
+            return Err(Refusal::Start(format!(
+                "--parent-role {role:?} differs from --kms-principal {:?}: PCR3 must measure the principal whose credentials the enclave uses",
+                route.principal
+            )));
+        }
+        let bank = if spec.debug {
+            PcrBank::debug()
+        } else {
+            PcrBank::new(&measurements).map_err(Refusal::coded)?
+        };
+        let mut rnd = [0u8; 8];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let enclave_id = format!(
+            "i-{}-enc{}",
+            host.trim()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), ""),
+            hex::encode(rnd)
+        );
+        let uid = self.runtime_uid(cid);
+        let dir = self.options.state_dir.join("enclaves").join(&enclave_id);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| start(e.into()))?;
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(uid)),
+            )
+            .map_err(|e| start(e.into()))?;
+        }
+        let launched = self
+            .spawn_runtime(&runtime_path, &enclave_id, &dir, uid, cid, &spec, &image)
+            .await;
+        let (mut child, stdin, stdout, ready) = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let (hardening, vsock) = ready;
+        let memory_mib = spec.memory_mib.unwrap_or(image.manifest.memory_mib);
+        let info = EnclaveInfo {
+            enclave_name: name,
+            enclave_id: enclave_id.clone(),
+            process_id: child.id().unwrap_or(0),
+            enclave_cid: cid,
+            memory_mib,
+            debug: spec.debug,
+            measurements: bank
+                .snapshot()
+                .into_iter()
+                .filter(|(i, _)| {
+                    [0, 1, 2, 3, 4, 8].contains(i) && (spec.debug || measurements.contains_key(i))
+                })
+                .map(|(i, v)| (format!("PCR{i}"), hex::encode(v)))
+                .collect(),
+            hardening,
+            vsock,
+            runtime_uid: uid,
+            boundary_warning: None,
+        };
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
+        lock(&self.enclaves).insert(
+            enclave_id.clone(),
+            Running {
+                info: info.clone(),
+                dir: dir.clone(),
+                exited,
+            },
+        );
+        let supervisor = self.clone();
+        tokio::spawn(async move {
+            supervisor.serve_nsm(&enclave_id, bank, stdin, stdout).await;
+            let _ = child.wait().await;
+            lock(&supervisor.enclaves).remove(&enclave_id);
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = exited_tx.send(true);
+        });
+        Ok(info)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_runtime(
+        &self,
+        runtime: &Path,
+        enclave_id: &str,
+        dir: &Path,
+        uid: u32,
+        cid: u32,
+        spec: &RunSpec,
+        image: &Image,
+    ) -> Result<
+        (
+            tokio::process::Child,
+            ChildStdin,
+            ChildStdout,
+            (cloister_runtime::hardening::Report, Option<String>),
+        ),
+        Refusal,
+    > {
+        let start = |e: anyhow::Error| Refusal::Start(format!("{e:#}"));
+        let (code, source) = self.cache.code_for(&image.component).await.map_err(start)?;
+        if source != crate::cache::Source::Cache {
+            eprintln!("cloister supervisor: {enclave_id}: code {source:?}");
+        }
+        let log = std::fs::File::create(dir.join("runtime.log")).map_err(|e| start(e.into()))?;
+        let mut command = tokio::process::Command::new(runtime);
+        command
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true);
+        if nix::unistd::geteuid().is_root() {
+            // std drops supplementary groups (setgroups(0)) when it sets the uid as root.
+            command.uid(uid).gid(uid);
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| start(anyhow::anyhow!("{}: {e}", runtime.display())))?;
+        let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(Refusal::Start("no channel to the runtime".into()));
+        };
+        let boot = Boot {
+            enclave_id: enclave_id.to_owned(),
+            debug: spec.debug,
+            memory_mib: spec.memory_mib.unwrap_or(image.manifest.memory_mib),
+            image: ByteBuf::from(spec.image.to_vec()),
+            code: ByteBuf::from(code),
+            socket: dir.join("enclave.sock"),
+            console: spec.debug.then(|| dir.join("console.log")),
+            vsock_port: Some(10_000 + cid),
+            kms: spec
+                .kms
+                .as_ref()
+                .map(|k| cloister_runtime::channel::KmsRoute {
+                    proxy: k.proxy.clone(),
+                    principal: k.principal.clone(),
+                    principal_key: k.principal_key.clone(),
+                }),
+        };
+        let first = async {
+            frame::send(&mut stdin, &boot, MAX_FRAME).await?;
+            frame::recv::<_, FromRuntime>(&mut stdout, MAX_FRAME).await
+        };
+        let log_tail = || std::fs::read_to_string(dir.join("runtime.log")).unwrap_or_default();
+        match tokio::time::timeout(START_TIMEOUT, first).await {
+            Ok(Ok(Some(FromRuntime::Ready { hardening, vsock }))) => {
+                Ok((child, stdin, stdout, (hardening, vsock)))
+            }
+            Ok(Ok(Some(FromRuntime::Failed { message }))) => Err(Refusal::Start(message)),
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                let status = child.wait().await.ok();
+                Err(Refusal::Start(format!(
+                    "it exited ({}): {}",
+                    status.map(|s| s.to_string()).unwrap_or_default(),
+                    log_tail().trim()
+                )))
+            }
+            Err(_) => Err(Refusal::Start(format!(
+                "it did not become ready within {} s",
+                START_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// The NSM for one enclave: its PCR bank and the platform's signing key.
+    async fn serve_nsm(
+        &self,
+        enclave_id: &str,
+        mut bank: PcrBank,
+        mut stdin: ChildStdin,
+        mut stdout: ChildStdout,
+    ) {
+        while let Ok(Some(message)) = frame::recv::<_, FromRuntime>(&mut stdout, MAX_FRAME).await {
+            let FromRuntime::Nsm(request) = message else {
+                break;
+            };
+            let response = self.nsm_answer(enclave_id, &mut bank, request);
+            if frame::send(&mut stdin, &response, MAX_FRAME).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    fn nsm_answer(&self, enclave_id: &str, bank: &mut PcrBank, request: NsmRequest) -> NsmResponse {
+        fn err<E: ErrorCode + std::fmt::Display>(e: E) -> NsmResponse {
+            NsmResponse::Err {
+                code: e.code().into(),
+                message: e.to_string(),
+            }
+        }
+        match request {
+            NsmRequest::DescribePcr(i) => match bank.describe(i.into()) {
+                Ok((value, locked)) => NsmResponse::Pcr {
+                    value: ByteBuf::from(value.to_vec()),
+                    locked,
+                },
+                Err(e) => err(e),
+            },
+            NsmRequest::ExtendPcr(i, data) => match bank.extend(i.into(), &data) {
+                Ok(value) => NsmResponse::Pcr {
+                    value: ByteBuf::from(value.to_vec()),
+                    locked: false,
+                },
+                Err(e) => err(e),
+            },
+            NsmRequest::LockPcr(i) => bank.lock(i.into()).map_or_else(err, |()| NsmResponse::Done),
+            NsmRequest::LockPcrs(range) => {
+                let end = usize::from(range);
+                if end > PCR_COUNT {
+                    return err(cloister_attestation::PcrError::OutOfRange(end));
+                }
+                // PCR0..15 are locked from the start; lock the runtime registers below `range`.
+                bank.lock_range(pcr::FIRST_RUNTIME_PCR.min(end)..end)
+                    .map_or_else(err, |()| NsmResponse::Done)
+            }
+            NsmRequest::Attestation {
+                user_data,
+                nonce,
+                public_key,
+            } => self
+                .nsm
+                .attest(
+                    &AttestationRequest {
+                        module_id: enclave_id.to_owned(),
+                        pcrs: bank.snapshot(),
+                        public_key: public_key.map(ByteBuf::into_vec),
+                        user_data: user_data.map(ByteBuf::into_vec),
+                        nonce: nonce.map(ByteBuf::into_vec),
+                    },
+                    SystemTime::now(),
+                )
+                .map_or_else(err, |d| NsmResponse::Document(ByteBuf::from(d))),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s; returns the enclave's name.
+    async fn terminate(&self, id: &str) -> Option<String> {
+        let (pid, name, mut exited) = {
+            let enclaves = lock(&self.enclaves);
+            let r = enclaves.get(id)?;
+            (
+                r.info.process_id,
+                r.info.enclave_name.clone(),
+                r.exited.clone(),
+            )
+        };
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let gone = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e))
+            .await
+            .is_ok();
+        if !gone {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = exited.wait_for(|e| *e).await;
+        }
+        Some(name)
+    }
+
+    async fn terminate_all(&self) {
+        let ids: Vec<String> = lock(&self.enclaves).keys().cloned().collect();
+        for id in ids {
+            self.terminate(&id).await;
+        }
+    }
+}
