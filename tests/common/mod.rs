@@ -193,8 +193,36 @@ pub struct Host {
     pub supervisor: Option<Server>,
 }
 
+/// Builds the runtime binary that the supervisor launches, once per test
+/// process: it belongs to another package, which `cargo test -p cloister-host`
+/// would otherwise leave as it was.
+pub fn runtime_binary() {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--locked",
+                "-p",
+                "cloister-runtime",
+                "--bin",
+                "cloister-runtime",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run cargo for the runtime");
+        assert!(
+            out.status.success(),
+            "building cloister-runtime failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
 impl Host {
     pub fn new() -> Host {
+        runtime_binary();
         let dir = tempfile::tempdir().unwrap();
         // Enclave runtimes run as uids of their own (when the tests run as root):
         // they pass through this directory to reach the proxy's socket.
