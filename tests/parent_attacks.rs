@@ -422,6 +422,21 @@ fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
     ]);
     let e = failed_with(&out, "E-SUPERVISOR-STATE");
     assert!(e.contains("must not be able to write"), "{e}");
+    // ... and, as root, one its enclave runtimes could not reach.
+    let closed = w.h.path("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = common::cloister(&[
+        "supervisor",
+        "--state-dir",
+        s(&closed.join("state")),
+        "--platform",
+        s(&w.h.path("platform")),
+        "--listen",
+        &format!("unix:{}", s(&w.h.path("closed.sock"))),
+    ]);
+    let e = failed_with(&out, "E-SUPERVISOR-STATE");
+    assert!(e.contains("must pass through"), "{e}");
 }
 
 /// What a hostile proxy does with the enclave's KMS requests.

@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
-cargo build --quiet --locked -p cloister-host
+cargo build --quiet --locked -p cloister-host -p cloister-runtime
 cargo build --quiet --locked --release --target wasm32-wasip2 --manifest-path examples/Cargo.toml
 cloister=$PWD/target/debug/cloister
 work=$(mktemp -d "${TMPDIR:-/tmp}/cloister-demo.XXXXXX")
-export CLOISTER_RUN_DIR="$work/run"
-trap '$cloister terminate-enclave --all >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+chmod 755 "$work"   # enclave runtimes (their own uids, as root) pass through it
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 step() { printf '\n== %s\n' "$*"; }
 must_fail() { if "$@" >"$work/out" 2>"$work/err"; then echo "UNEXPECTED SUCCESS: $*"; exit 1; fi; head -1 "$work/err"; }
 
@@ -57,7 +58,12 @@ step "5. An enclave answers a challenge with its own attestation document"
 $cloister build-enclave --wasm examples/target/wasm32-wasip2/release/attest_demo.wasm --name attest-demo --version 1 \
   --output "$work/attest.cimg" >"$work/build.json"
 image_pcr0=$(sed -n 's/.*"PCR0": "\(.*\)".*/\1/p' "$work/build.json")
-$cloister run-enclave --image "$work/attest.cimg" --platform "$work/platform" --enclave-name attest >/dev/null
+# The supervisor holds the platform's NSM key and launches the enclave runtime.
+$cloister supervisor --state-dir "$work/state" --platform "$work/platform" \
+  --listen "unix:$work/supervisor.sock" 2>"$work/supervisor.log" & pids+=($!)
+export CLOISTER_SUPERVISOR="unix:$work/supervisor.sock"
+for _ in $(seq 200); do [ -S "$work/supervisor.sock" ] && break; sleep 0.05; done
+$cloister run-enclave --image "$work/attest.cimg" --enclave-name attest >/dev/null
 nonce=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 printf "$(echo "$nonce" | sed 's/\(..\)/\\x\1/g')" >"$work/nonce.bin"
 $cloister call --enclave-name attest --input "$work/nonce.bin" --output "$work/enclave.cose"
@@ -80,7 +86,7 @@ kms="$work/kms"
 $cloister kms init --data-dir "$kms" >/dev/null
 $cloister kms serve --data-dir "$kms" --listen "unix:$work/kms.sock" >/dev/null 2>"$work/kms.err" &
 kms_pid=$!
-trap '$cloister terminate-enclave --all >/dev/null 2>&1; kill $kms_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+pids+=($kms_pid)
 for _ in $(seq 100); do [ -S "$work/kms.sock" ] && break; sleep 0.05; done
 export CLOISTER_KMS_ENDPOINT="unix:$work/kms.sock" CLOISTER_PRINCIPAL=admin CLOISTER_PRINCIPAL_KEY="$kms/admin.key"
 $cloister kms trust add --root "$work/platform/root.pem" --label demo-platform >/dev/null

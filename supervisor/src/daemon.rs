@@ -111,6 +111,24 @@ pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
     make_dir(dir, 0o700)
 }
 
+/// Runtimes run as uids of their own: every directory above the state
+/// directory must let others pass (o+x), or no enclave could reach its socket.
+fn reachable_by_others(state_dir: &Path) -> anyhow::Result<()> {
+    let state_dir = std::fs::canonicalize(state_dir)?;
+    for dir in state_dir.ancestors() {
+        let mode = std::fs::metadata(dir)?.mode();
+        if mode & 0o001 == 0 {
+            bail!(StateError(format!(
+                "{} has mode {:o}: enclave runtimes run as uids of their own and must pass through it to {} (chmod o+x it, or choose another --state-dir)",
+                dir.display(),
+                mode & 0o777,
+                state_dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A state or platform directory the supervisor refuses to use.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -215,6 +233,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let nsm = Nsm::load(&PlatformDir::new(&options.platform_dir))?;
     let cache = CodeCache::open(&options.state_dir)?;
     make_dir(&options.state_dir.join("enclaves"), 0o711)?;
+    if nix::unistd::geteuid().is_root() {
+        reachable_by_others(&options.state_dir)?;
+    }
     let runtime = RuntimeBinary::measure(options.runtime.clone())?;
     let me = nix::unistd::geteuid();
     if !me.is_root() {
