@@ -2,12 +2,13 @@
 //!
 //! Before any thread starts: not dumpable (no ptrace by ordinary users, no
 //! /proc/PID/mem), no_new_privs, no core files, and its own empty network
-//! namespace where the kernel permits it. After start-up (component compiled,
+//! namespace where the kernel permits it. After start-up (component loaded,
 //! socket bound): a seccomp filter that refuses, with EPERM, process execution,
-//! tracing, module and mount operations, new namespaces, and IPv4/IPv6/netlink
-//! sockets — so even without a network namespace the runtime has no network of
-//! its own; it reaches the key broker only through the parent's proxy on a Unix
-//! or vsock socket.
+//! tracing, module and mount operations, new namespaces (unshare, setns, clone
+//! with a namespace flag; clone3 answers ENOSYS so threads use clone),
+//! io_uring, and sockets of every family but Unix and vsock — so even without a
+//! network namespace the runtime has no network of its own; it reaches the key
+//! broker only through the parent's proxy on a Unix or vsock socket.
 
 use std::collections::BTreeMap;
 
@@ -47,10 +48,33 @@ pub fn before_threads(report: &mut Report) {
     };
 }
 
-fn filter() -> Result<seccompiler::BpfProgram, String> {
-    use seccompiler::{
-        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    };
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn compile(
+    rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
+    errno: i32,
+) -> Result<seccompiler::BpfProgram, String> {
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(errno as u32),
+        arch,
+    )
+    .map_err(err)?
+    .try_into()
+    .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// The filters: what the runtime never needs fails with EPERM; `clone3`, whose
+/// flags a filter cannot read, fails with ENOSYS so that threads are made with
+/// `clone`, whose flags it can.
+fn filters() -> Result<[seccompiler::BpfProgram; 2], String> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let always = Vec::new;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
         libc::SYS_execve,
@@ -74,47 +98,62 @@ fn filter() -> Result<seccompiler::BpfProgram, String> {
         libc::SYS_unshare,
         libc::SYS_setns,
         libc::SYS_userfaultfd,
+        // io_uring would perform socket and file operations the filter never sees.
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
     ]
     .into_iter()
     .map(|nr| (nr, always()))
     .collect();
-    let family = |f: i32| -> Result<SeccompRule, String> {
-        SeccompRule::new(vec![
-            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, f as u64)
-                .map_err(|e| e.to_string())?,
-        ])
-        .map_err(|e| e.to_string())
+    let arg = |index: u8, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(err)
     };
+    // Sockets of any family but Unix and vsock.
+    let other_family = || -> Result<SeccompRule, String> {
+        SeccompRule::new(vec![
+            arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
+            arg(0, SeccompCmpOp::Ne, libc::AF_VSOCK as u64)?,
+        ])
+        .map_err(err)
+    };
+    rules.insert(libc::SYS_socket, vec![other_family()?]);
+    rules.insert(libc::SYS_socketpair, vec![other_family()?]);
+    // clone with any namespace flag.
+    let namespaces = [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
+    ];
     rules.insert(
-        libc::SYS_socket,
-        vec![
-            family(libc::AF_INET)?,
-            family(libc::AF_INET6)?,
-            family(libc::AF_NETLINK)?,
-            family(libc::AF_PACKET)?,
-        ],
+        libc::SYS_clone,
+        namespaces
+            .iter()
+            .map(|flag| {
+                SeccompRule::new(vec![arg(
+                    0,
+                    SeccompCmpOp::MaskedEq(*flag as u64),
+                    *flag as u64,
+                )?])
+                .map_err(err)
+            })
+            .collect::<Result<_, _>>()?,
     );
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| e.to_string())?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
+    let clone3 = BTreeMap::from([(libc::SYS_clone3, always())]);
+    Ok([compile(rules, libc::EPERM)?, compile(clone3, libc::ENOSYS)?])
 }
 
 /// Installs the seccomp filter on every thread of the process.
 pub fn after_start(report: &mut Report) {
-    report.seccomp = match filter()
-        .and_then(|p| seccompiler::apply_filter_all_threads(&p).map_err(|e| e.to_string()))
-    {
-        Ok(()) => "filter (exec, ptrace, mount, modules, namespaces, inet sockets refused)".into(),
+    report.seccomp = match filters().and_then(|fs| {
+        fs.iter()
+            .try_for_each(|p| seccompiler::apply_filter_all_threads(p).map_err(err))
+    }) {
+        Ok(()) => "filter (exec, ptrace, mount, modules, namespaces, io_uring, sockets but unix/vsock refused)".into(),
         Err(e) => {
             eprintln!("cloister enclave runtime: WARNING: seccomp filter not installed: {e}");
             format!("not installed: {e}")
