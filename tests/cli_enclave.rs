@@ -177,6 +177,21 @@ fn run_call_attest_terminate() {
         .unwrap();
     assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
     assert_eq!(run["Hardening"]["not_dumpable"], true);
+    if nix::unistd::geteuid().is_root() {
+        // As root the supervisor can give the runtime both: a network namespace
+        // of its own, entered before it drops to its own unprivileged uid.
+        assert!(
+            run["Hardening"]["network_namespace"]
+                .as_str()
+                .unwrap()
+                .starts_with("own"),
+            "{}",
+            run["Hardening"]
+        );
+        assert_ne!(run["Hardening"]["uid"], 0);
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(!uid_line.contains("\t0\t"), "{uid_line}");
+    }
     let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
     let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
     if run["Hardening"]["network_namespace"]
@@ -352,6 +367,15 @@ fn hostile_guests_are_stopped_and_the_enclave_keeps_serving() {
     let e = failed_with(&h.call(&w, b"fail:on purpose"), "E-ENCLAVE-WORKLOAD");
     assert!(e.contains("E-TEST-FAIL") && e.contains("on purpose"), "{e}");
     failed_with(&h.call(&w, b"bad-handle"), "E-ENCLAVE-WORKLOAD");
+    // The guest may not put a key of its choosing (its caller's) in a document.
+    let e = failed_with(
+        &h.call(&w, &[b"attest-key:".as_slice(), &[b'a'; 64]].concat()),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(
+        e.contains("E-ENCLAVE-ARGUMENT") && e.contains("reserved"),
+        "{e}"
+    );
     let e = failed_with(&h.call(&w, b"kms-random:8"), "E-ENCLAVE-WORKLOAD");
     assert!(
         e.contains("E-ENCLAVE-NO-KMS") && e.contains("names no key broker"),

@@ -386,6 +386,48 @@ fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
     denied(&["cp", "/etc/hostname", s(&w.h.path("state/cache/planted"))]);
     denied(&["ls", s(&w.h.path(&format!("state/enclaves/{id}")))]);
     denied(&["kill", "-0", &pid.to_string()]);
+    // The runtime's uid owns its directory: were a guest to take the runtime
+    // over, it could plant links there. The supervisor, as root, follows none:
+    // not the console to the NSM key, not the call socket to another service.
+    let dbg_run = json_of(
+        &w.parent(
+            &[
+                "run-enclave",
+                "--image",
+                s(&w.image),
+                "--enclave-name",
+                "dbg",
+                "--debug-mode",
+            ],
+            &[],
+        ),
+        "debug run",
+    );
+    let dbg_dir = w.h.path(&format!(
+        "state/enclaves/{}",
+        dbg_run["EnclaveID"].as_str().unwrap()
+    ));
+    let console = dbg_dir.join("console.log");
+    let _ = std::fs::remove_file(&console);
+    std::os::unix::fs::symlink(&nsm_key, &console).unwrap();
+    let out = w.parent(&["console", "--enclave-name", "dbg"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nsm_pem = std::fs::read(&nsm_key).unwrap();
+    assert!(
+        !out.stdout
+            .windows(40)
+            .any(|x| nsm_pem.windows(40).any(|y| x == y)),
+        "the console showed the NSM key"
+    );
+    let sock = dbg_dir.join("enclave.sock");
+    std::fs::remove_file(&sock).unwrap();
+    std::os::unix::fs::symlink(&w.broker.sock, &sock).unwrap();
+    let e = failed_with(&w.call("dbg", b"echo:x"), "E-ENCLAVE-IO");
+    assert!(e.contains("does not lead to its runtime"), "{e}");
     // run-enclave has no way to name a platform (an NSM key) at all.
     let out = w.parent(
         &["run-enclave", "--image", s(&w.image), "--platform", "/tmp"],

@@ -21,13 +21,19 @@ use serde_bytes::ByteBuf;
 
 use cloister_proto::frame;
 
-/// The largest frame on the channel: a Boot carries the image and its code.
+/// The largest frame the supervisor sends: a Boot carries the image and its code.
 pub const MAX_FRAME: u32 = 512 << 20;
+/// The largest frame a runtime sends (NSM requests are small): the supervisor
+/// reads no more from a runtime that a hostile guest may have taken over.
+pub const MAX_FROM_RUNTIME: u32 = 64 << 10;
 
 /// Everything a runtime is started with.
 #[derive(Serialize, Deserialize)]
 pub struct Boot {
     pub enclave_id: String,
+    /// The uid (and gid) the runtime drops to once it has entered a network
+    /// namespace of its own; `None` when the supervisor is not root.
+    pub uid: Option<u32>,
     pub debug: bool,
     /// The memory limit in force (the image's, or run-enclave's override).
     pub memory_mib: u32,
@@ -121,10 +127,9 @@ fn read<T: serde::de::DeserializeOwned>(r: &mut impl Read) -> Result<T, ChannelE
     frame::decode(&payload).map_err(|e| ChannelError(e.to_string()))
 }
 
-fn write<T: Serialize>(w: &mut impl Write, value: &T) -> Result<(), ChannelError> {
+fn write<T: Serialize>(w: &mut impl Write, value: &T, max: u32) -> Result<(), ChannelError> {
     let payload = frame::encode(value).map_err(|e| ChannelError(e.to_string()))?;
-    let header =
-        frame::header(payload.len(), MAX_FRAME).map_err(|e| ChannelError(e.to_string()))?;
+    let header = frame::header(payload.len(), max).map_err(|e| ChannelError(e.to_string()))?;
     w.write_all(&header)
         .and_then(|()| w.write_all(&payload))
         .and_then(|()| w.flush())
@@ -148,13 +153,13 @@ impl RuntimeEnd {
     }
 
     pub fn send(&self, message: &FromRuntime) -> Result<(), ChannelError> {
-        write(&mut self.lock().1, message)
+        write(&mut self.lock().1, message, MAX_FROM_RUNTIME)
     }
 
     /// One NSM request and its response.
     pub fn nsm(&self, request: NsmRequest) -> Result<NsmResponse, ChannelError> {
         let mut io = self.lock();
-        write(&mut io.1, &FromRuntime::Nsm(request))?;
+        write(&mut io.1, &FromRuntime::Nsm(request), MAX_FROM_RUNTIME)?;
         read(&mut io.0)
     }
 }

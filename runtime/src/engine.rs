@@ -287,6 +287,12 @@ impl cloister::enclave::nsm::Host for HostState {
     }
 
     async fn extend_pcr(&mut self, index: u8, data: Vec<u8>) -> Result<Vec<u8>, GuestError> {
+        if data.len() > 4096 {
+            return Err(guest_error(
+                "E-ENCLAVE-ARGUMENT",
+                "extend-pcr takes at most 4096 bytes per call",
+            ));
+        }
         match self.shared.nsm(NsmRequest::ExtendPcr(index, data.into()))? {
             NsmResponse::Pcr { value, .. } => Ok(value.into_vec()),
             other => Err(unexpected(other)),
@@ -319,7 +325,16 @@ impl cloister::enclave::nsm::Host for HostState {
         nonce: Option<Vec<u8>>,
         public_key: Option<Vec<u8>>,
     ) -> Result<Vec<u8>, GuestError> {
-        self.shared.attest(user_data, nonce, public_key)
+        // A key broker releases keys to the document's public_key. Were the guest
+        // to choose it, a workload that signs a caller's key would hand the parent
+        // a document of this image over the parent's own key.
+        if public_key.is_some() {
+            return Err(guest_error(
+                "E-ENCLAVE-ARGUMENT",
+                "public-key is reserved for keys the runtime holds (KMS recipients); put a guest's own data in user-data",
+            ));
+        }
+        self.shared.attest(user_data, nonce, None)
     }
 }
 

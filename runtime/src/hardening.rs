@@ -14,7 +14,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-/// What hardening took effect; the runtime publishes it in its state file.
+/// What hardening took effect; the runtime reports it to the supervisor, which
+/// shows it in describe-enclaves.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Report {
     pub not_dumpable: bool,
@@ -24,18 +25,15 @@ pub struct Report {
     pub seccomp: String,
     /// The runtime dies with its supervisor (PR_SET_PDEATHSIG).
     pub dies_with_supervisor: bool,
+    /// The uid the runtime runs as.
+    pub uid: u32,
 }
 
-/// Steps that must run while the process has a single thread.
-pub fn before_threads(report: &mut Report) {
-    report.not_dumpable = nix::sys::prctl::set_dumpable(false).is_ok()
-        && nix::sys::prctl::get_dumpable().is_ok_and(|d| !d);
-    report.no_new_privs = nix::sys::prctl::set_no_new_privs().is_ok();
-    report.dies_with_supervisor = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-        .is_ok()
-        && nix::unistd::getppid() != nix::unistd::Pid::from_raw(1);
-    report.no_core_files =
-        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0).is_ok();
+/// Steps that must run while the process has a single thread: a network
+/// namespace of its own (while it may still make one), then, when the
+/// supervisor named one, the unprivileged uid (no supplementary groups), then
+/// the process flags (after the uid change, which would reset some of them).
+pub fn before_threads(report: &mut Report, uid: Option<u32>) -> Result<(), String> {
     report.network_namespace = match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
         Ok(()) => "own (empty)".into(),
         Err(e) => {
@@ -46,6 +44,24 @@ pub fn before_threads(report: &mut Report) {
             format!("shared with the host ({e}); inet sockets blocked by seccomp")
         }
     };
+    if let Some(uid) = uid {
+        use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+        let (u, g) = (Uid::from_raw(uid), Gid::from_raw(uid));
+        setgroups(&[])
+            .and_then(|()| setresgid(g, g, g))
+            .and_then(|()| setresuid(u, u, u))
+            .map_err(|e| format!("cannot drop to uid {uid}: {e}"))?;
+    }
+    report.uid = nix::unistd::getuid().as_raw();
+    report.not_dumpable = nix::sys::prctl::set_dumpable(false).is_ok()
+        && nix::sys::prctl::get_dumpable().is_ok_and(|d| !d);
+    report.no_new_privs = nix::sys::prctl::set_no_new_privs().is_ok();
+    report.dies_with_supervisor = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .is_ok()
+        && nix::unistd::getppid() != nix::unistd::Pid::from_raw(1);
+    report.no_core_files =
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0).is_ok();
+    Ok(())
 }
 
 fn err(e: impl std::fmt::Display) -> String {

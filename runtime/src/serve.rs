@@ -17,13 +17,14 @@ use crate::hardening;
 
 /// The `cloister-runtime` binary's main.
 pub fn main() -> anyhow::Result<()> {
-    let mut report = hardening::Report::default();
-    hardening::before_threads(&mut report);
     let channel = Arc::new(RuntimeEnd::new());
     let boot = channel.boot().context(
         "no boot message from the supervisor (this binary is started by `cloister supervisor`)",
     )?;
-    let result = run(channel.clone(), boot, report);
+    let mut report = hardening::Report::default();
+    let result = hardening::before_threads(&mut report, boot.uid)
+        .map_err(anyhow::Error::msg)
+        .and_then(|()| run(channel.clone(), boot, report));
     if let Err(e) = &result {
         let _ = channel.send(&FromRuntime::Failed {
             message: format!("{e:#}"),
@@ -78,6 +79,10 @@ fn run(
         // vsock only where the kernel has loopback; never probed otherwise.
         let vsock = match (boot.vsock_port, cloister_proto::vsock_loopback_available()) {
             (Some(port), Ok(())) => {
+                // Any local uid can reach a vsock port: unlike the Unix socket,
+                // which only the supervisor can enter, this one is not guarded.
+                // Any local uid can reach a vsock port: unlike the Unix socket,
+                // which only the supervisor can enter, this one is not guarded.
                 match cloister_proto::listen(&Address::Vsock {
                     cid: u32::MAX,
                     port,

@@ -56,7 +56,11 @@ fn the_filters_refuse_what_the_runtime_never_needs() {
         return;
     }
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "the_filters_refuse_what_the_runtime_never_needs", "--nocapture"])
+        .args([
+            "--exact",
+            "the_filters_refuse_what_the_runtime_never_needs",
+            "--nocapture",
+        ])
         .env(CHILD, "1")
         .output()
         .unwrap();

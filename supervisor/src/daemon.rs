@@ -11,8 +11,13 @@
 //! enclaves/<EnclaveID>/        0700, owned by the enclave's runtime uid
 //!     enclave.sock             the runtime's call socket (relayed by `Call`)
 //!     console.log              a debug enclave's console
-//!     runtime.log              the runtime process's stderr
+//! logs/<EnclaveID>.log         0700 dir: the runtime process's stderr
 //! ```
+//!
+//! What lies in an enclave's directory belongs to its runtime's uid, which a
+//! hostile guest may have taken over: the supervisor opens nothing there by a
+//! path it follows (the console is opened O_NOFOLLOW and must be the runtime's
+//! own regular file; a relayed connection must lead to the runtime's process).
 //!
 //! Each runtime is started from the fixed runtime binary with an empty
 //! environment, no descriptors but its channel (stdin/stdout) and its log,
@@ -34,7 +39,9 @@ use cloister_attestation::nsm::{AttestationRequest, Nsm, PlatformDir};
 use cloister_attestation::pcr::{self, PCR_COUNT, PcrBank};
 use cloister_image::Image;
 use cloister_proto::{Address, ErrorCode, frame};
-use cloister_runtime::channel::{Boot, FromRuntime, MAX_FRAME, NsmRequest, NsmResponse};
+use cloister_runtime::channel::{
+    Boot, FromRuntime, MAX_FRAME, MAX_FROM_RUNTIME, NsmRequest, NsmResponse,
+};
 
 use crate::cache::CodeCache;
 use crate::protocol::{EnclaveInfo, MAX_CONTROL, Reply, Request, RunSpec, Which};
@@ -42,6 +49,12 @@ use crate::protocol::{EnclaveInfo, MAX_CONTROL, Reply, Request, RunSpec, Which};
 /// The first CID handed out, as Nitro's enclaves start at 16.
 pub const FIRST_CID: u32 = 16;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The highest CID: its vsock port (10000 + CID) must fit in 32 bits.
+pub const MAX_CID: u32 = u32::MAX - 10_000;
+/// Runtime uids come from `enclave_uid_base .. enclave_uid_base + UID_POOL`.
+pub const UID_POOL: u32 = 65_536;
+/// The most of a console that `console` returns (its end).
+const MAX_CONSOLE: u64 = 1 << 20;
 
 /// How the supervisor is run.
 pub struct Options {
@@ -55,6 +68,13 @@ pub struct Options {
     pub allow_gids: Vec<u32>,
     /// When root: enclave runtimes run as uids from here up (one per enclave).
     pub enclave_uid_base: u32,
+}
+
+/// One launch in progress: its CID, name and runtime uid are taken.
+struct Reservation {
+    cid: u32,
+    name: String,
+    uid: u32,
 }
 
 /// Refuses a path not owned by this uid, or whose mode has any of `forbidden`.
@@ -179,7 +199,7 @@ struct Supervisor {
     runtime: Mutex<RuntimeBinary>,
     enclaves: Mutex<BTreeMap<String, Running>>,
     /// CIDs and names reserved by launches in progress.
-    reserved: Mutex<Vec<(u32, String)>>,
+    reserved: Mutex<Vec<Reservation>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -233,6 +253,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let nsm = Nsm::load(&PlatformDir::new(&options.platform_dir))?;
     let cache = CodeCache::open(&options.state_dir)?;
     make_dir(&options.state_dir.join("enclaves"), 0o711)?;
+    private_dir(&options.state_dir.join("logs"))?;
     if nix::unistd::geteuid().is_root() {
         reachable_by_others(&options.state_dir)?;
     }
@@ -321,7 +342,7 @@ async fn client(supervisor: Arc<Supervisor>, mut stream: cloister_proto::Stream)
     .await;
     let reply = match answer {
         Ok(Handled::Reply(r)) => r,
-        Ok(Handled::Relay(socket)) => match cloister_proto::connect(&Address::Unix(socket)).await {
+        Ok(Handled::Relay(socket, pid)) => match connect_runtime(&socket, pid).await {
             Ok(mut enclave) => {
                 if frame::send(&mut stream, &Reply::Relaying, MAX_CONTROL)
                     .await
@@ -331,9 +352,9 @@ async fn client(supervisor: Arc<Supervisor>, mut stream: cloister_proto::Stream)
                 }
                 return;
             }
-            Err(e) => Reply::Err {
+            Err(message) => Reply::Err {
                 code: "E-ENCLAVE-IO".into(),
-                message: format!("the enclave's socket: {e}"),
+                message,
             },
         },
         Err(r) => Reply::Err {
@@ -346,14 +367,59 @@ async fn client(supervisor: Arc<Supervisor>, mut stream: cloister_proto::Stream)
 
 enum Handled {
     Reply(Reply),
-    Relay(PathBuf),
+    /// Relay the connection to this socket, which must be this runtime's.
+    Relay(PathBuf, u32),
+}
+
+/// The end of a debug enclave's console, read without following a link the
+/// runtime's uid may have put there: only the runtime's own regular file.
+fn read_console(dir: &Path, owner: u32) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(dir.join("console.log"))
+    else {
+        return Vec::new();
+    };
+    let Ok(meta) = file.metadata() else {
+        return Vec::new();
+    };
+    if !meta.is_file() || meta.uid() != owner {
+        return b"(the console is not the enclave's own file; not shown)\n".to_vec();
+    }
+    let start = meta.len().saturating_sub(MAX_CONSOLE);
+    let mut out = Vec::new();
+    let _ = file
+        .seek(SeekFrom::Start(start))
+        .and_then(|_| file.take(MAX_CONSOLE).read_to_end(&mut out));
+    out
+}
+
+/// Connects to an enclave's socket and checks that the runtime process is at
+/// the other end (a link planted in its directory leads elsewhere).
+async fn connect_runtime(socket: &Path, pid: u32) -> Result<tokio::net::UnixStream, String> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("the enclave's socket: {e}"))?;
+    let peer = stream
+        .peer_cred()
+        .map_err(|e| format!("the enclave's socket: {e}"))?;
+    if peer.pid() != Some(pid as i32) {
+        return Err(format!(
+            "the enclave's socket does not lead to its runtime (process {:?}, not {pid}); refused",
+            peer.pid()
+        ));
+    }
+    Ok(stream)
 }
 
 impl Supervisor {
     async fn handle(self: &Arc<Self>, uid: u32, request: Request) -> Result<Handled, Refusal> {
         Ok(Handled::Reply(match request {
             Request::RunEnclave(spec) => {
-                let mut info = self.clone().launch(spec).await?;
+                let mut info = self.clone().launch(spec, uid).await?;
                 let me = nix::unistd::geteuid().as_raw();
                 if uid == me || uid == info.runtime_uid {
                     info.boundary_warning = Some(format!(
@@ -388,7 +454,7 @@ impl Supervisor {
             }
             Request::Console(which) => {
                 let id = self.find(&which)?;
-                let dir = {
+                let (dir, owner) = {
                     let enclaves = lock(&self.enclaves);
                     let r = enclaves
                         .get(&id)
@@ -396,85 +462,88 @@ impl Supervisor {
                     if !r.info.debug {
                         return Err(Refusal::NotDebug(id));
                     }
-                    r.dir.clone()
+                    (r.dir.clone(), r.info.runtime_uid)
                 };
-                Reply::Console(ByteBuf::from(
-                    std::fs::read(dir.join("console.log")).unwrap_or_default(),
-                ))
+                Reply::Console(ByteBuf::from(read_console(&dir, owner)))
             }
             Request::Call(which) => {
                 let id = self.find(&which)?;
-                let dir = lock(&self.enclaves)
+                let enclaves = lock(&self.enclaves);
+                let r = enclaves
                     .get(&id)
-                    .map(|r| r.dir.clone())
                     .ok_or_else(|| Refusal::NotFound(id.clone()))?;
-                return Ok(Handled::Relay(dir.join("enclave.sock")));
+                return Ok(Handled::Relay(
+                    r.dir.join("enclave.sock"),
+                    r.info.process_id,
+                ));
             }
         }))
     }
 
     fn find(&self, which: &Which) -> Result<String, Refusal> {
-        let enclaves = lock(&self.enclaves);
-        enclaves
+        lock(&self.enclaves)
             .values()
-            .find(|r| {
-                which.id.as_ref().is_none_or(|i| *i == r.info.enclave_id)
-                    && which
-                        .name
-                        .as_ref()
-                        .is_none_or(|n| *n == r.info.enclave_name)
-                    && which.cid.is_none_or(|c| c == r.info.enclave_cid)
-            })
+            .find(|r| which.matches(&r.info))
             .map(|r| r.info.enclave_id.clone())
-            .ok_or_else(|| {
-                Refusal::NotFound(
-                    which
-                        .id
-                        .clone()
-                        .or(which.name.clone())
-                        .or(which.cid.map(|c| format!("CID {c}")))
-                        .unwrap_or_default(),
-                )
-            })
+            .ok_or_else(|| Refusal::NotFound(which.describe()))
     }
 
-    /// Reserves a CID and a name among the running and starting enclaves.
-    fn reserve(&self, name: &str, cid: u32) -> Result<u32, Refusal> {
+    /// Reserves a CID, a name and a runtime uid among the running and starting
+    /// enclaves. The uid comes from the pool, whatever CID the parent asked for,
+    /// and is never the caller's or an allowed client's.
+    fn reserve(&self, name: &str, cid: u32, caller: u32) -> Result<Reservation, Refusal> {
         let enclaves = lock(&self.enclaves);
         let mut reserved = lock(&self.reserved);
-        let used: Vec<(u32, &str)> = enclaves
+        let used: Vec<(u32, String, u32)> = enclaves
             .values()
-            .map(|r| (r.info.enclave_cid, r.info.enclave_name.as_str()))
-            .chain(reserved.iter().map(|(c, n)| (*c, n.as_str())))
+            .map(|r| {
+                (
+                    r.info.enclave_cid,
+                    r.info.enclave_name.clone(),
+                    r.info.runtime_uid,
+                )
+            })
+            .chain(reserved.iter().map(|r| (r.cid, r.name.clone(), r.uid)))
             .collect();
-        if used.iter().any(|(_, n)| *n == name) {
+        if used.iter().any(|(_, n, _)| n == name) {
             return Err(Refusal::NameInUse(name.into()));
         }
         let cid = if cid == 0 {
-            (FIRST_CID..)
-                .find(|c| !used.iter().any(|(u, _)| u == c))
-                .unwrap_or(FIRST_CID)
-        } else if cid < 4 || used.iter().any(|(u, _)| *u == cid) {
+            (FIRST_CID..=MAX_CID)
+                .find(|c| !used.iter().any(|(u, _, _)| u == c))
+                .ok_or(Refusal::CidInUse(cid))?
+        } else if !(4..=MAX_CID).contains(&cid) || used.iter().any(|(u, _, _)| *u == cid) {
             return Err(Refusal::CidInUse(cid));
         } else {
             cid
         };
-        reserved.push((cid, name.to_owned()));
-        Ok(cid)
+        let me = nix::unistd::geteuid();
+        let uid = if me.is_root() {
+            let base = self.options.enclave_uid_base;
+            (base..base.saturating_add(UID_POOL))
+                .find(|u| {
+                    !used.iter().any(|(_, _, x)| x == u)
+                        && *u != caller
+                        && !self.options.allow_uids.contains(u)
+                })
+                .ok_or_else(|| Refusal::Start("no free runtime uid in the pool".into()))?
+        } else {
+            me.as_raw()
+        };
+        reserved.push(Reservation {
+            cid,
+            name: name.to_owned(),
+            uid,
+        });
+        Ok(Reservation {
+            cid,
+            name: name.to_owned(),
+            uid,
+        })
     }
 
     fn unreserve(&self, cid: u32) {
-        lock(&self.reserved).retain(|(c, _)| *c != cid);
-    }
-
-    /// The uid an enclave's runtime runs as: its own when the supervisor is
-    /// root, the supervisor's otherwise.
-    fn runtime_uid(&self, cid: u32) -> u32 {
-        if nix::unistd::geteuid().is_root() {
-            self.options.enclave_uid_base.saturating_add(cid)
-        } else {
-            nix::unistd::geteuid().as_raw()
-        }
+        lock(&self.reserved).retain(|r| r.cid != cid);
     }
 
     /// PCR1 of the runtime binary as it is now on disk.
@@ -486,15 +555,16 @@ impl Supervisor {
         Ok((rt.path.clone(), rt.pcr1))
     }
 
-    async fn launch(self: Arc<Self>, spec: RunSpec) -> Result<EnclaveInfo, Refusal> {
+    async fn launch(self: Arc<Self>, spec: RunSpec, caller: u32) -> Result<EnclaveInfo, Refusal> {
         let image = Image::parse(&spec.image).map_err(Refusal::coded)?;
         image.verify_signature().map_err(Refusal::coded)?;
         let name = spec
             .name
             .clone()
             .unwrap_or_else(|| image.manifest.name.clone());
-        let cid = self.reserve(&name, spec.cid)?;
-        let result = self.clone().start(spec, image, name, cid).await;
+        let slot = self.reserve(&name, spec.cid, caller)?;
+        let cid = slot.cid;
+        let result = self.clone().start(spec, image, slot).await;
         self.unreserve(cid);
         result
     }
@@ -503,9 +573,9 @@ impl Supervisor {
         self: Arc<Self>,
         spec: RunSpec,
         image: Image,
-        name: String,
-        cid: u32,
+        slot: Reservation,
     ) -> Result<EnclaveInfo, Refusal> {
+        let Reservation { cid, name, uid } = slot;
         let start = |e: anyhow::Error| Refusal::Start(format!("{e:#}"));
         let (runtime_path, pcr1) = self.runtime_binary().map_err(start)?;
         let measurements = image.measurements(
@@ -537,7 +607,6 @@ impl Supervisor {
                 .replace(|c: char| !c.is_ascii_alphanumeric(), ""),
             hex::encode(rnd)
         );
-        let uid = self.runtime_uid(cid);
         let dir = self.options.state_dir.join("enclaves").join(&enclave_id);
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -551,13 +620,24 @@ impl Supervisor {
             )
             .map_err(|e| start(e.into()))?;
         }
+        let log = self.log_path(&enclave_id);
         let launched = self
-            .spawn_runtime(&runtime_path, &enclave_id, &dir, uid, cid, &spec, &image)
+            .spawn_runtime(
+                &runtime_path,
+                &enclave_id,
+                &dir,
+                &log,
+                uid,
+                cid,
+                &spec,
+                &image,
+            )
             .await;
         let (mut child, stdin, stdout, ready) = match launched {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_file(&log);
                 return Err(e);
             }
         };
@@ -595,12 +675,22 @@ impl Supervisor {
         let supervisor = self.clone();
         tokio::spawn(async move {
             supervisor.serve_nsm(&enclave_id, bank, stdin, stdout).await;
+            // The channel ended: the runtime exited, or broke the protocol.
+            let _ = child.start_kill();
             let _ = child.wait().await;
             lock(&supervisor.enclaves).remove(&enclave_id);
             let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(supervisor.log_path(&enclave_id));
             let _ = exited_tx.send(true);
         });
         Ok(info)
+    }
+
+    fn log_path(&self, enclave_id: &str) -> PathBuf {
+        self.options
+            .state_dir
+            .join("logs")
+            .join(format!("{enclave_id}.log"))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -609,6 +699,7 @@ impl Supervisor {
         runtime: &Path,
         enclave_id: &str,
         dir: &Path,
+        log_path: &Path,
         uid: u32,
         cid: u32,
         spec: &RunSpec,
@@ -627,7 +718,7 @@ impl Supervisor {
         if source != crate::cache::Source::Cache {
             eprintln!("cloister supervisor: {enclave_id}: code {source:?}");
         }
-        let log = std::fs::File::create(dir.join("runtime.log")).map_err(|e| start(e.into()))?;
+        let log = std::fs::File::create(log_path).map_err(|e| start(e.into()))?;
         let mut command = tokio::process::Command::new(runtime);
         command
             .env_clear()
@@ -636,10 +727,6 @@ impl Supervisor {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(true);
-        if nix::unistd::geteuid().is_root() {
-            // std drops supplementary groups (setgroups(0)) when it sets the uid as root.
-            command.uid(uid).gid(uid);
-        }
         let mut child = command
             .spawn()
             .map_err(|e| start(anyhow::anyhow!("{}: {e}", runtime.display())))?;
@@ -648,13 +735,16 @@ impl Supervisor {
         };
         let boot = Boot {
             enclave_id: enclave_id.to_owned(),
+            // As root, the runtime makes its own network namespace, then drops to
+            // this uid before anything else.
+            uid: nix::unistd::geteuid().is_root().then_some(uid),
             debug: spec.debug,
             memory_mib: spec.memory_mib.unwrap_or(image.manifest.memory_mib),
             image: ByteBuf::from(spec.image.to_vec()),
             code: ByteBuf::from(code),
             socket: dir.join("enclave.sock"),
             console: spec.debug.then(|| dir.join("console.log")),
-            vsock_port: Some(10_000 + cid),
+            vsock_port: 10_000u32.checked_add(cid),
             kms: spec
                 .kms
                 .as_ref()
@@ -666,9 +756,9 @@ impl Supervisor {
         };
         let first = async {
             frame::send(&mut stdin, &boot, MAX_FRAME).await?;
-            frame::recv::<_, FromRuntime>(&mut stdout, MAX_FRAME).await
+            frame::recv::<_, FromRuntime>(&mut stdout, MAX_FROM_RUNTIME).await
         };
-        let log_tail = || std::fs::read_to_string(dir.join("runtime.log")).unwrap_or_default();
+        let log_tail = || std::fs::read_to_string(log_path).unwrap_or_default();
         match tokio::time::timeout(START_TIMEOUT, first).await {
             Ok(Ok(Some(FromRuntime::Ready { hardening, vsock }))) => {
                 Ok((child, stdin, stdout, (hardening, vsock)))
@@ -697,7 +787,9 @@ impl Supervisor {
         mut stdin: ChildStdin,
         mut stdout: ChildStdout,
     ) {
-        while let Ok(Some(message)) = frame::recv::<_, FromRuntime>(&mut stdout, MAX_FRAME).await {
+        while let Ok(Some(message)) =
+            frame::recv::<_, FromRuntime>(&mut stdout, MAX_FROM_RUNTIME).await
+        {
             let FromRuntime::Nsm(request) = message else {
                 break;
             };
@@ -771,6 +863,9 @@ impl Supervisor {
                 r.exited.clone(),
             )
         };
+        if pid == 0 {
+            return None;
+        }
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let gone = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e))

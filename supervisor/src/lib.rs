@@ -34,8 +34,10 @@ pub const CODES: &[cloister_proto::CodeInfo] = &[
     cloister_proto::CodeInfo {
         code: "E-SUPERVISOR-STATE",
         summary: "the supervisor refuses its state or platform directory",
-        explanation: "The state directory, the platform directory (the NSM key) and the code \
-            cache must be owned by the supervisor's uid and closed to group and others (0700 / \
-            0600), so that no parent can read the NSM key or plant compiled code.",
+        explanation: "The state directory and the platform directory (the NSM key) must be owned \
+            by the supervisor's uid and writable by no one else; the code cache and its key are \
+            closed to group and others (0700 / 0600), so that no parent can read the NSM key or \
+            plant compiled code. Run as root, every directory above the state directory must let \
+            others pass (o+x): enclave runtimes run as uids of their own.",
     },
 ];

@@ -40,6 +40,26 @@ pub struct Which {
     pub cid: Option<u32>,
 }
 
+impl Which {
+    /// Whether an enclave is the one meant (every given field matches, and at
+    /// least one is given).
+    pub fn matches(&self, e: &EnclaveInfo) -> bool {
+        (self.id.is_some() || self.name.is_some() || self.cid.is_some())
+            && self.id.as_ref().is_none_or(|i| *i == e.enclave_id)
+            && self.name.as_ref().is_none_or(|n| *n == e.enclave_name)
+            && self.cid.is_none_or(|c| c == e.enclave_cid)
+    }
+
+    /// How to name it in an error.
+    pub fn describe(&self) -> String {
+        self.id
+            .clone()
+            .or(self.name.clone())
+            .or(self.cid.map(|c| format!("CID {c}")))
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 pub enum Request {
     RunEnclave(RunSpec),

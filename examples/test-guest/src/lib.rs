@@ -50,6 +50,8 @@ impl Handler for TestGuest {
             }
             "random" => Ok(nsm::get_random(arg.parse().unwrap_or(16))?),
             "attest" => Ok(nsm::attestation(None, Some(&unhex(arg)?), None)?),
+            // A caller's key in the document: what a key broker would release to.
+            "attest-key" => Ok(nsm::attestation(None, None, Some(&unhex(arg)?))?),
             "console" => {
                 cloister_guest::console::log(arg);
                 Ok(b"logged".to_vec())

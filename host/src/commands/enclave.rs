@@ -407,11 +407,7 @@ pub fn call(args: CallArgs) -> anyhow::Result<()> {
         let w = args.which.to_control();
         let info = list
             .iter()
-            .find(|i| {
-                w.id.as_ref().is_none_or(|x| *x == i.enclave_id)
-                    && w.name.as_ref().is_none_or(|x| *x == i.enclave_name)
-                    && w.cid.is_none_or(|c| c == i.enclave_cid)
-            })
+            .find(|i| w.matches(i))
             .ok_or_else(|| UsageError("no such running enclave".into()))?;
         let Some(v) = &info.vsock else {
             bail!(UsageError(
