@@ -30,6 +30,26 @@ struct Env {
 }
 
 impl Env {
+    /// The next answer on a raw connection: a SignedResponse whose signature
+    /// verifies with the broker's public key (and fails once altered).
+    async fn answer(&self, stream: &mut cloister_proto::Stream) -> Response {
+        let signed: SignedResponse = cloister_proto::frame::recv(stream, MAX_MESSAGE)
+            .await
+            .unwrap()
+            .unwrap();
+        let key = cloister_attestation::keyfile::read_verifying_key(
+            &self.dir.path().join("kms/broker.pub"),
+        )
+        .unwrap();
+        let mut altered = signed.clone();
+        let last = altered.payload.len() - 1;
+        altered.payload[last] ^= 1;
+        assert_eq!(altered.verify(&key), Err(ResponseError::BadSignature));
+        let other = SigningKey::generate(&mut rand_core::OsRng).verifying_key();
+        assert_eq!(signed.verify(&other), Err(ResponseError::BadSignature));
+        signed.verify(&key).unwrap()
+    }
+
     async fn start() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(dir.path().join("kms"));
@@ -505,10 +525,7 @@ async fn forged_replayed_and_stale_requests_are_refused() {
     cloister_proto::frame::send(&mut stream, &wrong, MAX_MESSAGE)
         .await
         .unwrap();
-    let r: Response = cloister_proto::frame::recv(&mut stream, MAX_MESSAGE)
-        .await
-        .unwrap()
-        .unwrap();
+    let r = env.answer(&mut stream).await;
     assert_eq!(
         r.result.unwrap_err().kind,
         ErrorKind::InvalidSignatureException
@@ -533,10 +550,8 @@ async fn forged_replayed_and_stale_requests_are_refused() {
         cloister_proto::frame::send(&mut stream, &good, MAX_MESSAGE)
             .await
             .unwrap();
-        let r: Response = cloister_proto::frame::recv(&mut stream, MAX_MESSAGE)
-            .await
-            .unwrap()
-            .unwrap();
+        let r = env.answer(&mut stream).await;
+        assert_eq!(r.request_digest, request_digest(&good.payload));
         if expect_ok {
             r.result.unwrap();
         } else {
@@ -556,10 +571,7 @@ async fn forged_replayed_and_stale_requests_are_refused() {
     )
     .await
     .unwrap();
-    let r: Response = cloister_proto::frame::recv(&mut stream, MAX_MESSAGE)
-        .await
-        .unwrap()
-        .unwrap();
+    let r = env.answer(&mut stream).await;
     assert_eq!(
         r.result.unwrap_err().kind,
         ErrorKind::RequestExpiredException
@@ -569,10 +581,7 @@ async fn forged_replayed_and_stale_requests_are_refused() {
     cloister_proto::frame::write_frame(&mut stream, b"\xff\x00garbage", MAX_MESSAGE)
         .await
         .unwrap();
-    let r: Response = cloister_proto::frame::recv(&mut stream, MAX_MESSAGE)
-        .await
-        .unwrap()
-        .unwrap();
+    let r = env.answer(&mut stream).await;
     let e = r.result.unwrap_err();
     assert_eq!(e.kind, ErrorKind::ValidationException);
     assert!(e.message.contains("malformed request"), "{e}");
