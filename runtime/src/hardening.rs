@@ -3,12 +3,12 @@
 //! Before any thread starts: not dumpable (no ptrace by ordinary users, no
 //! /proc/PID/mem), no_new_privs, no core files, and its own empty network
 //! namespace where the kernel permits it. After start-up (component loaded,
-//! socket bound): a seccomp filter that refuses, with EPERM, process execution,
-//! tracing, module and mount operations, new namespaces (unshare, setns, clone
-//! with a namespace flag; clone3 answers ENOSYS so threads use clone),
-//! io_uring, and sockets of every family but Unix and vsock — so even without a
-//! network namespace the runtime has no network of its own; it reaches the key
-//! broker only through the parent's proxy on a Unix or vsock socket.
+//! socket bound): a seccomp allowlist — I/O on its descriptors, Unix and vsock
+//! sockets, memory, threads without namespace flags, signals, time — so that
+//! exec, ptrace, mounts, modules, unshare/setns, io_uring, bpf, and sockets of
+//! any other family fail with EPERM (clone3 with ENOSYS, so threads use clone).
+//! Even without a network namespace the runtime has no network of its own; it
+//! reaches the key broker only through the parent's proxy.
 
 use std::collections::BTreeMap;
 
@@ -86,81 +86,155 @@ fn compile(
     .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
-/// The filters: what the runtime never needs fails with EPERM; `clone3`, whose
-/// flags a filter cannot read, fails with ENOSYS so that threads are made with
-/// `clone`, whose flags it can.
+/// The system calls the runtime makes once it serves (found by tracing it
+/// through the test suite, plus their close relatives: the vector and 64-bit
+/// forms, exit paths, clocks). Everything else fails with EPERM.
+const ALLOWED: &[i64] = &[
+    // I/O on descriptors it already has, and the event loop.
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_close,
+    libc::SYS_lseek,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_pipe2,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_ppoll,
+    // Sockets it connects or accepts on (socket itself is filtered below).
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    // Memory: the heap, wasm linear memories, fiber stacks, CoW memory images.
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_membarrier,
+    // Signals (wasm traps are signals), threads, time, randomness, exit.
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_set_tid_address,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_getppid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_prlimit64,
+    libc::SYS_uname,
+    libc::SYS_getrandom,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_getres,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettimeofday,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_epoll_wait,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_poll,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_arch_prctl,
+];
+
+/// The filters, in the order they are installed. The first makes `clone3`,
+/// whose flags a filter cannot read, fail with ENOSYS, so that threads are made
+/// with `clone`. The second (installed last: nothing is installed after it)
+/// allows [`ALLOWED`] and, with their arguments checked: sockets of the Unix and
+/// vsock families, clone without namespace flags, prctl to name a thread, and
+/// opening files read-only; anything else fails with EPERM. The kernel takes the
+/// strictest answer of the two, so clone3 gets ENOSYS.
 fn filters() -> Result<[seccompiler::BpfProgram; 2], String> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-    let always = Vec::new;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
-        libc::SYS_execve,
-        libc::SYS_execveat,
-        libc::SYS_ptrace,
-        libc::SYS_process_vm_readv,
-        libc::SYS_process_vm_writev,
-        libc::SYS_mount,
-        libc::SYS_umount2,
-        libc::SYS_pivot_root,
-        libc::SYS_chroot,
-        libc::SYS_kexec_load,
-        libc::SYS_init_module,
-        libc::SYS_finit_module,
-        libc::SYS_delete_module,
-        libc::SYS_bpf,
-        libc::SYS_perf_event_open,
-        libc::SYS_keyctl,
-        libc::SYS_add_key,
-        libc::SYS_request_key,
-        libc::SYS_unshare,
-        libc::SYS_setns,
-        libc::SYS_userfaultfd,
-        // io_uring would perform socket and file operations the filter never sees.
-        libc::SYS_io_uring_setup,
-        libc::SYS_io_uring_enter,
-        libc::SYS_io_uring_register,
-    ]
-    .into_iter()
-    .map(|nr| (nr, always()))
-    .collect();
     let arg = |index: u8, op: SeccompCmpOp, value: u64| {
         SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(err)
     };
-    // Sockets of any family but Unix and vsock.
-    let other_family = || -> Result<SeccompRule, String> {
-        SeccompRule::new(vec![
-            arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
-            arg(0, SeccompCmpOp::Ne, libc::AF_VSOCK as u64)?,
+    let rule = |conditions: Vec<SeccompCondition>| SeccompRule::new(conditions).map_err(err);
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
+        .iter()
+        .chain([&libc::SYS_clone3])
+        .map(|nr| (*nr, Vec::new()))
+        .collect();
+    let families = || -> Result<Vec<SeccompRule>, String> {
+        Ok(vec![
+            rule(vec![arg(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?,
+            rule(vec![arg(0, SeccompCmpOp::Eq, libc::AF_VSOCK as u64)?])?,
         ])
-        .map_err(err)
     };
-    rules.insert(libc::SYS_socket, vec![other_family()?]);
-    rules.insert(libc::SYS_socketpair, vec![other_family()?]);
-    // clone with any namespace flag.
-    let namespaces = [
-        libc::CLONE_NEWUSER,
-        libc::CLONE_NEWNET,
-        libc::CLONE_NEWNS,
-        libc::CLONE_NEWPID,
-        libc::CLONE_NEWIPC,
-        libc::CLONE_NEWUTS,
-        libc::CLONE_NEWCGROUP,
-    ];
+    rules.insert(libc::SYS_socket, families()?);
+    rules.insert(libc::SYS_socketpair, families()?);
+    let namespaces = (libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP) as u64;
     rules.insert(
         libc::SYS_clone,
-        namespaces
-            .iter()
-            .map(|flag| {
-                SeccompRule::new(vec![arg(
-                    0,
-                    SeccompCmpOp::MaskedEq(*flag as u64),
-                    *flag as u64,
-                )?])
-                .map_err(err)
-            })
-            .collect::<Result<_, _>>()?,
+        vec![rule(vec![arg(0, SeccompCmpOp::MaskedEq(namespaces), 0)?])?],
     );
-    let clone3 = BTreeMap::from([(libc::SYS_clone3, always())]);
-    Ok([compile(rules, libc::EPERM)?, compile(clone3, libc::ENOSYS)?])
+    rules.insert(
+        libc::SYS_prctl,
+        vec![rule(vec![arg(
+            0,
+            SeccompCmpOp::Eq,
+            libc::PR_SET_NAME as u64,
+        )?])?],
+    );
+    let writes = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
+    rules.insert(
+        libc::SYS_openat,
+        vec![rule(vec![arg(2, SeccompCmpOp::MaskedEq(writes), 0)?])?],
+    );
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    let allowlist: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        seccompiler::SeccompAction::Allow,
+        arch,
+    )
+    .map_err(err)?
+    .try_into()
+    .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    let clone3 = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    Ok([compile(clone3, libc::ENOSYS)?, allowlist])
 }
 
 /// Installs the seccomp filter on every thread of the process.
@@ -169,7 +243,7 @@ pub fn after_start(report: &mut Report) {
         fs.iter()
             .try_for_each(|p| seccompiler::apply_filter_all_threads(p).map_err(err))
     }) {
-        Ok(()) => "filter (exec, ptrace, mount, modules, namespaces, io_uring, sockets but unix/vsock refused)".into(),
+        Ok(()) => "allowlist (I/O on its descriptors, unix/vsock sockets, memory, threads without namespaces, time; all else EPERM)".into(),
         Err(e) => {
             eprintln!("cloister enclave runtime: WARNING: seccomp filter not installed: {e}");
             format!("not installed: {e}")

@@ -1,6 +1,7 @@
 //! The runtime's seccomp filters, installed in a child process (they bind every
-//! thread of the process that installs them): inet sockets, io_uring and new
-//! namespaces are refused; Unix sockets and new threads still work.
+//! thread of the process that installs them): inet sockets, new listeners,
+//! exec, writing files, io_uring and new namespaces are refused; Unix sockets,
+//! reading files and new threads still work.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::ErrorKind;
@@ -15,16 +16,34 @@ fn errno_of(ret: i64) -> i32 {
 
 /// Runs in the child: install the filters, then probe.
 fn probe() {
+    // Made before the filters: afterwards no directory can be made.
+    let dir = tempfile::tempdir().unwrap();
     let mut report = cloister_runtime::hardening::Report::default();
     cloister_runtime::hardening::after_start(&mut report);
-    assert!(report.seccomp.starts_with("filter"), "{}", report.seccomp);
+    assert!(
+        report.seccomp.starts_with("allowlist"),
+        "{}",
+        report.seccomp
+    );
 
     let inet = std::net::TcpListener::bind("127.0.0.1:0").unwrap_err();
     assert_eq!(inet.kind(), ErrorKind::PermissionDenied, "{inet}");
     let inet6 = std::net::UdpSocket::bind("[::1]:0").unwrap_err();
     assert_eq!(inet6.kind(), ErrorKind::PermissionDenied, "{inet6}");
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+    // Unix sockets work (the proxy, the call socket), new listeners do not.
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    use std::io::{Read, Write};
+    a.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    b.read_exact(&mut one).unwrap();
+    let bind = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap_err();
+    assert_eq!(bind.kind(), ErrorKind::PermissionDenied, "{bind}");
+    // No programs, no files written; files read, yes.
+    let exec = Command::new("/bin/true").status().unwrap_err();
+    assert_eq!(exec.kind(), ErrorKind::PermissionDenied, "{exec}");
+    let write = std::fs::File::create(dir.path().join("f")).unwrap_err();
+    assert_eq!(write.kind(), ErrorKind::PermissionDenied, "{write}");
+    std::fs::read("/proc/self/status").unwrap();
     // Threads (clone3 answers ENOSYS, glibc falls back to clone).
     assert_eq!(std::thread::spawn(|| 42).join().unwrap(), 42);
     assert_eq!(
