@@ -331,6 +331,17 @@ fn run_call_attest_terminate() {
         &h.run(&["run-enclave", "--image", s(&image), "--enclave-cid", "16"]),
         "E-ENCLAVE-IN-USE",
     );
+    let e = failed_with(
+        &h.run(&[
+            "run-enclave",
+            "--image",
+            s(&image),
+            "--memory-mib",
+            "1000000",
+        ]),
+        "E-ENCLAVE-START",
+    );
+    assert!(e.contains("choose 1 to 4096"), "{e}");
 
     let t = h.ok(&["terminate-enclave", "--enclave-name", "app"]);
     assert_eq!(t[0]["Terminated"], true);
@@ -356,7 +367,7 @@ fn hostile_guests_are_stopped_and_the_enclave_keeps_serving() {
     let h = Host::new();
     let (image, _) = h.build(
         "t.cimg",
-        &["--cpu-ms-per-call", "1500", "--memory-mib", "32"],
+        &["--cpu-ms-per-call", "3000", "--memory-mib", "32"],
     );
     h.ok(&["run-enclave", "--image", s(&image), "--enclave-name", "h"]);
     let w = ["--enclave-name", "h"];
@@ -399,7 +410,7 @@ fn hostile_guests_are_stopped_and_the_enclave_keeps_serving() {
     let started = std::time::Instant::now();
     for t in sleepers {
         let e = failed_with(&t.join().unwrap(), "E-ENCLAVE-DEADLINE");
-        assert!(e.contains("1500 ms"), "{e}");
+        assert!(e.contains("3000 ms"), "{e}");
     }
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),

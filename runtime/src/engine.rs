@@ -3,7 +3,7 @@
 //! attested KMS client, the measured configuration, the console).
 //!
 //! Each call runs in a fresh instance (a fresh Store) with the image's memory
-//! limit, an epoch deadline for its CPU budget and a wall-clock deadline that
+//! limit (summed over all of its memories), an epoch deadline for its CPU budget and a wall-clock deadline that
 //! also covers time blocked in WASI or KMS calls, so a guest that loops, sleeps,
 //! hoards memory or panics loses only its own call. Keys released during a call
 //! live in that call's keyring and are zeroized when it ends, whether it
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use wasmtime::component::{HasSelf, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use zeroize::Zeroizing;
 
@@ -210,10 +210,70 @@ struct Shared {
     config: BTreeMap<String, String>,
 }
 
+/// What one call may use. Linear memory is counted over all of the call's
+/// memories together (a component has several), not per memory; table
+/// elements likewise.
+struct CallLimits {
+    memory: usize,
+    memory_used: usize,
+    table_elements_used: usize,
+}
+
+impl CallLimits {
+    const TABLE_ELEMENTS: usize = 1 << 20;
+}
+
+impl wasmtime::ResourceLimiter for CallLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.memory_used + desired.saturating_sub(current);
+        if total > self.memory {
+            return Err(wasmtime::Error::msg(format!(
+                "linear memory would grow to {total} bytes, over the memory limit of {} bytes",
+                self.memory
+            )));
+        }
+        self.memory_used = total;
+        Ok(true)
+    }
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("memory grow failed"))
+    }
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.table_elements_used + desired.saturating_sub(current);
+        if total > Self::TABLE_ELEMENTS {
+            return Err(wasmtime::Error::msg(format!(
+                "tables would grow to {total} elements, over the limit of {}",
+                Self::TABLE_ELEMENTS
+            )));
+        }
+        self.table_elements_used = total;
+        Ok(true)
+    }
+    fn instances(&self) -> usize {
+        64
+    }
+    fn tables(&self) -> usize {
+        64
+    }
+    fn memories(&self) -> usize {
+        16
+    }
+}
+
 struct HostState {
     shared: Arc<Shared>,
     keyring: Keyring,
-    limits: StoreLimits,
+    limits: CallLimits,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -716,13 +776,11 @@ impl Enclave {
         let state = HostState {
             shared: self.shared.clone(),
             keyring: Keyring::default(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(memory)
-                .instances(64)
-                .tables(64)
-                .memories(16)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: CallLimits {
+                memory,
+                memory_used: 0,
+                table_elements_used: 0,
+            },
             wasi: wasi.build(),
             table: ResourceTable::new(),
         };

@@ -558,6 +558,13 @@ impl Supervisor {
     async fn launch(self: Arc<Self>, spec: RunSpec, caller: u32) -> Result<EnclaveInfo, Refusal> {
         let image = Image::parse(&spec.image).map_err(Refusal::coded)?;
         image.verify_signature().map_err(Refusal::coded)?;
+        if let Some(m) = spec.memory_mib
+            && !(1..=4096).contains(&m)
+        {
+            return Err(Refusal::Start(format!(
+                "--memory-mib {m}: choose 1 to 4096"
+            )));
+        }
         let name = spec
             .name
             .clone()
