@@ -103,15 +103,20 @@ impl PlatformDir {
         if self.root_cert().exists() || self.root_key().exists() {
             return Err(NsmError::AlreadyInitialised(self.dir.clone()));
         }
-        // Private to its owner: the supervisor refuses a platform others can enter.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|source| KeyFileError::Write {
-                path: self.dir.clone(),
-                source,
-            })?;
+        // Private to its owner (the parents above keep their usual mode).
+        let write_err = |source| KeyFileError::Write {
+            path: self.dir.clone(),
+            source,
+        };
+        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(write_err)?;
+        }
+        if !self.dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(write_err)?;
+        }
         let root_key = SigningKey::generate(&mut rand_core::OsRng);
         let now = OffsetDateTime::now_utc();
         let mut params = root_params(name);

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `keystore.db` | SQLite keystore (WAL, synchronous=FULL) |
 //! | `root.key` | the 32-byte root key, mode 0600 (absent in passphrase mode) |
-//! | `broker.key` / `broker.pub` | the broker's Ed25519 key: signs audit checkpoints |
+//! | `broker.key` / `broker.pub` | the broker's Ed25519 key: signs every response and the audit checkpoints |
 //! | `admin.key` / `admin.pub` | the first principal, `admin`, allowed everything |
 //! | `audit.log` | the hash-chained audit log |
 //! | `audit.head` | the log's last seq and hash, signed by the broker |

@@ -1,8 +1,10 @@
 //! How the enclave runtime process hardens itself on Linux, and what it reports.
 //!
-//! Before any thread starts: not dumpable (no ptrace by ordinary users, no
-//! /proc/PID/mem), no_new_privs, no core files, and its own empty network
-//! namespace where the kernel permits it. After start-up (component loaded,
+//! Before any thread starts: its own empty network namespace where the kernel
+//! permits it (as root), then the unprivileged uid the supervisor chose (no
+//! supplementary groups), then not dumpable (no ptrace by ordinary users, no
+//! /proc/PID/mem), no_new_privs, no core files, death with the supervisor.
+//! After start-up (component loaded,
 //! socket bound): a seccomp allowlist — I/O on its descriptors, Unix and vsock
 //! sockets, memory, threads without namespace flags, signals, time — so that
 //! exec, ptrace, mounts, modules, unshare/setns, io_uring, bpf, and sockets of

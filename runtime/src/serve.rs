@@ -1,6 +1,7 @@
-//! The runtime process's life: harden, boot from the supervisor's channel,
-//! start the enclave, serve calls on its socket until SIGTERM (or until the
-//! supervisor dies: the runtime asked the kernel to kill it then).
+//! The runtime process's life: boot from the supervisor's channel, harden
+//! (network namespace, uid, process flags), start the enclave, serve calls on
+//! its socket until SIGTERM (or until the supervisor dies: the runtime asked the
+//! kernel to kill it then).
 
 use std::sync::Arc;
 
@@ -79,8 +80,6 @@ fn run(
         // vsock only where the kernel has loopback; never probed otherwise.
         let vsock = match (boot.vsock_port, cloister_proto::vsock_loopback_available()) {
             (Some(port), Ok(())) => {
-                // Any local uid can reach a vsock port: unlike the Unix socket,
-                // which only the supervisor can enter, this one is not guarded.
                 // Any local uid can reach a vsock port: unlike the Unix socket,
                 // which only the supervisor can enter, this one is not guarded.
                 match cloister_proto::listen(&Address::Vsock {

@@ -247,7 +247,23 @@ impl Refusal {
 }
 
 /// Runs the supervisor until SIGTERM or SIGINT; enclaves end with it.
-pub fn run(options: Options) -> anyhow::Result<()> {
+pub fn run(mut options: Options) -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        if options.enclave_uid_base < 1000 {
+            bail!(StateError(format!(
+                "--enclave-uid-base {}: runtime uids must be unprivileged (1000 or more)",
+                options.enclave_uid_base
+            )));
+        }
+        // Uids that belong to an account are never handed to a runtime.
+        if let Ok(passwd) = std::fs::read_to_string("/etc/passwd") {
+            options.allow_uids.extend(
+                passwd
+                    .lines()
+                    .filter_map(|l| l.split(':').nth(2)?.parse::<u32>().ok()),
+            );
+        }
+    }
     make_dir(&options.state_dir, 0o711)?;
     check_dir(&options.platform_dir)?;
     let nsm = Nsm::load(&PlatformDir::new(&options.platform_dir))?;
@@ -585,14 +601,19 @@ impl Supervisor {
         let Reservation { cid, name, uid } = slot;
         let start = |e: anyhow::Error| Refusal::Start(format!("{e:#}"));
         let (runtime_path, pcr1) = self.runtime_binary().map_err(start)?;
+        // PCR3 names the identity whose credentials the runtime signs with (the
+        // principal, when no role is given), or a parent holding one principal's
+        // key could claim another's role.
+        let parent_role = spec
+            .parent_role
+            .clone()
+            .or_else(|| spec.kms.as_ref().map(|k| k.principal.clone()));
         let measurements = image.measurements(
             Some(pcr1),
-            spec.parent_role.as_deref(),
+            parent_role.as_deref(),
             spec.instance_id.as_deref(),
         );
-        // PCR3 must name the identity whose credentials the runtime signs with,
-        // or a parent holding one principal's key could claim another's role.
-        if let (Some(route), Some(role)) = (&spec.kms, &spec.parent_role)
+        if let (Some(route), Some(role)) = (&spec.kms, &parent_role)
             && route.principal != *role
         {
             return Err(Refusal::Start(format!(

@@ -436,10 +436,10 @@ pub fn call(args: CallArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct SupervisorArgs {
-    /// Its private state: code cache, enclave directories (0700, its own).
+    /// Its state: code cache, enclave directories (0711, its own, writable by no one else).
     #[arg(long)]
     state_dir: PathBuf,
-    /// The platform directory whose NSM key signs this host's documents (0700, its own).
+    /// The platform directory whose NSM key signs this host's documents (its own, writable by no one else).
     #[arg(long)]
     platform: PathBuf,
     /// The control socket the parent's commands use.
@@ -454,7 +454,8 @@ pub struct SupervisorArgs {
     /// A group whose members may use the supervisor (repeatable), as Nitro's `ne`.
     #[arg(long = "allow-gid")]
     allow_gid: Vec<u32>,
-    /// When run as root: enclave runtimes run as uid BASE+CID each.
+    /// When run as root: each enclave runtime runs as a free uid from BASE to
+    /// BASE+65535 (never an account's, the caller's or an allowed uid).
     #[arg(long, default_value_t = 200_000)]
     enclave_uid_base: u32,
 }
