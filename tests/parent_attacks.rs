@@ -91,7 +91,8 @@ struct World {
 impl World {
     fn new() -> World {
         let mut h = Host::new();
-        h.start_supervisor(&["--allow-uid", &NOBODY.to_string()]);
+        // Two parents: nobody, and another (65532) for the ownership checks.
+        h.start_supervisor(&["--allow-uid", &NOBODY.to_string(), "--allow-uid", "65532"]);
         let broker = Broker::start(&h);
         // The parent's KMS client reaches the broker too (the broker
         // authenticates every request); make its socket connectable.
@@ -449,6 +450,55 @@ fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
         .output()
         .unwrap();
     failed_with(&out, "E-SUPERVISOR-UNAUTHORIZED");
+    // An allowed uid manages only the enclaves it launched: another parent
+    // (uid 65533, allowed too) can neither call, read nor stop this one.
+    let other_parent = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65532",
+                "--regid=65532",
+                "--clear-groups",
+                "--",
+                common::bin(),
+            ])
+            .args(args)
+            .envs(w.h.env())
+            .output()
+            .unwrap()
+    };
+    // It sees the enclave (as nitro-cli's users of one host do), no more.
+    assert!(
+        json_of(
+            &other_parent(&["describe-enclaves"]),
+            "another parent lists"
+        )
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["EnclaveName"] == "scorer")
+    );
+    for args in [
+        &["terminate-enclave", "--enclave-name", "scorer"][..],
+        &["console", "--enclave-name", "scorer"],
+        &["call", "--enclave-name", "scorer"],
+    ] {
+        let e = failed_with(&other_parent(args), "E-SUPERVISOR-UNAUTHORIZED");
+        assert!(e.contains("did not launch"), "{e}");
+    }
+    assert!(
+        json_of(
+            &other_parent(&["terminate-enclave", "--all"]),
+            "all of its own"
+        )
+        .as_array()
+        .unwrap()
+        .is_empty()
+    );
+    let e = failed_with(
+        &other_parent(&["terminate-enclave", "--enclave-name", "scorer"]),
+        "E-SUPERVISOR-UNAUTHORIZED",
+    );
+    assert!(e.contains("did not launch"), "{e}");
     // The supervisor refuses a state directory others could write.
     let bad = w.h.path("bad-state");
     std::fs::create_dir(&bad).unwrap();

@@ -213,6 +213,10 @@ enum Refusal {
     Unauthorized(u32),
     #[error("no running enclave {0}")]
     NotFound(String),
+    #[error(
+        "uid {0} did not launch enclave {1}: only its owner (or root) may terminate it, call it or read its console"
+    )]
+    NotOwner(u32, String),
     #[error("CID {0} is already used by a running enclave")]
     CidInUse(u32),
     #[error("an enclave named {0:?} is already running")]
@@ -230,7 +234,7 @@ enum Refusal {
 impl Refusal {
     fn code(&self) -> &'static str {
         match self {
-            Refusal::Unauthorized(_) => "E-SUPERVISOR-UNAUTHORIZED",
+            Refusal::Unauthorized(_) | Refusal::NotOwner(..) => "E-SUPERVISOR-UNAUTHORIZED",
             Refusal::NotFound(_) => "E-ENCLAVE-NOT-FOUND",
             Refusal::CidInUse(_) | Refusal::NameInUse(_) => "E-ENCLAVE-IN-USE",
             Refusal::NotDebug(_) => "E-ENCLAVE-NOT-DEBUG",
@@ -381,6 +385,11 @@ async fn client(supervisor: Arc<Supervisor>, mut stream: cloister_proto::Stream)
     let _ = frame::send(&mut stream, &reply, MAX_CONTROL).await;
 }
 
+/// Root, the supervisor's own uid and the launching uid manage an enclave.
+fn may_manage(uid: u32, info: &EnclaveInfo) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw() || uid == info.owner_uid
+}
+
 enum Handled {
     Reply(Reply),
     /// Relay the connection to this socket, which must be this runtime's.
@@ -457,8 +466,13 @@ impl Supervisor {
             ),
             Request::Terminate(which) => {
                 let ids: Vec<String> = match which {
-                    Some(w) => vec![self.find(&w)?],
-                    None => lock(&self.enclaves).keys().cloned().collect(),
+                    Some(w) => vec![self.find_owned(&w, uid)?],
+                    // "All": all of the caller's (everyone's for root and the supervisor).
+                    None => lock(&self.enclaves)
+                        .values()
+                        .filter(|r| may_manage(uid, &r.info))
+                        .map(|r| r.info.enclave_id.clone())
+                        .collect(),
                 };
                 let mut done = Vec::new();
                 for id in ids {
@@ -469,7 +483,7 @@ impl Supervisor {
                 Reply::Terminated(done)
             }
             Request::Console(which) => {
-                let id = self.find(&which)?;
+                let id = self.find_owned(&which, uid)?;
                 let (dir, owner) = {
                     let enclaves = lock(&self.enclaves);
                     let r = enclaves
@@ -483,7 +497,7 @@ impl Supervisor {
                 Reply::Console(ByteBuf::from(read_console(&dir, owner)))
             }
             Request::Call(which) => {
-                let id = self.find(&which)?;
+                let id = self.find_owned(&which, uid)?;
                 let enclaves = lock(&self.enclaves);
                 let r = enclaves
                     .get(&id)
@@ -494,6 +508,17 @@ impl Supervisor {
                 ));
             }
         }))
+    }
+
+    /// An enclave the caller may manage (see [`may_manage`]).
+    fn find_owned(&self, which: &Which, uid: u32) -> Result<String, Refusal> {
+        let id = self.find(which)?;
+        let enclaves = lock(&self.enclaves);
+        match enclaves.get(&id) {
+            Some(r) if may_manage(uid, &r.info) => Ok(id),
+            Some(r) => Err(Refusal::NotOwner(uid, r.info.enclave_id.clone())),
+            None => Err(Refusal::NotFound(which.describe())),
+        }
     }
 
     fn find(&self, which: &Which) -> Result<String, Refusal> {
@@ -587,7 +612,7 @@ impl Supervisor {
             .unwrap_or_else(|| image.manifest.name.clone());
         let slot = self.reserve(&name, spec.cid, caller)?;
         let cid = slot.cid;
-        let result = self.clone().start(spec, image, slot).await;
+        let result = self.clone().start(spec, image, slot, caller).await;
         self.unreserve(cid);
         result
     }
@@ -597,6 +622,7 @@ impl Supervisor {
         spec: RunSpec,
         image: Image,
         slot: Reservation,
+        caller: u32,
     ) -> Result<EnclaveInfo, Refusal> {
         let Reservation { cid, name, uid } = slot;
         let start = |e: anyhow::Error| Refusal::Start(format!("{e:#}"));
@@ -690,6 +716,7 @@ impl Supervisor {
             vsock,
             runtime_uid: uid,
             boundary_warning: None,
+            owner_uid: caller,
         };
         let (exited_tx, exited) = tokio::sync::watch::channel(false);
         lock(&self.enclaves).insert(

@@ -84,6 +84,9 @@ pub struct EnclaveInfo {
     pub vsock: Option<String>,
     /// The uid the runtime process runs as.
     pub runtime_uid: u32,
+    /// The uid that launched it: only it (and root, and the supervisor's own
+    /// uid) may terminate it, call it or read its console.
+    pub owner_uid: u32,
     /// Set when the caller shares a uid with the supervisor or the runtime: then
     /// nothing separates the parent from the enclave.
     pub boundary_warning: Option<String>,
