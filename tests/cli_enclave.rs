@@ -882,3 +882,42 @@ fn enclaves_listen_on_vsock_where_the_kernel_has_loopback() {
     let out = h.run(&["call", "--enclave-name", "v", "--vsock", "--input", s(&req)]);
     assert_eq!(out.stdout, b"over vsock");
 }
+
+/// Guest bytes are compiled in a confined process of their own, not in the
+/// supervisor: a component that does not compile is refused with the
+/// compiler's reason, and the supervisor keeps serving.
+#[test]
+fn a_component_that_does_not_compile_is_refused_at_launch() {
+    let h = Host::new();
+    let wasm = h.path("broken.wasm");
+    std::fs::write(&wasm, b"\0asm\x0d\0\x01\0 not a component body").unwrap();
+    let image = h.path("broken.cimg");
+    h.ok(&[
+        "build-enclave",
+        "--wasm",
+        s(&wasm),
+        "--name",
+        "broken",
+        "--version",
+        "1",
+        "--output",
+        s(&image),
+    ]);
+    let e = failed_with(
+        &h.run(&["run-enclave", "--image", s(&image)]),
+        "E-ENCLAVE-START",
+    );
+    assert!(e.contains("failed to parse WebAssembly"), "{e}");
+    let (good, _) = h.build("t.cimg", &[]);
+    h.ok(&[
+        "run-enclave",
+        "--image",
+        s(&good),
+        "--enclave-name",
+        "after",
+    ]);
+    assert_eq!(
+        h.call_ok(&["--enclave-name", "after"], b"echo:still here"),
+        b"still here"
+    );
+}

@@ -3,7 +3,10 @@
 //! supervisor), carrying Cloister frames of CBOR.
 //!
 //! ```text
-//! supervisor → runtime   Boot                     once, first
+//! supervisor → runtime   Start::Boot(Boot)        once, first; or
+//!                        Start::Compile{..}       to compile a component and exit,
+//!                                                 answered Compiled or Failed
+//! supervisor → runtime   Boot                     (the enclave case:)
 //! runtime → supervisor   Ready | Failed           once, when serving (or not)
 //! runtime → supervisor   Nsm(NsmRequest)          then any number, each answered
 //! supervisor → runtime   NsmResponse              by exactly one response
@@ -26,6 +29,19 @@ pub const MAX_FRAME: u32 = 512 << 20;
 /// The largest frame a runtime sends (NSM requests are small): the supervisor
 /// reads no more from a runtime that a hostile guest may have taken over.
 pub const MAX_FROM_RUNTIME: u32 = 64 << 10;
+
+/// The first message: run an enclave, or compile a component for the cache
+/// (untrusted input, so the supervisor, which holds the NSM key, does not
+/// compile it itself).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Start {
+    Boot(Box<Boot>),
+    Compile {
+        /// As for an enclave: the uid to drop to, when the supervisor is root.
+        uid: Option<u32>,
+        component: ByteBuf,
+    },
+}
 
 /// Everything a runtime is started with.
 #[derive(Serialize, Deserialize)]
@@ -83,6 +99,10 @@ pub enum FromRuntime {
         message: String,
     },
     Nsm(NsmRequest),
+    /// The compiled component (the answer to `Start::Compile`).
+    Compiled {
+        code: ByteBuf,
+    },
 }
 
 /// The NSM's operations, as the runtime asks them for its workload.
@@ -148,8 +168,17 @@ impl RuntimeEnd {
         self.io.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn boot(&self) -> Result<Boot, ChannelError> {
+    pub fn start(&self) -> Result<Start, ChannelError> {
         read(&mut self.lock().0)
+    }
+
+    /// The compiled code: the one large message a runtime sends.
+    pub fn send_compiled(&self, code: Vec<u8>) -> Result<(), ChannelError> {
+        write(
+            &mut self.lock().1,
+            &FromRuntime::Compiled { code: code.into() },
+            MAX_FRAME,
+        )
     }
 
     pub fn send(&self, message: &FromRuntime) -> Result<(), ChannelError> {

@@ -12,20 +12,30 @@ use cloister_image::Image;
 use cloister_proto::call::{self, CallStatus, MAX_REQUEST};
 use cloister_proto::{Address, ErrorCode, frame};
 
-use crate::channel::{Boot, FromRuntime, RuntimeEnd};
+use crate::channel::{Boot, FromRuntime, RuntimeEnd, Start};
 use crate::engine::{Enclave, EnclaveConfig, KmsAccess};
 use crate::hardening;
 
 /// The `cloister-runtime` binary's main.
 pub fn main() -> anyhow::Result<()> {
     let channel = Arc::new(RuntimeEnd::new());
-    let boot = channel.boot().context(
+    let start = channel.start().context(
         "no boot message from the supervisor (this binary is started by `cloister supervisor`)",
     )?;
     let mut report = hardening::Report::default();
-    let result = hardening::before_threads(&mut report, boot.uid)
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| run(channel.clone(), boot, report));
+    let result = match start {
+        Start::Boot(boot) => hardening::before_threads(&mut report, boot.uid)
+            .map_err(anyhow::Error::msg)
+            .and_then(|()| run(channel.clone(), *boot, report)),
+        Start::Compile { uid, component } => hardening::before_threads(&mut report, uid)
+            .map_err(anyhow::Error::msg)
+            .and_then(|()| {
+                // Untrusted input to Cranelift: under the same confinement as a guest.
+                hardening::after_start(&mut report);
+                let code = crate::engine::compile(&component)?;
+                Ok(channel.send_compiled(code)?)
+            }),
+    };
     if let Err(e) = &result {
         let _ = channel.send(&FromRuntime::Failed {
             message: format!("{e:#}"),

@@ -19,7 +19,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use cloister_runtime::engine::{self, WASMTIME_VERSION};
+use cloister_runtime::engine::WASMTIME_VERSION;
 
 type HmacSha256 = Hmac<Sha256>;
 const LABEL: &[u8] = b"cloister-code-cache-v1\0";
@@ -98,8 +98,17 @@ impl CodeCache {
     }
 
     /// The code for a component: from the cache when an entry verifies,
-    /// otherwise compiled (once, however many launches wait for it) and stored.
-    pub async fn code_for(&self, component: &[u8]) -> anyhow::Result<(Vec<u8>, Source)> {
+    /// otherwise made by `compile` (once, however many launches wait for it)
+    /// and stored.
+    pub async fn code_for<F, Fut>(
+        &self,
+        component: &[u8],
+        compile: F,
+    ) -> anyhow::Result<(Vec<u8>, Source)>
+    where
+        F: FnOnce(Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Vec<u8>>>,
+    {
         let hash = Sha256::digest(component).to_vec();
         if let Some(Ok(code)) = self.load(&hash) {
             return Ok((code, Source::Cache));
@@ -117,8 +126,7 @@ impl CodeCache {
             }
             None => Source::Compiled,
         };
-        let owned = component.to_vec();
-        let code = tokio::task::spawn_blocking(move || engine::compile(&owned)).await??;
+        let code = compile(component.to_vec()).await?;
         let tag = self.tag(&hash, &code).finalize().into_bytes();
         let mut entry = tag.to_vec();
         entry.extend_from_slice(&code);

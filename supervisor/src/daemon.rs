@@ -40,7 +40,7 @@ use cloister_attestation::pcr::{self, PCR_COUNT, PcrBank};
 use cloister_image::Image;
 use cloister_proto::{Address, ErrorCode, frame};
 use cloister_runtime::channel::{
-    Boot, FromRuntime, MAX_FRAME, MAX_FROM_RUNTIME, NsmRequest, NsmResponse,
+    Boot, FromRuntime, MAX_FRAME, MAX_FROM_RUNTIME, NsmRequest, NsmResponse, Start,
 };
 
 use crate::cache::CodeCache;
@@ -49,6 +49,8 @@ use crate::protocol::{EnclaveInfo, MAX_CONTROL, Reply, Request, RunSpec, Which};
 /// The first CID handed out, as Nitro's enclaves start at 16.
 pub const FIRST_CID: u32 = 16;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a compile of one component may take.
+const COMPILE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The highest CID: its vsock port (10000 + CID) must fit in 32 bits.
 pub const MAX_CID: u32 = u32::MAX - 10_000;
 /// Runtime uids come from `enclave_uid_base .. enclave_uid_base + UID_POOL`.
@@ -266,6 +268,12 @@ pub fn run(mut options: Options) -> anyhow::Result<()> {
                     .lines()
                     .filter_map(|l| l.split(':').nth(2)?.parse::<u32>().ok()),
             );
+        }
+        let compiler = options.enclave_uid_base.saturating_add(UID_POOL);
+        if options.allow_uids.contains(&compiler) {
+            bail!(StateError(format!(
+                "uid {compiler} (the compiler's: --enclave-uid-base + {UID_POOL}) belongs to an account or an allowed client; choose another --enclave-uid-base"
+            )));
         }
     }
     make_dir(&options.state_dir, 0o711)?;
@@ -741,6 +749,55 @@ impl Supervisor {
         Ok(info)
     }
 
+    /// Compiles a component in a runtime process of its own (compile mode):
+    /// the guest's bytes are untrusted input to Cranelift, so they are compiled
+    /// under the runtime's confinement (its own uid past the pool, network
+    /// namespace, seccomp allowlist), never in this process, which holds the
+    /// NSM key. The result is MAC'd and cached by the caller.
+    async fn compile_in_child(
+        &self,
+        runtime: &Path,
+        component: Vec<u8>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let mut child = tokio::process::Command::new(runtime)
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("the compiler process {}", runtime.display()))?;
+        let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("no channel to the compiler process");
+        };
+        let uid = nix::unistd::geteuid()
+            .is_root()
+            .then_some(self.options.enclave_uid_base.saturating_add(UID_POOL));
+        let work = async {
+            frame::send(
+                &mut stdin,
+                &Start::Compile {
+                    uid,
+                    component: component.into(),
+                },
+                MAX_FRAME,
+            )
+            .await?;
+            frame::recv::<_, FromRuntime>(&mut stdout, MAX_FRAME).await
+        };
+        match tokio::time::timeout(COMPILE_TIMEOUT, work).await {
+            Ok(Ok(Some(FromRuntime::Compiled { code }))) => Ok(code.into_vec()),
+            Ok(Ok(Some(FromRuntime::Failed { message }))) => bail!("{message}"),
+            Ok(Ok(_)) => bail!("the compiler process gave no code"),
+            Ok(Err(e)) => bail!("the compiler process failed: {e}"),
+            Err(_) => bail!(
+                "the compile did not finish within {} s",
+                COMPILE_TIMEOUT.as_secs()
+            ),
+        }
+    }
+
     fn log_path(&self, enclave_id: &str) -> PathBuf {
         self.options
             .state_dir
@@ -769,7 +826,13 @@ impl Supervisor {
         Refusal,
     > {
         let start = |e: anyhow::Error| Refusal::Start(format!("{e:#}"));
-        let (code, source) = self.cache.code_for(&image.component).await.map_err(start)?;
+        let (code, source) = self
+            .cache
+            .code_for(&image.component, |component| {
+                self.compile_in_child(runtime, component)
+            })
+            .await
+            .map_err(start)?;
         if source != crate::cache::Source::Cache {
             eprintln!("cloister supervisor: {enclave_id}: code {source:?}");
         }
@@ -810,7 +873,7 @@ impl Supervisor {
                 }),
         };
         let first = async {
-            frame::send(&mut stdin, &boot, MAX_FRAME).await?;
+            frame::send(&mut stdin, &Start::Boot(Box::new(boot)), MAX_FRAME).await?;
             frame::recv::<_, FromRuntime>(&mut stdout, MAX_FROM_RUNTIME).await
         };
         let log_tail = || std::fs::read_to_string(log_path).unwrap_or_default();
