@@ -89,6 +89,11 @@ struct World {
 }
 
 impl World {
+    /// The world, where this process can run the parent as another uid.
+    fn if_multi_uid() -> Option<World> {
+        multi_uid().then(World::new)
+    }
+
     fn new() -> World {
         let mut h = Host::new();
         // Two parents: nobody, and another (65532) for the ownership checks.
@@ -187,12 +192,17 @@ impl World {
 
     /// The parent launches the scorer (its role measured as PCR3), through `proxy`.
     fn launch(&self, name: &str, proxy: &Path, env: &[(&str, &str)]) -> Value {
+        self.launch_image(name, &self.image, proxy, env)
+    }
+
+    /// The parent launches an image with its role and KMS credentials.
+    fn launch_image(&self, name: &str, image: &Path, proxy: &Path, env: &[(&str, &str)]) -> Value {
         json_of(
             &self.parent(
                 &[
                     "run-enclave",
                     "--image",
-                    s(&self.image),
+                    s(image),
                     "--enclave-name",
                     name,
                     "--parent-role",
@@ -252,10 +262,9 @@ fn audit(w: &World) -> Vec<Value> {
 /// cannot open the results.
 #[test]
 fn the_parent_cannot_choose_where_results_are_sealed() {
-    if !multi_uid() {
+    let Some(w) = World::if_multi_uid() else {
         return;
-    }
-    let w = World::new();
+    };
     let kms_env = w.parent_kms();
     let kms_env: Vec<(&str, &str)> = kms_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let own = json_of(
@@ -336,10 +345,9 @@ fn the_parent_cannot_choose_where_results_are_sealed() {
 /// environment, and the runtime does not run as the parent.
 #[test]
 fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
-    if !multi_uid() {
+    let Some(w) = World::if_multi_uid() else {
         return;
-    }
-    let w = World::new();
+    };
     let run = w.launch(
         "scorer",
         &w.broker.proxy_sock,
@@ -648,10 +656,9 @@ fn forge(frame: &[u8], forger: &ed25519_dalek::SigningKey) -> Vec<u8> {
 /// Attack 3: a proxy that answers for the broker, or replays its answers.
 #[test]
 fn a_hostile_proxy_cannot_answer_for_the_broker() {
-    if !multi_uid() {
+    let Some(w) = World::if_multi_uid() else {
         return;
-    }
-    let w = World::new();
+    };
     // The test guest, trusting this broker (its image names broker.pub).
     let trust = w.broker.trust_args();
     let trust: Vec<&str> = trust.iter().map(String::as_str).collect();
@@ -665,25 +672,7 @@ fn a_hostile_proxy_cannot_answer_for_the_broker() {
         let sock = w.h.path(&format!("{name}.sock"));
         let seen = Arc::new(Mutex::new(0));
         hostile_proxy(sock.clone(), w.broker.sock.clone(), mode, seen.clone());
-        json_of(
-            &w.parent(
-                &[
-                    "run-enclave",
-                    "--image",
-                    s(&guest_image),
-                    "--enclave-name",
-                    name,
-                    "--kms-proxy",
-                    &format!("unix:{}", s(&sock)),
-                    "--kms-principal",
-                    ROLE,
-                    "--kms-principal-key",
-                    s(&w.parent_key),
-                ],
-                &[],
-            ),
-            "run-enclave",
-        );
+        w.launch_image(name, &guest_image, &sock, &[]);
         if let Hostile::Replay = mode {
             // The first request goes through to the broker: a genuine answer.
             let out = w.call(name, b"kms-random:16");
@@ -709,10 +698,9 @@ fn a_hostile_proxy_cannot_answer_for_the_broker() {
 /// recompiled: the enclave runs the code its PCR0 names.
 #[test]
 fn swapped_compiled_code_is_detected_and_recompiled() {
-    if !multi_uid() {
+    let Some(w) = World::if_multi_uid() else {
         return;
-    }
-    let w = World::new();
+    };
     let (test_image, _) = w.h.build("t.cimg", &[]);
     let (demo_image, _) = w.h.build_guest("attest_demo", "demo", "demo.cimg", &[]);
     let run = |name: &str, image: &Path| {
@@ -799,10 +787,9 @@ fn holds(regions: &[Vec<u8>], needle: &[u8]) -> bool {
 /// its linear memory was unmapped, and freed heap blocks were zeroed.
 #[test]
 fn after_a_call_the_runtime_holds_no_key_and_no_record() {
-    if !multi_uid() {
+    let Some(w) = World::if_multi_uid() else {
         return;
-    }
-    let w = World::new();
+    };
     let run = w.launch("scorer", &w.broker.proxy_sock, &[]);
     let pid = run["ProcessID"].as_u64().unwrap();
     let sealed_path = w.sealed_input();
