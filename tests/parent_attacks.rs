@@ -113,18 +113,7 @@ impl World {
         let owner_key = h.path("owner.key");
         broker.add_principal("owner", &owner_key);
 
-        let mut args = broker.trust_args();
-        args.extend(
-            [
-                "--config",
-                "output-key-id=alias/phi-results",
-                "--config",
-                "output-context=study=fhs",
-            ]
-            .map(str::to_owned),
-        );
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (image, built) = h.build_guest("phi_scorer", "phi-scorer", "scorer.cimg", &args);
+        let (image, built) = broker.scorer_image(&h, "study=fhs", "scorer.cimg", &[]);
         let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
         let pcr3 = h.ok(&["pcr", "--string", ROLE])["PCR"]
             .as_str()
@@ -507,35 +496,26 @@ fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
         "E-SUPERVISOR-UNAUTHORIZED",
     );
     assert!(e.contains("did not launch"), "{e}");
-    // The supervisor refuses a state directory others could write.
-    let bad = w.h.path("bad-state");
-    std::fs::create_dir(&bad).unwrap();
-    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = common::cloister(&[
-        "supervisor",
-        "--state-dir",
-        s(&bad),
-        "--platform",
-        s(&w.h.path("platform")),
-        "--listen",
-        &format!("unix:{}", s(&w.h.path("bad.sock"))),
-    ]);
-    let e = failed_with(&out, "E-SUPERVISOR-STATE");
+    // The supervisor refuses a state directory others could write, and, as
+    // root, one its enclave runtimes could not reach.
+    let refused_state = |dir: &str, mode: u32, state: &str| {
+        let d = w.h.path(dir);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = common::cloister(&[
+            "supervisor",
+            "--state-dir",
+            s(&d.join(state)),
+            "--platform",
+            s(&w.h.path("platform")),
+            "--listen",
+            &format!("unix:{}", s(&w.h.path(&format!("{dir}.sock")))),
+        ]);
+        failed_with(&out, "E-SUPERVISOR-STATE")
+    };
+    let e = refused_state("bad-state", 0o777, "");
     assert!(e.contains("must not be able to write"), "{e}");
-    // ... and, as root, one its enclave runtimes could not reach.
-    let closed = w.h.path("closed");
-    std::fs::create_dir(&closed).unwrap();
-    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let out = common::cloister(&[
-        "supervisor",
-        "--state-dir",
-        s(&closed.join("state")),
-        "--platform",
-        s(&w.h.path("platform")),
-        "--listen",
-        &format!("unix:{}", s(&w.h.path("closed.sock"))),
-    ]);
-    let e = failed_with(&out, "E-SUPERVISOR-STATE");
+    let e = refused_state("closed", 0o700, "state");
     assert!(e.contains("must pass through"), "{e}");
 }
 

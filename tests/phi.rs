@@ -15,6 +15,8 @@ mod common;
 use common::{Host, failed_with, json_of, s};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/Scorer";
+/// The encryption context the scorer image seals its results with.
+const CONTEXT: &str = "study=fhs-demo,kind=scores";
 /// Another parent role, allowed by the key policy's Principal but not by its PCR3 pin.
 const OTHER_ROLE: &str = "arn:aws:iam::123456789012:role/Other";
 /// A parent role the key policy names, whose identity policy allows no Decrypt.
@@ -164,18 +166,7 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
     let st = setup();
     let h = &st.h;
     // Where results go is measured configuration: in the image, not the request.
-    let mut scorer_args = st.broker.trust_args();
-    scorer_args.extend(
-        [
-            "--config",
-            "output-key-id=alias/phi-results",
-            "--config",
-            "output-context=study=fhs-demo,kind=scores",
-        ]
-        .map(str::to_owned),
-    );
-    let scorer_args: Vec<&str> = scorer_args.iter().map(String::as_str).collect();
-    let (image, built) = h.build_guest("phi_scorer", "phi-scorer", "scorer.cimg", &scorer_args);
+    let (image, built) = st.broker.scorer_image(h, CONTEXT, "scorer.cimg", &[]);
     let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
     let pcr3 = h.ok(&["pcr", "--string", ROLE])["PCR"]
         .as_str()
@@ -362,9 +353,12 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
     assert!(e.contains("E-SEALED-TAMPERED"), "{e}");
 
     // 2. Refusals, each with its reason, in the response and in the audit log.
-    let mut patched = scorer_args.clone();
-    patched.extend(["--metadata", "{\"patched\":1}"]);
-    let (modified, _) = h.build_guest("phi_scorer", "phi-scorer", "modified.cimg", &patched);
+    let (modified, _) = st.broker.scorer_image(
+        h,
+        CONTEXT,
+        "modified.cimg",
+        &["--metadata", "{\"patched\":1}"],
+    );
     st.launch("modified", &modified, ROLE, &[]);
     let e = failed_with(
         &h.call(&["--enclave-name", "modified"], &request),

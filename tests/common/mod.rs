@@ -402,6 +402,27 @@ impl Broker {
         ]
     }
 
+    /// A PHI scorer image (at `out`) trusting this broker, sealing its results
+    /// under alias/phi-results with the encryption context `context` (k=v,k=v).
+    pub fn scorer_image(
+        &self,
+        h: &Host,
+        context: &str,
+        out: &str,
+        extra: &[&str],
+    ) -> (std::path::PathBuf, serde_json::Value) {
+        let mut args = self.trust_args();
+        args.extend([
+            "--config".to_owned(),
+            "output-key-id=alias/phi-results".to_owned(),
+            "--config".to_owned(),
+            format!("output-context={context}"),
+        ]);
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        h.build_guest("phi_scorer", "phi-scorer", out, &args)
+    }
+
     /// A client command as `principal` with its key.
     pub fn client(&self, principal: &str, key: &Path, args: &[&str]) -> Output {
         let endpoint = format!("unix:{}", s(&self.sock));
