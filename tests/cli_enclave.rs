@@ -396,11 +396,14 @@ fn hostile_guests_are_stopped_and_the_enclave_keeps_serving() {
     // cannot hold every call slot (max 4 here): all four are stopped, then the
     // enclave answers again.
     let env = h.env();
+    // One request file, written once: rewriting it while a sleeper reads it
+    // would hand that sleeper an empty request.
+    let sleep_req = h.path("sleep.req");
+    std::fs::write(&sleep_req, b"sleep:60000").unwrap();
     let sleepers: Vec<_> = (0..4)
         .map(|_| {
             let env = env.clone();
-            let req = h.path("sleep.req");
-            std::fs::write(&req, b"sleep:60000").unwrap();
+            let req = sleep_req.clone();
             std::thread::spawn(move || {
                 let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 common::cloister_env(&["call", "--enclave-name", "h", "--input", s(&req)], &env)
