@@ -4,8 +4,6 @@
 //! parent side relays only ciphertext.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,39 +21,6 @@ const OTHER_ROLE: &str = "arn:aws:iam::123456789012:role/Other";
 const NO_IDENTITY: &str = "arn:aws:iam::123456789012:role/NoIdentity";
 /// A parent role with full identity permissions that the key policy does not name.
 const NOT_IN_KEY_POLICY: &str = "arn:aws:iam::123456789012:role/Stranger";
-
-/// A relay the test controls, between the enclave and `cloister proxy`: it keeps
-/// every byte that crosses the parent side in either direction.
-fn capturing_relay(listen: PathBuf, to: PathBuf, captured: Arc<Mutex<Vec<u8>>>) {
-    let listener = UnixListener::bind(&listen).unwrap();
-    // Enclave runtimes run as uids of their own: any uid may connect.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&listen, std::fs::Permissions::from_mode(0o666)).unwrap();
-    std::thread::spawn(move || {
-        for inbound in listener.incoming() {
-            let Ok(inbound) = inbound else { continue };
-            let Ok(outbound) = UnixStream::connect(&to) else {
-                continue;
-            };
-            for (mut from, mut into) in [
-                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                (outbound, inbound),
-            ] {
-                let captured = captured.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 16384];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 || into.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        captured.lock().unwrap().extend_from_slice(&buf[..n]);
-                    }
-                    let _ = into.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    });
-}
 
 struct Setup {
     h: Host,
@@ -107,7 +72,7 @@ fn setup() -> Setup {
     let broker = common::Broker::start(&h);
     let captured = Arc::new(Mutex::new(Vec::new()));
     let relay_sock = h.path("relay.sock");
-    capturing_relay(
+    common::capturing_relay(
         relay_sock.clone(),
         broker.proxy_sock.clone(),
         captured.clone(),

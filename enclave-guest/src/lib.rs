@@ -137,6 +137,18 @@ impl From<sealed::SealedError> for Error {
     }
 }
 
+impl From<sealed::parts::PartsError> for Error {
+    fn from(e: sealed::parts::PartsError) -> Self {
+        error(e.code(), e.to_string())
+    }
+}
+
+/// A request of several named inputs (`cloister call --part NAME=FILE ...`),
+/// such as sealed inputs under different owners' keys.
+pub fn request_parts(request: &[u8]) -> Result<sealed::parts::Parts, Error> {
+    Ok(sealed::parts::Parts::decode(request)?)
+}
+
 /// Opens a sealed input inside the enclave: reads its header, obtains its data
 /// key by attested KMS Decrypt (with the header's encryption context) and
 /// returns the key and a reader over the rest.
@@ -145,6 +157,54 @@ pub fn open_sealed(bytes: &[u8]) -> Result<(DataKey, sealed::Header, &[u8]), Err
     let header = sealed::Header::read(&mut rest)?;
     let key = DataKey::decrypt(&header.encrypted_data_key, &header.encryption_context)?;
     Ok((key, header, rest))
+}
+
+/// Opens a whole sealed input into memory (a model, a small table): every
+/// chunk authenticates or nothing is returned.
+pub fn unseal(bytes: &[u8]) -> Result<Vec<u8>, Error> {
+    let (key, header, rest) = open_sealed(bytes)?;
+    let mut reader = sealed::Reader::new(header, rest, &key)?;
+    let mut plaintext = Vec::with_capacity(rest.len());
+    while let Some(chunk) = reader.next_chunk()? {
+        plaintext.extend_from_slice(&chunk);
+    }
+    Ok(plaintext)
+}
+
+/// Seals the records that `write` writes under a fresh data key from an
+/// attested GenerateDataKey on `key_id` with `encryption_context`; returns the
+/// sealed file, which the key's owner opens with `cloister decrypt`.
+pub fn seal_with_new_key(
+    key_id: &str,
+    encryption_context: Vec<(String, String)>,
+    write: impl FnOnce(&mut sealed::Writer<'_, Vec<u8>>) -> Result<(), Error>,
+) -> Result<Vec<u8>, Error> {
+    let (key, encrypted, key_arn) = DataKey::generate(key_id, &encryption_context)?;
+    let mut prefix = [0u8; 7];
+    prefix.copy_from_slice(&nsm::get_random(7)?);
+    let mut writer = sealed::Writer::new(
+        Vec::new(),
+        &key,
+        &key_arn,
+        encrypted,
+        encryption_context,
+        sealed::DEFAULT_CHUNK_SIZE,
+        prefix,
+    )?;
+    write(&mut writer)?;
+    Ok(writer.finish()?)
+}
+
+/// An encryption context from the image's measured configuration, written
+/// `k=v,k=v` (none when the image does not set `key`).
+pub fn config_context(key: &str) -> Vec<(String, String)> {
+    config::get(key)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
 }
 
 /// A value of the image's measured configuration that the workload cannot do

@@ -15,6 +15,8 @@
 //! runtime's `keys` import inside an enclave, or [`DataKey`] (RustCrypto's
 //! AES-256-GCM) on the host and in the runtime.
 
+pub mod parts;
+
 use std::io::{Read, Write};
 
 use aes_gcm::aead::{Aead as _, Payload};

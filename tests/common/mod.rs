@@ -3,8 +3,10 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
@@ -470,4 +472,37 @@ impl Broker {
             &format!("file://{}", s(&policy)),
         ]);
     }
+}
+
+/// A relay the test controls, between the enclave and `cloister proxy`: it keeps
+/// every byte that crosses the parent side in either direction.
+pub fn capturing_relay(listen: PathBuf, to: PathBuf, captured: Arc<Mutex<Vec<u8>>>) {
+    let listener = std::os::unix::net::UnixListener::bind(&listen).unwrap();
+    // Enclave runtimes run as uids of their own: any uid may connect.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&listen, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { continue };
+            let Ok(outbound) = std::os::unix::net::UnixStream::connect(&to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                let captured = captured.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        captured.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
 }

@@ -379,8 +379,13 @@ pub struct CallArgs {
     #[command(flatten)]
     which: Which,
     /// The request: a file, or - for standard input (default: empty).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "part")]
     input: Option<String>,
+    /// A request of named parts instead, NAME=FILE (repeatable): one CBOR map of
+    /// names to contents, e.g. a sealed model and sealed records under two
+    /// owners' keys (docs/sealed-format.md).
+    #[arg(long = "part", value_name = "NAME=FILE")]
+    part: Vec<String>,
     /// Where to write the response: a file, or - for standard output (default).
     #[arg(long)]
     output: Option<String>,
@@ -392,6 +397,21 @@ pub struct CallArgs {
 
 pub fn call(args: CallArgs) -> anyhow::Result<()> {
     let request = match args.input.as_deref() {
+        None if !args.part.is_empty() => {
+            let mut parts = Vec::new();
+            for part in &args.part {
+                let Some((name, file)) = part.split_once('=') else {
+                    bail!(UsageError(format!("--part {part:?}: expected NAME=FILE")));
+                };
+                parts.push((
+                    name.to_owned(),
+                    super::read_file(std::path::Path::new(file))?,
+                ));
+            }
+            cloister_sealed::parts::Parts::new(parts)
+                .map_err(|e| UsageError(format!("--part: {e}")))?
+                .encode()
+        }
         None => Vec::new(),
         Some("-") => {
             let mut b = Vec::new();

@@ -1,0 +1,100 @@
+//! Confidential inference: a sealed ONNX model scores sealed records.
+//!
+//! Two owners, two keys. The model owner seals the model (an ONNX classifier)
+//! under their KMS key; the data owner seals the records (`record_id,f1,..,fN`
+//! CSV) under theirs. Each key policy pins this image's PCR0, so each owner
+//! alone decides whether the next run may open their bytes.
+//!
+//! Request: two parts (`cloister call --part model=M.sealed --part
+//! records=R.sealed`). Response: one JSON line
+//! `{"model_sha256":..,"scored":..,"malformed":..}`, then the predictions
+//! (`record_id,p_<class>,...`) sealed under a fresh data key from the output KMS
+//! key.
+//!
+//! The image's measured configuration (PCR0) says what runs and where results
+//! go, never the request:
+//! - `model-sha256` (required): the SHA-256 of the only model this image runs.
+//!   A model with another hash is refused even when it is sealed under the
+//!   right key, so PCR0 tells a client which model scores their records.
+//! - `output-key-id` (required) and `output-context` (`k=v,k=v`): the KMS key
+//!   and encryption context the predictions are sealed under.
+//! - `class-names` (optional, `a,b`): the output's column names (default the
+//!   class indices).
+
+use cloister_guest::{Error, Handler, error, sealed};
+use inference_engine::Model;
+use sha2::{Digest, Sha256};
+
+struct Inference;
+
+/// The model, opened with the model owner's key and checked against the image.
+fn load_model(sealed_model: &[u8]) -> Result<(Model, String), Error> {
+    let pinned = cloister_guest::required_config("model-sha256")?.to_ascii_lowercase();
+    let onnx = cloister_guest::unseal(sealed_model)?;
+    let actual = hex::encode(Sha256::digest(&onnx));
+    if actual != pinned {
+        return Err(error(
+            "E-INFERENCE-MODEL-MISMATCH",
+            format!(
+                "the model's SHA-256 is {actual}; this image runs only the model {pinned} (its measured model-sha256)"
+            ),
+        ));
+    }
+    let model = Model::load(&onnx).map_err(|e| error("E-INFERENCE-MODEL", e.to_string()))?;
+    Ok((model, actual))
+}
+
+impl Handler for Inference {
+    fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let output_key = cloister_guest::required_config("output-key-id")?;
+        let output_context = cloister_guest::config_context("output-context");
+        let parts = cloister_guest::request_parts(&request)?;
+        drop(request);
+        let (model, model_sha256) = load_model(parts.required("model")?)?;
+        let class_names: Vec<String> = match cloister_guest::config::get("class-names") {
+            Some(names) => names.split(',').map(|n| n.trim().to_owned()).collect(),
+            None => (0..model.classes()).map(|c| c.to_string()).collect(),
+        };
+        let header = model
+            .header(&class_names)
+            .map_err(|e| error("E-INFERENCE-MODEL", format!("class-names: {e}")))?;
+
+        let (records_key, records_header, body) =
+            cloister_guest::open_sealed(parts.required("records")?)?;
+        let mut reader = sealed::Reader::new(records_header, body, &records_key)?;
+        let model_error =
+            |e: inference_engine::ModelError| error("E-INFERENCE-MODEL", e.to_string());
+        let mut scorer = model.scorer().map_err(model_error)?;
+        let mut counts = inference_engine::Counts::default();
+        let sealed_predictions =
+            cloister_guest::seal_with_new_key(&output_key, output_context, |writer| {
+                writer.write_record(header.as_bytes())?;
+                let mut rows = String::new();
+                let mut write_rows = |rows: &mut String| {
+                    for row in rows.split_inclusive('\n') {
+                        writer.write_record(row.as_bytes())?;
+                    }
+                    rows.clear();
+                    Ok::<_, Error>(())
+                };
+                // Records never straddle chunks (the sealed format's rule).
+                while let Some(chunk) = reader.next_chunk()? {
+                    for line in chunk.split_inclusive(|b| *b == b'\n') {
+                        scorer.push(line, &mut rows).map_err(model_error)?;
+                        write_rows(&mut rows)?;
+                    }
+                }
+                counts = scorer.finish(&mut rows).map_err(model_error)?;
+                write_rows(&mut rows)
+            })?;
+        let mut response = format!(
+            "{{\"model_sha256\":\"{model_sha256}\",\"scored\":{},\"malformed\":{}}}\n",
+            counts.scored, counts.malformed
+        )
+        .into_bytes();
+        response.extend_from_slice(&sealed_predictions);
+        Ok(response)
+    }
+}
+
+cloister_guest::export_workload!(Inference);

@@ -1,0 +1,494 @@
+//! Confidential inference end to end (examples/inference): a model owner and a
+//! data owner each seal their bytes under their own KMS key, whose policy pins
+//! the inference image's PCR0; the enclave opens both, runs the model with
+//! tract, and seals the predictions for the data owner. The predictions equal
+//! scikit-learn's; either owner can revoke; another model, or a model sealed for
+//! another image, is refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+mod common;
+use common::{Broker, Host, failed_with, json_of, s};
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/Inference";
+const MODELS: [&str; 3] = ["logreg", "forest", "mlp"];
+const TOLERANCE: f64 = 1e-5;
+
+fn example(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/inference")
+        .join(path)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+struct World {
+    h: Host,
+    broker: Broker,
+    relay_sock: PathBuf,
+    captured: Arc<Mutex<Vec<u8>>>,
+}
+
+impl World {
+    fn new() -> World {
+        let h = Host::new();
+        let broker = Broker::start(&h);
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let relay_sock = h.path("relay.sock");
+        common::capturing_relay(
+            relay_sock.clone(),
+            broker.proxy_sock.clone(),
+            captured.clone(),
+        );
+        for who in ["model-owner", "data-owner", "parent"] {
+            let name = if who == "parent" { ROLE } else { who };
+            broker.add_principal(name, &h.path(&format!("{who}.key")));
+        }
+        World {
+            h,
+            broker,
+            relay_sock,
+            captured,
+        }
+    }
+
+    /// A command as `who` (model-owner, data-owner).
+    fn as_owner(&self, who: &str, args: &[&str]) -> std::process::Output {
+        self.broker
+            .client(who, &self.h.path(&format!("{who}.key")), args)
+    }
+    fn owner_ok(&self, who: &str, args: &[&str]) -> Value {
+        json_of(&self.as_owner(who, args), &format!("{who} {args:?}"))
+    }
+
+    /// An image of the inference guest that runs only `model`.
+    fn image(&self, model: &str) -> (PathBuf, String) {
+        let onnx = std::fs::read(example(&format!("models/{model}.onnx"))).unwrap();
+        let mut args = self.broker.trust_args();
+        for config in [
+            format!("model-sha256={}", sha256_hex(&onnx)),
+            "output-key-id=alias/predictions".into(),
+            "output-context=purpose=predictions".into(),
+            "class-names=malignant,benign".into(),
+        ] {
+            args.extend(["--config".into(), config]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (image, built) =
+            self.h
+                .build_guest("inference", "inference", &format!("{model}.cimg"), &args);
+        let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
+        (image, pcr0)
+    }
+
+    /// A key of `who` under `alias`: the owner manages it; the parent's role may
+    /// use it only from an enclave whose PCR0 is one of `pcr0s`.
+    fn create_key(&self, who: &str, alias: &str, pcr0s: &[&str]) -> String {
+        let policy = self
+            .h
+            .path(&format!("{}.policy.json", alias.replace('/', "-")));
+        std::fs::write(&policy, key_policy(who, pcr0s)).unwrap();
+        let id = self.owner_ok(
+            who,
+            &[
+                "kms",
+                "create-key",
+                "--policy",
+                &format!("file://{}", s(&policy)),
+            ],
+        )["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.owner_ok(
+            who,
+            &[
+                "kms",
+                "create-alias",
+                "--alias-name",
+                alias,
+                "--target-key-id",
+                &id,
+            ],
+        );
+        id
+    }
+
+    /// `who` seals `input` under `alias` into `out` (in the scratch directory).
+    fn seal(&self, who: &str, alias: &str, context: &str, input: &Path, out: &str) -> PathBuf {
+        let out = self.h.path(out);
+        self.owner_ok(
+            who,
+            &[
+                "encrypt",
+                "--key-id",
+                alias,
+                "--encryption-context",
+                context,
+                "--in",
+                s(input),
+                "--out",
+                s(&out),
+            ],
+        );
+        out
+    }
+
+    fn launch(&self, name: &str, image: &Path) {
+        let relay = format!("unix:{}", s(&self.relay_sock));
+        self.h.ok(&[
+            "run-enclave",
+            "--image",
+            s(image),
+            "--enclave-name",
+            name,
+            "--parent-role",
+            ROLE,
+            "--kms-proxy",
+            &relay,
+            "--kms-principal",
+            ROLE,
+            "--kms-principal-key",
+            s(&self.h.path("parent.key")),
+        ]);
+    }
+
+    /// The parent's call with the two sealed parts.
+    fn call(&self, enclave: &str, model: &Path, records: &Path) -> std::process::Output {
+        self.h.run(&[
+            "call",
+            "--enclave-name",
+            enclave,
+            "--part",
+            &format!("model={}", s(model)),
+            "--part",
+            &format!("records={}", s(records)),
+        ])
+    }
+
+    /// A successful call: the summary line and the predictions, opened by the data owner.
+    fn score(&self, enclave: &str, model: &Path, records: &Path) -> (Value, String, Vec<u8>) {
+        let out = self.call(enclave, model, records);
+        assert!(
+            out.status.success(),
+            "call {enclave}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nl = out.stdout.iter().position(|b| *b == b'\n').unwrap();
+        let summary: Value = serde_json::from_slice(&out.stdout[..nl]).unwrap();
+        let sealed = self.h.path(&format!("{enclave}.predictions.sealed"));
+        std::fs::write(&sealed, &out.stdout[nl + 1..]).unwrap();
+        let opened = self.h.path(&format!("{enclave}.predictions.csv"));
+        self.owner_ok(
+            "data-owner",
+            &["decrypt", "--in", s(&sealed), "--out", s(&opened)],
+        );
+        (
+            summary,
+            std::fs::read_to_string(&opened).unwrap(),
+            out.stdout,
+        )
+    }
+}
+
+fn key_policy(owner: &str, pcr0s: &[&str]) -> String {
+    let pcr0s: Vec<String> = pcr0s.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        r#"{{"Version":"2012-10-17","Statement":[
+          {{"Sid":"Owner","Effect":"Allow","Principal":{{"AWS":"{owner}"}},"Action":"kms:*","Resource":"*"}},
+          {{"Sid":"InferenceEnclave","Effect":"Allow","Principal":{{"AWS":"{ROLE}"}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
+            "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":[{}]}}}}}}]}}"#,
+        pcr0s.join(",")
+    )
+}
+
+/// `record_id -> probabilities` of a CSV with a header.
+fn table(csv: &str) -> (String, Vec<(String, Vec<f64>)>) {
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap().to_owned();
+    let rows = lines
+        .map(|l| {
+            let mut f = l.split(',');
+            let id = f.next().unwrap().to_owned();
+            (id, f.map(|v| v.parse().unwrap()).collect())
+        })
+        .collect();
+    (header, rows)
+}
+
+#[test]
+fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_neither() {
+    let w = World::new();
+    let images: Vec<(PathBuf, String)> = MODELS.iter().map(|m| w.image(m)).collect();
+    let pcr0s: Vec<&str> = images.iter().map(|(_, p)| p.as_str()).collect();
+    w.create_key("model-owner", "alias/model", &pcr0s);
+    w.create_key("data-owner", "alias/records", &pcr0s);
+    w.create_key("data-owner", "alias/predictions", &pcr0s);
+    // The held-out records, and rows that are not records of the model's width
+    // of finite numbers: counted as malformed, not scored.
+    let heldout_text = std::fs::read_to_string(example("data/heldout.csv")).unwrap();
+    let ones = |n: usize| vec!["1"; n].join(",");
+    let malformed = [
+        format!("bad-nan,{},NaN", ones(29)),
+        format!("bad-inf,{},inf", ones(29)),
+        format!("bad-short,{}", ones(29)),
+        format!("bad-long,{}", ones(31)),
+        format!("bad-text,{},x", ones(29)),
+        format!(",{}", ones(30)),
+    ];
+    let heldout = w.h.path("records.csv");
+    std::fs::write(
+        &heldout,
+        format!("{heldout_text}{}\n", malformed.join("\n")),
+    )
+    .unwrap();
+    let records = w.seal(
+        "data-owner",
+        "alias/records",
+        "study=breast-cancer",
+        &heldout,
+        "records.sealed",
+    );
+
+    for (model, (image, _)) in MODELS.iter().zip(&images) {
+        let onnx_path = example(&format!("models/{model}.onnx"));
+        let onnx = std::fs::read(&onnx_path).unwrap();
+        let sealed_model = w.seal(
+            "model-owner",
+            "alias/model",
+            &format!("model={model}"),
+            &onnx_path,
+            &format!("{model}.sealed"),
+        );
+        w.launch(model, image);
+        let (summary, predictions, response) = w.score(model, &sealed_model, &records);
+        assert_eq!(summary["model_sha256"], sha256_hex(&onnx), "{model}");
+        assert_eq!(summary["scored"], 143, "{model}");
+        assert_eq!(summary["malformed"], malformed.len(), "{model}");
+
+        let expected =
+            std::fs::read_to_string(example(&format!("data/expected-{model}.csv"))).unwrap();
+        let (want_header, want) = table(&expected);
+        let (got_header, got) = table(&predictions);
+        assert_eq!(got_header, want_header);
+        assert_eq!(got.len(), want.len(), "{model}");
+        let mut worst = 0f64;
+        for ((gid, gp), (wid, wp)) in got.iter().zip(&want) {
+            assert_eq!(gid, wid, "{model}: rows in another order");
+            assert_eq!(gp.len(), 2);
+            for (g, e) in gp.iter().zip(wp) {
+                worst = worst.max((g - e).abs());
+            }
+        }
+        assert!(
+            worst <= TOLERANCE,
+            "{model}: differs from scikit-learn by {worst:e}"
+        );
+
+        // What the parent relayed holds neither the model nor a record.
+        let captured = w.captured.lock().unwrap().clone();
+        let request = std::fs::read(&sealed_model).unwrap();
+        let first_record = heldout_text.lines().nth(1).unwrap();
+        for (what, haystack) in [
+            ("proxy stream", &captured),
+            ("sealed model", &request),
+            ("response", &response),
+        ] {
+            for needle in [
+                &onnx[onnx.len() - 64..],
+                first_record.as_bytes(),
+                b"mean_radius",
+                predictions.lines().nth(1).unwrap().as_bytes(),
+            ] {
+                assert!(
+                    !haystack.windows(needle.len()).any(|x| x == needle),
+                    "{model}: the {what} holds plaintext {:?}",
+                    String::from_utf8_lossy(&needle[..needle.len().min(40)])
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
+    let w = World::new();
+    let (image, pcr0) = w.image("logreg");
+    let (_, forest_pcr0) = w.image("forest");
+    w.create_key("model-owner", "alias/model", &[&pcr0]);
+    // A key of the model owner's for another image (the forest's) only.
+    w.create_key("model-owner", "alias/model-for-forest", &[&forest_pcr0]);
+    let records_key = w.create_key("data-owner", "alias/records", &[&pcr0]);
+    w.create_key("data-owner", "alias/predictions", &[&pcr0]);
+    let model = w.seal(
+        "model-owner",
+        "alias/model",
+        "model=logreg",
+        &example("models/logreg.onnx"),
+        "logreg.sealed",
+    );
+    let records = w.seal(
+        "data-owner",
+        "alias/records",
+        "study=breast-cancer",
+        &example("data/heldout.csv"),
+        "records.sealed",
+    );
+    w.launch("inference", &image);
+    let (summary, _, _) = w.score("inference", &model, &records);
+    assert_eq!(summary["scored"], 143);
+
+    // The model owner disables their key: the next run is denied, and says why.
+    let model_key = w.owner_ok(
+        "model-owner",
+        &["kms", "describe-key", "--key-id", "alias/model"],
+    )["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    w.owner_ok(
+        "model-owner",
+        &["kms", "disable-key", "--key-id", &model_key],
+    );
+    let e = failed_with(&w.call("inference", &model, &records), "E-ENCLAVE-WORKLOAD");
+    assert!(e.contains("E-KMS-DISABLED"), "{e}");
+    // The data owner's key is untouched: they still open their own file.
+    w.owner_ok(
+        "data-owner",
+        &[
+            "decrypt",
+            "--in",
+            s(&records),
+            "--out",
+            s(&w.h.path("records-again.csv")),
+        ],
+    );
+    w.owner_ok(
+        "model-owner",
+        &["kms", "enable-key", "--key-id", &model_key],
+    );
+    w.score("inference", &model, &records);
+
+    // The data owner withdraws the enclave's statement from their key policy.
+    let owner_only = w.h.path("owner-only.json");
+    std::fs::write(
+        &owner_only,
+        r#"{"Version":"2012-10-17","Statement":{"Sid":"Owner","Effect":"Allow","Principal":{"AWS":"data-owner"},"Action":"kms:*","Resource":"*"}}"#,
+    )
+    .unwrap();
+    w.owner_ok(
+        "data-owner",
+        &[
+            "kms",
+            "put-key-policy",
+            "--key-id",
+            &records_key,
+            "--policy",
+            &format!("file://{}", s(&owner_only)),
+        ],
+    );
+    let e = failed_with(&w.call("inference", &model, &records), "E-ENCLAVE-WORKLOAD");
+    assert!(
+        e.contains("E-KMS-ACCESS-DENIED") && e.contains("does not name principal"),
+        "{e}"
+    );
+    // The model owner's key is untouched.
+    w.owner_ok(
+        "model-owner",
+        &[
+            "decrypt",
+            "--in",
+            s(&model),
+            "--out",
+            s(&w.h.path("model-again.onnx")),
+        ],
+    );
+    w.owner_ok(
+        "data-owner",
+        &[
+            "kms",
+            "put-key-policy",
+            "--key-id",
+            &records_key,
+            "--policy",
+            &format!("file://{}", s(&w.h.path("alias-records.policy.json"))),
+        ],
+    );
+    w.score("inference", &model, &records);
+
+    // Another model, sealed under the right key: this image runs only its own.
+    let forest = w.seal(
+        "model-owner",
+        "alias/model",
+        "model=forest",
+        &example("models/forest.onnx"),
+        "forest.sealed",
+    );
+    let e = failed_with(
+        &w.call("inference", &forest, &records),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-INFERENCE-MODEL-MISMATCH"), "{e}");
+    // The right model, sealed under a key that only another image may use.
+    let elsewhere = w.seal(
+        "model-owner",
+        "alias/model-for-forest",
+        "model=logreg",
+        &example("models/logreg.onnx"),
+        "elsewhere.sealed",
+    );
+    let e = failed_with(
+        &w.call("inference", &elsewhere, &records),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(
+        e.contains("E-KMS-ACCESS-DENIED") && e.contains("ImageSha384"),
+        "{e}"
+    );
+    // Parts missing, swapped or not parts at all.
+    let e = failed_with(
+        &w.h.run(&[
+            "call",
+            "--enclave-name",
+            "inference",
+            "--part",
+            &format!("records={}", s(&records)),
+        ]),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(
+        e.contains("E-REQUEST-PARTS") && e.contains("no part \"model\""),
+        "{e}"
+    );
+    let e = failed_with(&w.call("inference", &records, &model), "E-ENCLAVE-WORKLOAD");
+    assert!(e.contains("E-INFERENCE-MODEL-MISMATCH"), "{e}");
+    let e = failed_with(
+        &w.h.call(
+            &["--enclave-name", "inference"],
+            &std::fs::read(&model).unwrap(),
+        ),
+        "E-ENCLAVE-WORKLOAD",
+    );
+    assert!(e.contains("E-REQUEST-PARTS"), "{e}");
+    // A part given twice is the caller's mistake, refused before anything is sent.
+    let e = failed_with(
+        &w.h.run(&[
+            "call",
+            "--enclave-name",
+            "inference",
+            "--part",
+            &format!("model={}", s(&model)),
+            "--part",
+            &format!("model={}", s(&model)),
+        ]),
+        "E-CLI-USAGE",
+    );
+    assert!(e.contains("given twice"), "{e}");
+}
