@@ -6,208 +6,11 @@
 //! another image, is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
-use serde_json::Value;
+use std::path::PathBuf;
 
 mod common;
-use common::{Broker, Host, failed_with, json_of, s};
-
-const ROLE: &str = "arn:aws:iam::123456789012:role/Inference";
-const MODELS: [&str; 3] = ["logreg", "forest", "mlp"];
-const TOLERANCE: f64 = 1e-5;
-
-fn example(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/inference")
-        .join(path)
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
-struct World {
-    h: Host,
-    broker: Broker,
-    relay_sock: PathBuf,
-    captured: Arc<Mutex<Vec<u8>>>,
-}
-
-impl World {
-    fn new() -> World {
-        let h = Host::new();
-        let broker = Broker::start(&h);
-        let captured = Arc::new(Mutex::new(Vec::new()));
-        let relay_sock = h.path("relay.sock");
-        common::capturing_relay(
-            relay_sock.clone(),
-            broker.proxy_sock.clone(),
-            captured.clone(),
-        );
-        for who in ["model-owner", "data-owner", "parent"] {
-            let name = if who == "parent" { ROLE } else { who };
-            broker.add_principal(name, &h.path(&format!("{who}.key")));
-        }
-        World {
-            h,
-            broker,
-            relay_sock,
-            captured,
-        }
-    }
-
-    /// A command as `who` (model-owner, data-owner).
-    fn as_owner(&self, who: &str, args: &[&str]) -> std::process::Output {
-        self.broker
-            .client(who, &self.h.path(&format!("{who}.key")), args)
-    }
-    fn owner_ok(&self, who: &str, args: &[&str]) -> Value {
-        json_of(&self.as_owner(who, args), &format!("{who} {args:?}"))
-    }
-
-    /// An image of the inference guest that runs only `model`.
-    fn image(&self, model: &str) -> (PathBuf, String) {
-        let onnx = std::fs::read(example(&format!("models/{model}.onnx"))).unwrap();
-        let mut args = self.broker.trust_args();
-        for config in [
-            format!("model-sha256={}", sha256_hex(&onnx)),
-            "output-key-id=alias/predictions".into(),
-            "output-context=purpose=predictions".into(),
-            "class-names=malignant,benign".into(),
-        ] {
-            args.extend(["--config".into(), config]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (image, built) =
-            self.h
-                .build_guest("inference", "inference", &format!("{model}.cimg"), &args);
-        let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
-        (image, pcr0)
-    }
-
-    /// A key of `who` under `alias`: the owner manages it; the parent's role may
-    /// use it only from an enclave whose PCR0 is one of `pcr0s`.
-    fn create_key(&self, who: &str, alias: &str, pcr0s: &[&str]) -> String {
-        let policy = self
-            .h
-            .path(&format!("{}.policy.json", alias.replace('/', "-")));
-        std::fs::write(&policy, key_policy(who, pcr0s)).unwrap();
-        let id = self.owner_ok(
-            who,
-            &[
-                "kms",
-                "create-key",
-                "--policy",
-                &format!("file://{}", s(&policy)),
-            ],
-        )["KeyMetadata"]["KeyId"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        self.owner_ok(
-            who,
-            &[
-                "kms",
-                "create-alias",
-                "--alias-name",
-                alias,
-                "--target-key-id",
-                &id,
-            ],
-        );
-        id
-    }
-
-    /// `who` seals `input` under `alias` into `out` (in the scratch directory).
-    fn seal(&self, who: &str, alias: &str, context: &str, input: &Path, out: &str) -> PathBuf {
-        let out = self.h.path(out);
-        self.owner_ok(
-            who,
-            &[
-                "encrypt",
-                "--key-id",
-                alias,
-                "--encryption-context",
-                context,
-                "--in",
-                s(input),
-                "--out",
-                s(&out),
-            ],
-        );
-        out
-    }
-
-    fn launch(&self, name: &str, image: &Path) {
-        let relay = format!("unix:{}", s(&self.relay_sock));
-        self.h.ok(&[
-            "run-enclave",
-            "--image",
-            s(image),
-            "--enclave-name",
-            name,
-            "--parent-role",
-            ROLE,
-            "--kms-proxy",
-            &relay,
-            "--kms-principal",
-            ROLE,
-            "--kms-principal-key",
-            s(&self.h.path("parent.key")),
-        ]);
-    }
-
-    /// The parent's call with the two sealed parts.
-    fn call(&self, enclave: &str, model: &Path, records: &Path) -> std::process::Output {
-        self.h.run(&[
-            "call",
-            "--enclave-name",
-            enclave,
-            "--part",
-            &format!("model={}", s(model)),
-            "--part",
-            &format!("records={}", s(records)),
-        ])
-    }
-
-    /// A successful call: the summary line and the predictions, opened by the data owner.
-    fn score(&self, enclave: &str, model: &Path, records: &Path) -> (Value, String, Vec<u8>) {
-        let out = self.call(enclave, model, records);
-        assert!(
-            out.status.success(),
-            "call {enclave}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let nl = out.stdout.iter().position(|b| *b == b'\n').unwrap();
-        let summary: Value = serde_json::from_slice(&out.stdout[..nl]).unwrap();
-        let sealed = self.h.path(&format!("{enclave}.predictions.sealed"));
-        std::fs::write(&sealed, &out.stdout[nl + 1..]).unwrap();
-        let opened = self.h.path(&format!("{enclave}.predictions.csv"));
-        self.owner_ok(
-            "data-owner",
-            &["decrypt", "--in", s(&sealed), "--out", s(&opened)],
-        );
-        (
-            summary,
-            std::fs::read_to_string(&opened).unwrap(),
-            out.stdout,
-        )
-    }
-}
-
-fn key_policy(owner: &str, pcr0s: &[&str]) -> String {
-    let pcr0s: Vec<String> = pcr0s.iter().map(|p| format!("\"{p}\"")).collect();
-    format!(
-        r#"{{"Version":"2012-10-17","Statement":[
-          {{"Sid":"Owner","Effect":"Allow","Principal":{{"AWS":"{owner}"}},"Action":"kms:*","Resource":"*"}},
-          {{"Sid":"InferenceEnclave","Effect":"Allow","Principal":{{"AWS":"{ROLE}"}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
-            "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":[{}]}}}}}}]}}"#,
-        pcr0s.join(",")
-    )
-}
+use common::inference::{MODELS, TOLERANCE, World, example, sha256_hex};
+use common::{failed_with, s};
 
 /// `record_id -> probabilities` of a CSV with a header.
 fn table(csv: &str) -> (String, Vec<(String, Vec<f64>)>) {
@@ -226,7 +29,7 @@ fn table(csv: &str) -> (String, Vec<(String, Vec<f64>)>) {
 #[test]
 fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_neither() {
     let w = World::new();
-    let images: Vec<(PathBuf, String)> = MODELS.iter().map(|m| w.image(m)).collect();
+    let images: Vec<(PathBuf, String)> = MODELS.iter().map(|m| w.image(m, &[])).collect();
     let pcr0s: Vec<&str> = images.iter().map(|(_, p)| p.as_str()).collect();
     w.create_key("model-owner", "alias/model", &pcr0s);
     w.create_key("data-owner", "alias/records", &pcr0s);
@@ -320,8 +123,8 @@ fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_ne
 #[test]
 fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
     let w = World::new();
-    let (image, pcr0) = w.image("logreg");
-    let (_, forest_pcr0) = w.image("forest");
+    let (image, pcr0) = w.image("logreg", &[]);
+    let (_, forest_pcr0) = w.image("forest", &[]);
     w.create_key("model-owner", "alias/model", &[&pcr0]);
     // A key of the model owner's for another image (the forest's) only.
     w.create_key("model-owner", "alias/model-for-forest", &[&forest_pcr0]);
@@ -383,17 +186,20 @@ fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
         r#"{"Version":"2012-10-17","Statement":{"Sid":"Owner","Effect":"Allow","Principal":{"AWS":"data-owner"},"Action":"kms:*","Resource":"*"}}"#,
     )
     .unwrap();
-    w.owner_ok(
-        "data-owner",
-        &[
-            "kms",
-            "put-key-policy",
-            "--key-id",
-            &records_key,
-            "--policy",
-            &format!("file://{}", s(&owner_only)),
-        ],
-    );
+    let put_records_policy = |file: &std::path::Path| {
+        w.owner_ok(
+            "data-owner",
+            &[
+                "kms",
+                "put-key-policy",
+                "--key-id",
+                &records_key,
+                "--policy",
+                &format!("file://{}", s(file)),
+            ],
+        )
+    };
+    put_records_policy(&owner_only);
     let e = failed_with(&w.call("inference", &model, &records), "E-ENCLAVE-WORKLOAD");
     assert!(
         e.contains("E-KMS-ACCESS-DENIED") && e.contains("does not name principal"),
@@ -410,17 +216,7 @@ fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
             s(&w.h.path("model-again.onnx")),
         ],
     );
-    w.owner_ok(
-        "data-owner",
-        &[
-            "kms",
-            "put-key-policy",
-            "--key-id",
-            &records_key,
-            "--policy",
-            &format!("file://{}", s(&w.h.path("alias-records.policy.json"))),
-        ],
-    );
+    put_records_policy(&w.h.path("alias-records.policy.json"));
     w.score("inference", &model, &records);
 
     // Another model, sealed under the right key: this image runs only its own.

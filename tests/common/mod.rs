@@ -2,6 +2,8 @@
 //! its JSON, expect failures with stable codes, and manage server processes.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod inference;
+
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -202,15 +204,21 @@ pub fn runtime_binary() {
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "--locked",
-                "-p",
-                "cloister-runtime",
-                "--bin",
-                "cloister-runtime",
-            ])
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "--locked",
+            "-p",
+            "cloister-runtime",
+            "--bin",
+            "cloister-runtime",
+        ]);
+        // The benchmark runs a release `cloister`, whose supervisor starts the
+        // runtime beside it.
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        let out = build
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .expect("run cargo for the runtime");
