@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 
 mod common;
-use common::inference::{MODELS, TOLERANCE, World, example, sha256_hex};
+use common::inference::{
+    MODEL_CONTEXT, MODELS, RECORDS_CONTEXT, TOLERANCE, World, example, sha256_hex,
+};
 use common::{failed_with, s};
 
 /// `record_id -> probabilities` of a CSV with a header.
@@ -31,9 +33,7 @@ fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_ne
     let w = World::new();
     let images: Vec<(PathBuf, String)> = MODELS.iter().map(|m| w.image(m, &[])).collect();
     let pcr0s: Vec<&str> = images.iter().map(|(_, p)| p.as_str()).collect();
-    w.create_key("model-owner", "alias/model", &pcr0s);
-    w.create_key("data-owner", "alias/records", &pcr0s);
-    w.create_key("data-owner", "alias/predictions", &pcr0s);
+    let [_, _, predictions_key] = w.create_keys(&pcr0s);
     // The held-out records, and rows that are not records of the model's width
     // of finite numbers: counted as malformed, not scored.
     let heldout_text = std::fs::read_to_string(example("data/heldout.csv")).unwrap();
@@ -55,7 +55,7 @@ fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_ne
     let records = w.seal(
         "data-owner",
         "alias/records",
-        "study=breast-cancer",
+        &format!("{RECORDS_CONTEXT},study=breast-cancer"),
         &heldout,
         "records.sealed",
     );
@@ -66,13 +66,25 @@ fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_ne
         let sealed_model = w.seal(
             "model-owner",
             "alias/model",
-            &format!("model={model}"),
+            &format!("{MODEL_CONTEXT},model={model}"),
             &onnx_path,
             &format!("{model}.sealed"),
         );
         w.launch(model, image);
         let (summary, predictions, response) = w.score(model, &sealed_model, &records);
         assert_eq!(summary["model_sha256"], sha256_hex(&onnx), "{model}");
+        // Sealed under the key and context the image names, not the inputs'.
+        let nl = response.iter().position(|b| *b == b'\n').unwrap();
+        let header = cloister_sealed::Header::read(&mut &response[nl + 1..]).unwrap();
+        assert!(
+            header.key_id.ends_with(&predictions_key),
+            "{}",
+            header.key_id
+        );
+        assert_eq!(
+            header.encryption_context,
+            [("purpose".to_owned(), "predictions".to_owned())]
+        );
         assert_eq!(summary["scored"], 143, "{model}");
         assert_eq!(summary["malformed"], malformed.len(), "{model}");
 
@@ -125,22 +137,25 @@ fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
     let w = World::new();
     let (image, pcr0) = w.image("logreg", &[]);
     let (_, forest_pcr0) = w.image("forest", &[]);
-    w.create_key("model-owner", "alias/model", &[&pcr0]);
+    let [model_key, records_key, _] = w.create_keys(&[&pcr0]);
     // A key of the model owner's for another image (the forest's) only.
-    w.create_key("model-owner", "alias/model-for-forest", &[&forest_pcr0]);
-    let records_key = w.create_key("data-owner", "alias/records", &[&pcr0]);
-    w.create_key("data-owner", "alias/predictions", &[&pcr0]);
+    w.create_key(
+        "model-owner",
+        "alias/model-for-forest",
+        "kms:Decrypt",
+        &[&forest_pcr0],
+    );
     let model = w.seal(
         "model-owner",
         "alias/model",
-        "model=logreg",
+        &format!("{MODEL_CONTEXT},model=logreg"),
         &example("models/logreg.onnx"),
         "logreg.sealed",
     );
     let records = w.seal(
         "data-owner",
         "alias/records",
-        "study=breast-cancer",
+        &format!("{RECORDS_CONTEXT},study=breast-cancer"),
         &example("data/heldout.csv"),
         "records.sealed",
     );
@@ -149,13 +164,6 @@ fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
     assert_eq!(summary["scored"], 143);
 
     // The model owner disables their key: the next run is denied, and says why.
-    let model_key = w.owner_ok(
-        "model-owner",
-        &["kms", "describe-key", "--key-id", "alias/model"],
-    )["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     w.owner_ok(
         "model-owner",
         &["kms", "disable-key", "--key-id", &model_key],
@@ -223,7 +231,7 @@ fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
     let forest = w.seal(
         "model-owner",
         "alias/model",
-        "model=forest",
+        &format!("{MODEL_CONTEXT},model=forest"),
         &example("models/forest.onnx"),
         "forest.sealed",
     );
@@ -232,11 +240,14 @@ fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
         "E-ENCLAVE-WORKLOAD",
     );
     assert!(e.contains("E-INFERENCE-MODEL-MISMATCH"), "{e}");
+    // The refusal names the pinned hash, never the hash of what was opened.
+    let forest_sha = sha256_hex(&std::fs::read(example("models/forest.onnx")).unwrap());
+    assert!(!e.contains(&forest_sha), "{e}");
     // The right model, sealed under a key that only another image may use.
     let elsewhere = w.seal(
         "model-owner",
         "alias/model-for-forest",
-        "model=logreg",
+        &format!("{MODEL_CONTEXT},model=logreg"),
         &example("models/logreg.onnx"),
         "elsewhere.sealed",
     );
@@ -263,8 +274,18 @@ fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
         e.contains("E-REQUEST-PARTS") && e.contains("no part \"model\""),
         "{e}"
     );
+    // Swapped: each part's encryption context is checked before its key is
+    // asked for, so neither file is opened as the other.
     let e = failed_with(&w.call("inference", &records, &model), "E-ENCLAVE-WORKLOAD");
-    assert!(e.contains("E-INFERENCE-MODEL-MISMATCH"), "{e}");
+    assert!(
+        e.contains("E-WORKLOAD-INPUT") && e.contains("purpose=model"),
+        "{e}"
+    );
+    let e = failed_with(&w.call("inference", &model, &model), "E-ENCLAVE-WORKLOAD");
+    assert!(
+        e.contains("E-WORKLOAD-INPUT") && e.contains("purpose=records"),
+        "{e}"
+    );
     let e = failed_with(
         &w.h.call(
             &["--enclave-name", "inference"],

@@ -11,7 +11,7 @@
 //! struct Count;
 //! impl Handler for Count {
 //!     fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
-//!         let (key, header, body) = cloister_guest::open_sealed(&request)?;
+//!         let (key, header, body) = cloister_guest::open_sealed(&request, &[])?;
 //!         let mut reader = sealed::Reader::new(header, body, &key)?;
 //!         let mut rows = 0u64;
 //!         reader.for_each_line(|_| {
@@ -144,25 +144,45 @@ impl From<sealed::parts::PartsError> for Error {
 }
 
 /// A request of several named inputs (`cloister call --part NAME=FILE ...`),
-/// such as sealed inputs under different owners' keys.
-pub fn request_parts(request: &[u8]) -> Result<sealed::parts::Parts, Error> {
+/// such as sealed inputs under different owners' keys; each part is borrowed
+/// from `request`.
+pub fn request_parts(request: &[u8]) -> Result<sealed::parts::Parts<'_>, Error> {
     Ok(sealed::parts::Parts::decode(request)?)
 }
 
-/// Opens a sealed input inside the enclave: reads its header, obtains its data
-/// key by attested KMS Decrypt (with the header's encryption context) and
-/// returns the key and a reader over the rest.
-pub fn open_sealed(bytes: &[u8]) -> Result<(DataKey, sealed::Header, &[u8]), Error> {
+/// Opens a sealed input inside the enclave: reads its header, checks that its
+/// encryption context holds every pair of `required_context` (before any KMS
+/// call: the parent chooses which bytes arrive, so a workload names what kind
+/// of input it accepts), obtains its data key by attested KMS Decrypt and
+/// returns the key and the rest, for a [`sealed::Reader`].
+pub fn open_sealed<'r>(
+    bytes: &'r [u8],
+    required_context: &[(String, String)],
+) -> Result<(DataKey, sealed::Header, &'r [u8]), Error> {
     let mut rest = bytes;
     let header = sealed::Header::read(&mut rest)?;
+    for (k, v) in required_context {
+        if !header
+            .encryption_context
+            .iter()
+            .any(|(hk, hv)| hk == k && hv == v)
+        {
+            return Err(error(
+                "E-WORKLOAD-INPUT",
+                format!(
+                    "the input was not sealed with the encryption context {k}={v} that this workload requires"
+                ),
+            ));
+        }
+    }
     let key = DataKey::decrypt(&header.encrypted_data_key, &header.encryption_context)?;
     Ok((key, header, rest))
 }
 
-/// Opens a whole sealed input into memory (a model, a small table): every
-/// chunk authenticates or nothing is returned.
-pub fn unseal(bytes: &[u8]) -> Result<Vec<u8>, Error> {
-    let (key, header, rest) = open_sealed(bytes)?;
+/// Opens a whole sealed input into memory (a model, a small table), as
+/// [`open_sealed`]: every chunk authenticates or nothing is returned.
+pub fn unseal(bytes: &[u8], required_context: &[(String, String)]) -> Result<Vec<u8>, Error> {
+    let (key, header, rest) = open_sealed(bytes, required_context)?;
     let mut reader = sealed::Reader::new(header, rest, &key)?;
     let mut plaintext = Vec::with_capacity(rest.len());
     while let Some(chunk) = reader.next_chunk()? {
@@ -196,15 +216,31 @@ pub fn seal_with_new_key(
 }
 
 /// An encryption context from the image's measured configuration, written
-/// `k=v,k=v` (none when the image does not set `key`).
-pub fn config_context(key: &str) -> Vec<(String, String)> {
-    config::get(key)
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .filter(|(k, _)| !k.is_empty())
-        .collect()
+/// `k=v,k=v` (empty when the image does not set `key`); an entry without `=`,
+/// an empty key or a key given twice is an error, not silently dropped.
+pub fn config_context(key: &str) -> Result<Vec<(String, String)>, Error> {
+    let mut context: Vec<(String, String)> = Vec::new();
+    for entry in config::get(key).unwrap_or_default().split(',') {
+        if entry.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: &str| {
+            error(
+                "E-WORKLOAD-CONFIG",
+                format!("{key}: {entry:?} {why} (write k=v,k=v)"),
+            )
+        };
+        let (k, v) = entry.split_once('=').ok_or_else(|| bad("has no ="))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() {
+            return Err(bad("has an empty key"));
+        }
+        if context.iter().any(|(seen, _)| seen == k) {
+            return Err(bad("repeats a key"));
+        }
+        context.push((k.to_owned(), v.to_owned()));
+    }
+    Ok(context)
 }
 
 /// A value of the image's measured configuration that the workload cannot do

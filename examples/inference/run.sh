@@ -79,6 +79,7 @@ step "2. The inference image: the engine (tract) and, in its measured configurat
 model_sha=$(sha256sum "$example/models/$MODEL.onnx" | cut -d' ' -f1)
 "$cloister" build-enclave --wasm "$wasm" --name inference --version 1.0 \
   --kms-broker-key "$work/kms/broker.pub" --config "model-sha256=$model_sha" \
+  --config model-context=purpose=model --config records-context=purpose=records \
   --config output-key-id=alias/predictions --config output-context=purpose=predictions \
   --config class-names=malignant,benign --output "$work/inference.cimg" >"$work/build.json"
 pcr0=$(json PCR0 <"$work/build.json")
@@ -86,30 +87,31 @@ echo "   model: $MODEL.onnx, SHA-256 $model_sha"
 echo "   PCR0 (image, engine and configuration): $pcr0"
 
 step "3. Each owner's key: the owner manages it; the parent's role may use it only from that image"
-policy() { # OWNER
+echo "   (model and records: Decrypt; predictions: GenerateDataKey, so earlier predictions cannot be fed back in)"
+policy() { # OWNER ACTION
   cat <<POLICY
 {"Version":"2012-10-17","Statement":[
  {"Sid":"Owner","Effect":"Allow","Principal":{"AWS":"$1"},"Action":"kms:*","Resource":"*"},
  {"Sid":"InferenceEnclaveOnly","Effect":"Allow","Principal":{"AWS":"$role"},
-  "Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
+  "Action":"$2","Resource":"*",
   "Condition":{"StringEqualsIgnoreCase":{"kms:RecipientAttestation:ImageSha384":"$pcr0"}}}]}
 POLICY
 }
-key() { # OWNER ALIAS
-  policy "$1" >"$work/$1.policy.json"
+key() { # OWNER ALIAS ACTION (what the enclave may do with it)
+  policy "$1" "$3" >"$work/$1.policy.json"
   local id; id=$(as "$1" kms create-key --description "$2" --policy "file://$work/$1.policy.json" | json KeyId)
   as "$1" kms create-alias --alias-name "$2" --target-key-id "$id" >/dev/null
   echo "   $1: $2 -> $id" >&2
   echo "$id"
 }
-model_key=$(key model-owner alias/model)
-key data-owner alias/records >/dev/null
-key data-owner alias/predictions >/dev/null
+model_key=$(key model-owner alias/model kms:Decrypt)
+key data-owner alias/records kms:Decrypt >/dev/null
+key data-owner alias/predictions kms:GenerateDataKey >/dev/null
 
 step "4. Both owners seal their bytes"
-as model-owner encrypt --key-id alias/model --encryption-context "model=$MODEL" \
+as model-owner encrypt --key-id alias/model --encryption-context "purpose=model,model=$MODEL" \
   --in "$example/models/$MODEL.onnx" --out "$work/parent/model.sealed" >/dev/null
-as data-owner encrypt --key-id alias/records --encryption-context study=breast-cancer \
+as data-owner encrypt --key-id alias/records --encryption-context purpose=records,study=breast-cancer \
   --in "$example/data/heldout.csv" --out "$work/parent/records.sealed" >/dev/null
 echo "   model:   $(wc -c <"$example/models/$MODEL.onnx") bytes of ONNX -> $(wc -c <"$work/parent/model.sealed") bytes sealed (model owner's key)"
 echo "   records: $(($(wc -l <"$example/data/heldout.csv") - 1)) held-out patients, 30 features each -> $(wc -c <"$work/parent/records.sealed") bytes sealed (data owner's key)"
@@ -145,11 +147,15 @@ grep -o 'DisabledException: key [^ ]* is disabled' "$work/err" | head -1 | sed '
 as model-owner kms enable-key --key-id "$model_key" >/dev/null
 printf -- '- another model, sealed under the right key:      '
 other=forest; [ "$MODEL" = forest ] && other=mlp
-as model-owner encrypt --key-id alias/model --encryption-context "model=$other" \
+as model-owner encrypt --key-id alias/model --encryption-context "purpose=model,model=$other" \
   --in "$example/models/$other.onnx" --out "$work/parent/other.sealed" >/dev/null
 chown "$parent_uid" "$work/parent/other.sealed"
 if score "$work/parent/other.sealed" 2>"$work/err"; then echo "NOT REFUSED"; exit 1; fi
 grep -o 'E-INFERENCE-MODEL-MISMATCH' "$work/err" | head -1
+printf -- '- the records passed as the model:                 '
+if as_parent "$cloister" call --enclave-name inference --part "model=$work/parent/records.sealed" \
+   --part "records=$work/parent/records.sealed" --output "$work/parent/x" 2>"$work/err"; then echo "NOT REFUSED"; exit 1; fi
+grep -o 'E-WORKLOAD-INPUT' "$work/err" | head -1
 printf -- '- the parent tries to open the predictions:        '
 if CLOISTER_PRINCIPAL="$role" CLOISTER_PRINCIPAL_KEY="$work/parent/parent.key" \
    as_parent "$cloister" decrypt --in "$work/predictions.sealed" --out "$work/parent/stolen.csv" 2>"$work/err"; then
@@ -164,7 +170,8 @@ What was proved
   key; the broker released each data key only to an enclave whose attestation
   document carried the inference image's PCR0, as CiphertextForRecipient.
 - The image's measured configuration names the model's SHA-256, so PCR0 says which
-  model scores the records: another model was refused even under the right key.
+  model scores the records: another model was refused even under the right key,
+  and a file in the wrong slot was refused before its key was asked for.
 - The predictions equal scikit-learn's within 1e-5 and came back sealed under the
   data owner's key; the parent relayed ciphertext and could not open them.
 - Either owner alone can stop the next run: the model owner disabled their key and

@@ -521,7 +521,7 @@ fn median_and_range(mut ratios: Vec<f64>) -> (f64, f64, f64) {
 /// paired, each pair in alternating order; the figure is the median of the
 /// per-pair throughput ratios.
 fn inference() {
-    use common::inference::{MODELS, World, example};
+    use common::inference::{MODEL_CONTEXT, MODELS, RECORDS_CONTEXT, World, example};
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = std::process::Command::new(cargo)
@@ -552,9 +552,7 @@ fn inference() {
         .map(|m| w.image(m, &["--memory-mib", "1024", "--cpu-ms-per-call", "600000"]))
         .collect();
     let pcr0s: Vec<&str> = images.iter().map(|(_, p)| p.as_str()).collect();
-    w.create_key("model-owner", "alias/model", &pcr0s);
-    w.create_key("data-owner", "alias/records", &pcr0s);
-    w.create_key("data-owner", "alias/predictions", &pcr0s);
+    w.create_keys(&pcr0s);
     println!();
     for (model, (image, _)) in MODELS.iter().zip(&images) {
         // tract's tree ensemble walks its leaf table linearly: ~1,000 records/s
@@ -574,7 +572,7 @@ fn inference() {
         let records = w.seal(
             "data-owner",
             "alias/records",
-            "study=synthetic",
+            &format!("{RECORDS_CONTEXT},study=synthetic"),
             &csv,
             &format!("synthetic-{rows}.sealed"),
         );
@@ -582,7 +580,7 @@ fn inference() {
         let sealed_model = w.seal(
             "model-owner",
             "alias/model",
-            &format!("model={model}"),
+            &format!("{MODEL_CONTEXT},model={model}"),
             &onnx,
             &format!("{model}.sealed"),
         );
@@ -609,6 +607,9 @@ fn inference() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            let summary = out.stdout.split(|b| *b == b'\n').next().unwrap_or_default();
+            let summary: serde_json::Value = serde_json::from_slice(summary).unwrap();
+            assert_eq!(summary["scored"], rows, "the enclave scored every record");
             t.elapsed()
         };
         // One of each to warm caches, then the pairs.

@@ -12,6 +12,9 @@ use super::{Broker, Host, json_of, s};
 
 pub const ROLE: &str = "arn:aws:iam::123456789012:role/Inference";
 pub const MODELS: [&str; 3] = ["logreg", "forest", "mlp"];
+/// The encryption context pairs the images require of each part.
+pub const MODEL_CONTEXT: &str = "purpose=model";
+pub const RECORDS_CONTEXT: &str = "purpose=records";
 pub const TOLERANCE: f64 = 1e-5;
 
 pub fn example(path: &str) -> PathBuf {
@@ -71,6 +74,8 @@ impl World {
         let mut args = self.broker.trust_args();
         for config in [
             format!("model-sha256={}", sha256_hex(&onnx)),
+            format!("model-context={MODEL_CONTEXT}"),
+            format!("records-context={RECORDS_CONTEXT}"),
             "output-key-id=alias/predictions".into(),
             "output-context=purpose=predictions".into(),
             "class-names=malignant,benign".into(),
@@ -87,12 +92,12 @@ impl World {
     }
 
     /// A key of `who` under `alias`: the owner manages it; the parent's role may
-    /// use it only from an enclave whose PCR0 is one of `pcr0s`.
-    pub fn create_key(&self, who: &str, alias: &str, pcr0s: &[&str]) -> String {
+    /// use it for `action` only from an enclave whose PCR0 is one of `pcr0s`.
+    pub fn create_key(&self, who: &str, alias: &str, action: &str, pcr0s: &[&str]) -> String {
         let policy = self
             .h
             .path(&format!("{}.policy.json", alias.replace('/', "-")));
-        std::fs::write(&policy, key_policy(who, pcr0s)).unwrap();
+        std::fs::write(&policy, key_policy(who, action, pcr0s)).unwrap();
         let id = self.owner_ok(
             who,
             &[
@@ -117,6 +122,22 @@ impl World {
             ],
         );
         id
+    }
+
+    /// The three keys of a run, for enclaves of the images `pcr0s`: the model
+    /// owner's (the enclave may Decrypt), the data owner's for records (Decrypt)
+    /// and for predictions (GenerateDataKey only). Returns their key ids.
+    pub fn create_keys(&self, pcr0s: &[&str]) -> [String; 3] {
+        [
+            self.create_key("model-owner", "alias/model", "kms:Decrypt", pcr0s),
+            self.create_key("data-owner", "alias/records", "kms:Decrypt", pcr0s),
+            self.create_key(
+                "data-owner",
+                "alias/predictions",
+                "kms:GenerateDataKey",
+                pcr0s,
+            ),
+        ]
     }
 
     /// `who` seals `input` under `alias` into `out` (in the scratch directory).
@@ -196,12 +217,12 @@ impl World {
     }
 }
 
-pub fn key_policy(owner: &str, pcr0s: &[&str]) -> String {
+pub fn key_policy(owner: &str, action: &str, pcr0s: &[&str]) -> String {
     let pcr0s: Vec<String> = pcr0s.iter().map(|p| format!("\"{p}\"")).collect();
     format!(
         r#"{{"Version":"2012-10-17","Statement":[
           {{"Sid":"Owner","Effect":"Allow","Principal":{{"AWS":"{owner}"}},"Action":"kms:*","Resource":"*"}},
-          {{"Sid":"InferenceEnclave","Effect":"Allow","Principal":{{"AWS":"{ROLE}"}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
+          {{"Sid":"InferenceEnclave","Effect":"Allow","Principal":{{"AWS":"{ROLE}"}},"Action":"{action}","Resource":"*",
             "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":[{}]}}}}}}]}}"#,
         pcr0s.join(",")
     )

@@ -16,6 +16,10 @@
 //! - `model-sha256` (required): the SHA-256 of the only model this image runs.
 //!   A model with another hash is refused even when it is sealed under the
 //!   right key, so PCR0 tells a client which model scores their records.
+//! - `model-context` and `records-context` (`k=v,k=v`): pairs each input's
+//!   encryption context must hold, checked before its key is asked for, so
+//!   that the parent cannot pass one owner's file (or earlier predictions) as
+//!   the other part. Owners seal with them, e.g. `purpose=model`.
 //! - `output-key-id` (required) and `output-context` (`k=v,k=v`): the KMS key
 //!   and encryption context the predictions are sealed under.
 //! - `class-names` (optional, `a,b`): the output's column names (default the
@@ -27,16 +31,24 @@ use sha2::{Digest, Sha256};
 
 struct Inference;
 
+/// A measured encryption context that the image must set.
+fn required_context(key: &str) -> Result<Vec<(String, String)>, Error> {
+    cloister_guest::required_config(key)?;
+    cloister_guest::config_context(key)
+}
+
 /// The model, opened with the model owner's key and checked against the image.
 fn load_model(sealed_model: &[u8]) -> Result<(Model, String), Error> {
     let pinned = cloister_guest::required_config("model-sha256")?.to_ascii_lowercase();
-    let onnx = cloister_guest::unseal(sealed_model)?;
+    let onnx = cloister_guest::unseal(sealed_model, &required_context("model-context")?)?;
     let actual = hex::encode(Sha256::digest(&onnx));
     if actual != pinned {
+        // Not the hash itself: it would tell the parent the SHA-256 of whatever
+        // the enclave could open.
         return Err(error(
             "E-INFERENCE-MODEL-MISMATCH",
             format!(
-                "the model's SHA-256 is {actual}; this image runs only the model {pinned} (its measured model-sha256)"
+                "the model is not the one this image runs (its measured model-sha256 is {pinned})"
             ),
         ));
     }
@@ -47,9 +59,9 @@ fn load_model(sealed_model: &[u8]) -> Result<(Model, String), Error> {
 impl Handler for Inference {
     fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
         let output_key = cloister_guest::required_config("output-key-id")?;
-        let output_context = cloister_guest::config_context("output-context");
+        let output_context = cloister_guest::config_context("output-context")?;
+        let records_context = required_context("records-context")?;
         let parts = cloister_guest::request_parts(&request)?;
-        drop(request);
         let (model, model_sha256) = load_model(parts.required("model")?)?;
         let class_names: Vec<String> = match cloister_guest::config::get("class-names") {
             Some(names) => names.split(',').map(|n| n.trim().to_owned()).collect(),
@@ -60,7 +72,7 @@ impl Handler for Inference {
             .map_err(|e| error("E-INFERENCE-MODEL", format!("class-names: {e}")))?;
 
         let (records_key, records_header, body) =
-            cloister_guest::open_sealed(parts.required("records")?)?;
+            cloister_guest::open_sealed(parts.required("records")?, &records_context)?;
         let mut reader = sealed::Reader::new(records_header, body, &records_key)?;
         let model_error =
             |e: inference_engine::ModelError| error("E-INFERENCE-MODEL", e.to_string());

@@ -7,7 +7,9 @@
 //!
 //! Where the scores go is the image's measured configuration, never the
 //! request's (the parent relays requests and must not choose it):
-//! `output-key-id` (required) and `output-context` (`k=v,k=v`).
+//! `output-key-id` (required) and `output-context` (`k=v,k=v`). With
+//! `input-context` (`k=v,k=v`) set, an input sealed without those pairs in its
+//! encryption context is refused before any key is asked for.
 //!
 //! The input's data key comes from an attested KMS Decrypt and the output's from
 //! an attested GenerateDataKey; both stay in the runtime's keyring for this call.
@@ -21,8 +23,9 @@ struct Scorer;
 impl Handler for Scorer {
     fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
         let output_key = cloister_guest::required_config("output-key-id")?;
-        let output_context = cloister_guest::config_context("output-context");
-        let (input_key, header, rest) = cloister_guest::open_sealed(&request)?;
+        let output_context = cloister_guest::config_context("output-context")?;
+        let input_context = cloister_guest::config_context("input-context")?;
+        let (input_key, header, rest) = cloister_guest::open_sealed(&request, &input_context)?;
         let mut reader = sealed::Reader::new(header, rest, &input_key)?;
         let mut summary = Summary::default();
         let sealed_output =

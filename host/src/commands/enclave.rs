@@ -398,16 +398,14 @@ pub struct CallArgs {
 pub fn call(args: CallArgs) -> anyhow::Result<()> {
     let request = match args.input.as_deref() {
         None if !args.part.is_empty() => {
-            let mut parts = Vec::new();
+            let mut files = Vec::new();
             for part in &args.part {
                 let Some((name, file)) = part.split_once('=') else {
                     bail!(UsageError(format!("--part {part:?}: expected NAME=FILE")));
                 };
-                parts.push((
-                    name.to_owned(),
-                    super::read_file(std::path::Path::new(file))?,
-                ));
+                files.push((name, super::read_file(std::path::Path::new(file))?));
             }
+            let parts = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
             cloister_sealed::parts::Parts::new(parts)
                 .map_err(|e| UsageError(format!("--part: {e}")))?
                 .encode()

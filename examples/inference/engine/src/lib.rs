@@ -168,11 +168,16 @@ pub struct Scorer<'m> {
     lines: u64,
 }
 
+/// A record id's longest form: ids are copied into the predictions.
+pub const MAX_ID: usize = 128;
+
 /// One record of `features` finite numbers, or `None`.
 fn parse_record(line: &str, features: usize, values: &mut Vec<f32>) -> Option<String> {
     let start = values.len();
     let mut fields = line.split(',');
-    let id = fields.next().filter(|id| !id.is_empty())?;
+    let id = fields
+        .next()
+        .filter(|id| !id.is_empty() && id.len() <= MAX_ID)?;
     for field in fields {
         match field.trim().parse::<f32>() {
             Ok(v) if v.is_finite() && values.len() - start < features => values.push(v),
@@ -189,24 +194,29 @@ fn parse_record(line: &str, features: usize, values: &mut Vec<f32>) -> Option<St
     Some(id.to_owned())
 }
 
+fn is_number(field: Option<&str>) -> bool {
+    field.is_some_and(|f| f.trim().parse::<f32>().is_ok())
+}
+
 impl Scorer<'_> {
-    /// Adds one CSV line (with or without its newline). A blank line, or a first
-    /// line whose fields are not numbers (a header), is skipped; any other line
-    /// that is not a record of the model's width is counted as malformed. When a
-    /// batch is full it is scored and its output rows are appended to `out`.
+    /// Adds one CSV line (with or without its newline). Blank lines are
+    /// skipped, and so is the first other line when its second field is not a
+    /// number (a header); any other line that is not a record of the model's
+    /// width is counted as malformed. When a batch is full it is scored and its
+    /// output rows are appended to `out`.
     pub fn push(&mut self, line: &[u8], out: &mut String) -> Result<(), ModelError> {
+        let text = std::str::from_utf8(line).map(|t| t.trim_end_matches(['\n', '\r']));
+        if text.as_ref().is_ok_and(|t| t.is_empty()) {
+            return Ok(());
+        }
         self.lines += 1;
-        let Ok(text) = std::str::from_utf8(line) else {
+        let Ok(text) = text else {
             self.malformed += 1;
             return Ok(());
         };
-        let text = text.trim_end_matches(['\n', '\r']);
-        if text.is_empty() {
-            return Ok(());
-        }
         match parse_record(text, self.model.features, &mut self.values) {
             Some(id) => self.ids.push(id),
-            None if self.lines == 1 => {}
+            None if self.lines == 1 && !is_number(text.split(',').nth(1)) => {}
             None => self.malformed += 1,
         }
         if self.ids.len() == BATCH {
@@ -243,6 +253,12 @@ impl Scorer<'_> {
             .to_plain_array_view::<f32>()
             .map_err(model_error("reading the probabilities"))?;
         let classes = self.model.classes;
+        if probabilities.shape() != [rows, classes] {
+            return Err(ModelError(format!(
+                "the model answered {:?} for {rows} records of {classes} classes",
+                probabilities.shape()
+            )));
+        }
         let flat = probabilities
             .as_slice()
             .ok_or_else(|| ModelError("the probabilities are not contiguous".into()))?;
