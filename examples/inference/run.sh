@@ -21,8 +21,9 @@ rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasi
 echo "== building (the first run compiles wasmtime and tract; later runs are quick)"
 cargo build --quiet --locked -p cloister-host -p cloister-runtime
 cargo build --quiet --locked --release --target wasm32-wasip2 --manifest-path examples/Cargo.toml
-cloister=$PWD/target/debug/cloister
-wasm=$PWD/examples/target/wasm32-wasip2/release/inference.wasm
+target_dir() { cargo metadata --format-version 1 --no-deps "$@" | sed 's/.*"target_directory":"\([^"]*\)".*/\1/'; }
+cloister=$(target_dir)/debug/cloister
+wasm=$(target_dir --manifest-path examples/Cargo.toml)/wasm32-wasip2/release/inference.wasm
 example=$PWD/examples/inference
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/cloister-inference.XXXXXX")
