@@ -188,21 +188,10 @@ impl World {
     fn launch_image(&self, name: &str, image: &Path, proxy: &Path, env: &[(&str, &str)]) -> Value {
         json_of(
             &self.parent(
-                &[
-                    "run-enclave",
-                    "--image",
-                    s(image),
-                    "--enclave-name",
-                    name,
-                    "--parent-role",
-                    ROLE,
-                    "--kms-proxy",
-                    &format!("unix:{}", s(proxy)),
-                    "--kms-principal",
-                    ROLE,
-                    "--kms-principal-key",
-                    s(&self.parent_key),
-                ],
+                &common::run_enclave_args(image, name, ROLE, proxy, &self.parent_key)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
                 env,
             ),
             "the parent's run-enclave",

@@ -46,23 +46,9 @@ impl Setup {
     /// Launches an enclave whose parent acts as `role` (PCR3 and KMS credentials).
     fn launch(&self, name: &str, image: &Path, role: &str, extra: &[&str]) -> Value {
         let key = self.h.path(&format!("{}.key", key_name(role)));
-        let relay = format!("unix:{}", s(&self.relay_sock));
-        let mut args = vec![
-            "run-enclave",
-            "--image",
-            s(image),
-            "--enclave-name",
-            name,
-            "--parent-role",
-            role,
-            "--kms-proxy",
-            &relay,
-            "--kms-principal",
-            role,
-            "--kms-principal-key",
-            s(&key),
-        ];
-        args.extend_from_slice(extra);
+        let mut args = common::run_enclave_args(image, name, role, &self.relay_sock, &key);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.h.ok(&args)
     }
 }
@@ -379,23 +365,9 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
     let rogue_env = format!("unix:{}", s(&rogue_sock));
     let rogue = |args: &[&str]| common::cloister_env(args, &[("CLOISTER_SUPERVISOR", &rogue_env)]);
     let key = h.path(&format!("{}.key", key_name(ROLE)));
-    let relay = format!("unix:{}", s(&st.relay_sock));
+    let args = common::run_enclave_args(&image, "rogue", ROLE, &st.relay_sock, &key);
     json_of(
-        &rogue(&[
-            "run-enclave",
-            "--image",
-            s(&image),
-            "--enclave-name",
-            "rogue",
-            "--parent-role",
-            ROLE,
-            "--kms-proxy",
-            &relay,
-            "--kms-principal",
-            ROLE,
-            "--kms-principal-key",
-            s(&key),
-        ]),
+        &rogue(&args.iter().map(String::as_str).collect::<Vec<_>>()),
         "run on the rogue platform",
     );
     let req = write(h, "rogue.req", &request);

@@ -161,22 +161,10 @@ impl World {
     }
 
     pub fn launch(&self, name: &str, image: &Path) {
-        let relay = format!("unix:{}", s(&self.relay_sock));
-        self.h.ok(&[
-            "run-enclave",
-            "--image",
-            s(image),
-            "--enclave-name",
-            name,
-            "--parent-role",
-            ROLE,
-            "--kms-proxy",
-            &relay,
-            "--kms-principal",
-            ROLE,
-            "--kms-principal-key",
-            s(&self.h.path("parent.key")),
-        ]);
+        let key = self.h.path("parent.key");
+        let args = super::run_enclave_args(image, name, ROLE, &self.relay_sock, &key);
+        self.h
+            .ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     /// The parent's call with the two sealed parts.

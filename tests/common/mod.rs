@@ -482,6 +482,34 @@ impl Broker {
     }
 }
 
+/// `run-enclave` for an enclave of `image` whose parent acts as `role` (PCR3 and
+/// KMS principal, with `key`), reaching the broker through the proxy at `proxy`.
+pub fn run_enclave_args(
+    image: &Path,
+    name: &str,
+    role: &str,
+    proxy: &Path,
+    key: &Path,
+) -> Vec<String> {
+    [
+        "run-enclave",
+        "--image",
+        s(image),
+        "--enclave-name",
+        name,
+        "--parent-role",
+        role,
+        "--kms-proxy",
+        &format!("unix:{}", s(proxy)),
+        "--kms-principal",
+        role,
+        "--kms-principal-key",
+        s(key),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// A relay the test controls, between the enclave and `cloister proxy`: it keeps
 /// every byte that crosses the parent side in either direction.
 pub fn capturing_relay(listen: PathBuf, to: PathBuf, captured: Arc<Mutex<Vec<u8>>>) {
