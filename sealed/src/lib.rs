@@ -16,6 +16,7 @@
 //! AES-256-GCM) on the host and in the runtime.
 
 pub mod parts;
+pub mod records;
 
 use std::io::{Read, Write};
 

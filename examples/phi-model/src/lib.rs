@@ -13,6 +13,9 @@
 
 pub mod generate;
 
+use cloister_sealed::records;
+use cloister_sealed::{Reader, SealedError, Writer};
+
 /// Sex as recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sex {
@@ -20,10 +23,10 @@ pub enum Sex {
     Male,
 }
 
-/// One patient record.
+/// One patient record (borrowing its id from the line).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Patient {
-    pub id: String,
+pub struct Patient<'a> {
+    pub id: &'a str,
     pub sex: Sex,
     pub age: f64,
     /// Total cholesterol, mg/dL.
@@ -101,19 +104,21 @@ pub const CSV_HEADER: &str =
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowError(pub String);
 
-fn flag(field: &str, name: &str) -> Result<bool, RowError> {
-    match field {
-        "1" | "true" | "yes" => Ok(true),
-        "0" | "false" | "no" => Ok(false),
-        other => Err(RowError(format!("{name} is {other:?}, not 0/1"))),
+fn shown(field: &[u8]) -> String {
+    String::from_utf8_lossy(field).into_owned()
+}
+
+fn flag(field: &[u8], name: &str) -> Result<bool, RowError> {
+    match records::trim(field) {
+        b"1" | b"true" | b"yes" => Ok(true),
+        b"0" | b"false" | b"no" => Ok(false),
+        other => Err(RowError(format!("{name} is {:?}, not 0/1", shown(other)))),
     }
 }
 
-fn number(field: &str, name: &str, range: std::ops::RangeInclusive<f64>) -> Result<f64, RowError> {
-    let v: f64 = field
-        .trim()
-        .parse()
-        .map_err(|_| RowError(format!("{name} is {field:?}, not a number")))?;
+fn number(field: &[u8], name: &str, range: std::ops::RangeInclusive<f64>) -> Result<f64, RowError> {
+    let v = records::parse_f64(field)
+        .ok_or_else(|| RowError(format!("{name} is {:?}, not a number", shown(field))))?;
     if !range.contains(&v) {
         return Err(RowError(format!(
             "{name} {v} is outside {}..{}",
@@ -126,29 +131,38 @@ fn number(field: &str, name: &str, range: std::ops::RangeInclusive<f64>) -> Resu
 
 /// Parses one CSV row (without the header). Values outside the model's
 /// validated ranges are refused rather than extrapolated.
-pub fn parse_row(line: &str) -> Result<Patient, RowError> {
-    let fields: Vec<&str> = line.trim_end_matches(['\n', '\r']).split(',').collect();
-    if fields.len() != 9 {
-        return Err(RowError(format!("{} fields, expected 9", fields.len())));
+pub fn parse_row(line: &[u8]) -> Result<Patient<'_>, RowError> {
+    let mut fields = [&b""[..]; 9];
+    let mut count = 0;
+    for field in records::fields(line) {
+        if let Some(slot) = fields.get_mut(count) {
+            *slot = field;
+        }
+        count += 1;
     }
-    let id = fields[0].trim();
+    if count != 9 {
+        return Err(RowError(format!("{count} fields, expected 9")));
+    }
+    let [id, sex, values @ ..] = fields;
+    let (id, sex) = (records::trim(id), records::trim(sex));
     if id.is_empty() {
         return Err(RowError("empty patient_id".into()));
     }
+    let id = std::str::from_utf8(id).map_err(|_| RowError("patient_id is not UTF-8".into()))?;
     Ok(Patient {
-        id: id.to_owned(),
-        sex: match fields[1].trim() {
-            "F" | "f" => Sex::Female,
-            "M" | "m" => Sex::Male,
-            other => return Err(RowError(format!("sex is {other:?}, not F/M"))),
+        id,
+        sex: match sex {
+            b"F" | b"f" => Sex::Female,
+            b"M" | b"m" => Sex::Male,
+            other => return Err(RowError(format!("sex is {:?}, not F/M", shown(other)))),
         },
-        age: number(fields[2], "age", 30.0..=74.0)?,
-        total_cholesterol: number(fields[3], "total_cholesterol", 80.0..=500.0)?,
-        hdl: number(fields[4], "hdl", 10.0..=150.0)?,
-        systolic_bp: number(fields[5], "systolic_bp", 70.0..=260.0)?,
-        bp_treated: flag(fields[6].trim(), "bp_treated")?,
-        smoker: flag(fields[7].trim(), "smoker")?,
-        diabetes: flag(fields[8].trim(), "diabetes")?,
+        age: number(values[0], "age", 30.0..=74.0)?,
+        total_cholesterol: number(values[1], "total_cholesterol", 80.0..=500.0)?,
+        hdl: number(values[2], "hdl", 10.0..=150.0)?,
+        systolic_bp: number(values[3], "systolic_bp", 70.0..=260.0)?,
+        bp_treated: flag(values[4], "bp_treated")?,
+        smoker: flag(values[5], "smoker")?,
+        diabetes: flag(values[6], "diabetes")?,
     })
 }
 
@@ -200,24 +214,58 @@ impl Summary {
     }
 }
 
-/// Scores one CSV line: `Some(output row)` for a patient, `None` for the header
-/// or a blank line; malformed rows are counted, not fatal.
-pub fn score_line(line: &str, summary: &mut Summary) -> Option<String> {
-    let trimmed = line.trim_end_matches(['\n', '\r']);
-    if trimmed.is_empty() || trimmed == CSV_HEADER {
-        return None;
+/// The header of the scores the scorer writes.
+pub const OUTPUT_HEADER: &[u8] = b"patient_id,risk_10y\n";
+
+/// Scores one CSV line, appending `id,risk\n` (risk with 6 decimals) to `out`
+/// for a patient; the header and blank lines are skipped, malformed rows
+/// counted, not fatal. Returns whether a row was written.
+pub fn score_record(line: &[u8], summary: &mut Summary, out: &mut Vec<u8>) -> bool {
+    let content = records::line_content(line);
+    if content.is_empty() || content == CSV_HEADER.as_bytes() {
+        return false;
     }
-    match parse_row(trimmed) {
+    match parse_row(content) {
         Ok(p) => {
             let r = risk(&p);
             summary.add(r);
-            Some(format!("{},{:.6}\n", p.id, r))
+            out.extend_from_slice(p.id.as_bytes());
+            out.push(b',');
+            records::push_fixed(out, r, 6);
+            out.push(b'\n');
+            true
         }
         Err(_) => {
             summary.malformed += 1;
-            None
+            false
         }
     }
+}
+
+/// [`score_record`] for a line of text: `Some(output row)` for a patient.
+pub fn score_line(line: &str, summary: &mut Summary) -> Option<String> {
+    let mut out = Vec::new();
+    score_record(line.as_bytes(), summary, &mut out)
+        .then(|| String::from_utf8(out).expect("ids are UTF-8 and the rest ASCII"))
+}
+
+/// Scores every record of a sealed file into a sealed output ([`OUTPUT_HEADER`],
+/// then one row per patient): the loop that the enclave workload and the
+/// native baseline both run.
+pub fn score_sealed<W: std::io::Write>(
+    reader: &mut Reader<'_, impl std::io::Read>,
+    writer: &mut Writer<'_, W>,
+    summary: &mut Summary,
+) -> Result<(), SealedError> {
+    writer.write_record(OUTPUT_HEADER)?;
+    let mut row = Vec::with_capacity(64);
+    reader.for_each_line(|line| {
+        row.clear();
+        if score_record(line, summary, &mut row) {
+            writer.write_record(&row)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -234,9 +282,9 @@ mod tests {
         treated: bool,
         smoker: bool,
         diabetes: bool,
-    ) -> Patient {
+    ) -> Patient<'static> {
         Patient {
-            id: "x".into(),
+            id: "x",
             sex,
             age,
             total_cholesterol: tc,

@@ -16,7 +16,7 @@
 
 use cloister_guest::sealed;
 use cloister_guest::{Error, Handler};
-use phi_model::{Summary, score_line};
+use phi_model::{Summary, score_sealed};
 
 struct Scorer;
 
@@ -30,18 +30,7 @@ impl Handler for Scorer {
         let mut summary = Summary::default();
         let sealed_output =
             cloister_guest::seal_with_new_key(&output_key, output_context, |writer| {
-                writer.write_record(b"patient_id,risk_10y\n")?;
-                reader.for_each_line(|line| {
-                    let Ok(text) = std::str::from_utf8(line) else {
-                        summary.malformed += 1;
-                        return Ok(());
-                    };
-                    match score_line(text, &mut summary) {
-                        Some(row) => writer.write_record(row.as_bytes()),
-                        None => Ok(()),
-                    }
-                })?;
-                Ok(())
+                Ok(score_sealed(&mut reader, writer, &mut summary)?)
             })?;
         let mut response = summary.to_json().into_bytes();
         response.push(b'\n');

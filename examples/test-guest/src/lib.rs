@@ -75,6 +75,20 @@ impl Handler for TestGuest {
                 keys::forget(key);
                 Ok(format!("{}|{}", hex(&sealed), String::from_utf8_lossy(&opened)).into_bytes())
             }
+            // The benchmark's key release: N attested decrypts of one blob
+            // (hex), each timed in the guest (microseconds, comma-separated).
+            "kms-decrypt-timed" => {
+                let (n, blob) = arg.split_once(';').unwrap_or(("1", arg));
+                let blob = unhex(blob)?;
+                let mut times = Vec::new();
+                for _ in 0..n.parse::<u32>().unwrap_or(1) {
+                    let t = std::time::Instant::now();
+                    let key = kms::decrypt(&blob, &[])?;
+                    times.push(t.elapsed().as_micros().to_string());
+                    keys::forget(key);
+                }
+                Ok(times.join(",").into_bytes())
+            }
             "kms-gdk" => {
                 let dk = kms::generate_data_key(arg, &[])?;
                 Ok(format!("{}|{}", dk.key_id, hex(&dk.ciphertext_blob)).into_bytes())
