@@ -130,6 +130,19 @@ fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_ne
             }
         }
     }
+
+    // The runtime keeps its broker connection between KMS calls and calls: one
+    // more call (three attested releases) opens none. When the connection is
+    // cut while idle (a proxy or broker closing it), the next call still
+    // succeeds, on exactly one new connection.
+    let model = MODELS[0];
+    let sealed_model = w.h.path(&format!("{model}.sealed"));
+    let before = w.relay.accepted();
+    assert_eq!(w.score(model, &sealed_model, &records).0["scored"], 143);
+    assert_eq!(w.relay.accepted(), before, "a call opened a new connection");
+    w.relay.cut();
+    assert_eq!(w.score(model, &sealed_model, &records).0["scored"], 143);
+    assert_eq!(w.relay.accepted(), before + 1);
 }
 
 #[test]

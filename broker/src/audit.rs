@@ -5,15 +5,20 @@
 //! previous line's bytes (64 zeros for the first). Checkpoint lines carry an
 //! Ed25519 signature by the broker's key over
 //! `"cloister-audit-checkpoint-v1\0" || seq (u64 BE) || prev (32 bytes)`.
-//! After each fsync the writer records the head (seq and hash of the last line,
-//! signed by the broker) in one of two fixed slots of a head file beside the log,
-//! so that truncation — which a hash chain alone cannot see — is detected too.
+//! The writer records the head (seq and hash of a line already on disk, signed
+//! by the broker) in one of two fixed slots of a head file beside the log, so
+//! that truncation — which a hash chain alone cannot see — is detected too.
 //! A log with records but no head is refused. A newest slot torn by a crash falls
-//! back to the previous one, so at most the last group-committed batch relies on
-//! the checkpoints alone.
+//! back to the previous one.
 //!
 //! Writes are group-committed: one writer thread takes every record waiting,
-//! writes them, fsyncs once and then answers all their requests.
+//! writes them, fsyncs once and then answers all their requests. The head it
+//! writes with a batch is the previous batch's end, which that batch's fsync
+//! made durable, so the two fdatasyncs (log and head) run at once and a request
+//! waits for one fsync's time, never for two in a row; when no batch follows
+//! within [`HEAD_IDLE`] (and at shutdown) the head catches up with the log's
+//! end. So a head never names a line that a crash could lose, and at most the
+//! last batch (or the last `HEAD_IDLE`) relies on the checkpoints alone.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -28,6 +33,8 @@ use sha2::{Digest, Sha256};
 use crate::error::{self, KmsError};
 
 const CHECKPOINT_LABEL: &[u8] = b"cloister-audit-checkpoint-v1\0";
+/// How long the head may lag the log's end while no batch is written.
+pub const HEAD_IDLE: std::time::Duration = std::time::Duration::from_millis(20);
 const HEAD_LABEL: &[u8] = b"cloister-audit-head-v1\0";
 const CHECKPOINT_EVERY: u64 = 1000;
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -109,6 +116,8 @@ struct Writer {
     signing_key: SigningKey,
     head_path: std::path::PathBuf,
     head_writes: u64,
+    /// The seq the head file names (0: none written by this run).
+    head_seq: u64,
     failed: Option<String>,
 }
 
@@ -171,11 +180,13 @@ impl AuditLog {
             signing_key,
             head_path: head_path.to_path_buf(),
             head_writes: 0,
+            head_seq: 0,
             failed: None,
         };
         let note = (discarded > 0)
             .then(|| format!("discarded {discarded} bytes of an unacknowledged partial line"));
         writer.write_batch(vec![writer.system_line("startup", note)])?;
+        writer.catch_up_head()?;
         let (jobs, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("cloister-audit".into())
@@ -235,7 +246,18 @@ impl Writer {
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match rx.recv_timeout(HEAD_IDLE) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.catch_up_head();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = self.catch_up_head();
+                    return;
+                }
+            };
             let mut jobs = vec![first];
             while let Ok(more) = rx.try_recv() {
                 jobs.push(more);
@@ -247,7 +269,11 @@ impl Writer {
                 .into_iter()
                 .map(|Job::Append(line, done)| (line, done))
                 .unzip();
-            let result = self.write_batch(lines);
+            let shutdown = lines.iter().any(|l| l.kind == "shutdown");
+            let mut result = self.write_batch(lines);
+            if shutdown && let Err(e) = self.catch_up_head() {
+                result = Err(e);
+            }
             for (i, done) in waiters.into_iter().enumerate() {
                 let _ = done.send(result.clone().map(|first| first + i as u64));
             }
@@ -271,28 +297,69 @@ impl Writer {
 
     fn try_write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError> {
         let io = |e: std::io::Error| error::internal(format!("audit log: {e}"));
+        // The head that this batch writes: the end of what is already on disk.
+        let durable = (self.next_seq - 1, self.prev.clone());
         let mut out = Vec::new();
         let mut first_seq = None;
-        let mut seqs = Vec::new();
         for mut line in lines {
             let signed = line.kind != "request";
             self.stamp(&mut line, signed, &mut out)?;
             first_seq.get_or_insert(line.seq);
-            seqs.push(line.seq);
             if line.seq % CHECKPOINT_EVERY == 0 {
                 let mut cp = self.system_line("checkpoint", None);
                 self.stamp(&mut cp, true, &mut out)?;
             }
         }
         self.file.write_all(&out).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
-        let head_seq = self.next_seq - 1;
+        if durable.0 > self.head_seq {
+            // Both fdatasyncs at once: the head names only lines synced before.
+            let slot = self.head_slot(durable.0, &durable.1)?;
+            let index = self.head_writes % 2;
+            self.head_writes += 1;
+            let (log, head) = std::thread::scope(|scope| {
+                let head = scope.spawn(|| self.write_head_slot(&slot, index));
+                (self.file.sync_data(), head.join())
+            });
+            log.map_err(io)?;
+            head.map_err(|_| error::internal("the audit head writer panicked"))??;
+            self.head_seq = durable.0;
+        } else {
+            self.file.sync_data().map_err(io)?;
+        }
+        Ok(first_seq.unwrap_or(self.next_seq))
+    }
+
+    /// Records the log's end (all of it on disk) as the head, if it is not yet.
+    fn catch_up_head(&mut self) -> Result<(), KmsError> {
+        let end = self.next_seq - 1;
+        if end == 0 || end <= self.head_seq || self.failed.is_some() {
+            return Ok(());
+        }
+        let index = self.head_writes % 2;
+        self.head_writes += 1;
+        let result = self
+            .head_slot(end, &self.prev)
+            .and_then(|slot| self.write_head_slot(&slot, index));
+        match result {
+            Ok(()) => {
+                self.head_seq = end;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = Some(e.message.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// A head slot naming line `seq` whose hash is `hash`, signed.
+    fn head_slot(&self, seq: u64, hash: &str) -> Result<Vec<u8>, KmsError> {
         let sig = self
             .signing_key
-            .sign(&signed_message(HEAD_LABEL, head_seq, &self.prev));
+            .sign(&signed_message(HEAD_LABEL, seq, hash));
         let head = Head {
-            seq: head_seq,
-            hash: self.prev.clone(),
+            seq,
+            hash: hash.to_owned(),
             signature: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
         };
         let mut slot = serde_json::to_vec(&head).map_err(|e| error::internal(e.to_string()))?;
@@ -301,11 +368,14 @@ impl Writer {
         }
         slot.resize(HEAD_SLOT - 1, b' ');
         slot.push(b'\n');
-        // Two slots, written alternately in place with one fdatasync: a write torn
-        // by a crash spoils only the slot being written, and the other still holds
-        // the previous batch's head (which the log contains).
-        let slot_index = self.head_writes % 2;
-        self.head_writes += 1;
+        Ok(slot)
+    }
+
+    /// Two slots, written alternately in place with one fdatasync: a write torn
+    /// by a crash spoils only the slot being written, and the other still holds
+    /// the previous head (which the log contains). The file is opened each time,
+    /// so that a head file replaced behind the broker's back fails the write.
+    fn write_head_slot(&self, slot: &[u8], slot_index: u64) -> Result<(), KmsError> {
         use std::os::unix::fs::FileExt;
         OpenOptions::new()
             .create(true)
@@ -313,11 +383,10 @@ impl Writer {
             .write(true)
             .open(&self.head_path)
             .and_then(|f| {
-                f.write_all_at(&slot, slot_index * HEAD_SLOT as u64)?;
+                f.write_all_at(slot, slot_index * HEAD_SLOT as u64)?;
                 f.sync_data()
             })
-            .map_err(|e| error::internal(format!("cannot record the audit head: {e}")))?;
-        Ok(first_seq.unwrap_or(self.next_seq))
+            .map_err(|e| error::internal(format!("cannot record the audit head: {e}")))
     }
 
     fn stamp(&mut self, line: &mut Line, signed: bool, out: &mut Vec<u8>) -> Result<(), KmsError> {
@@ -723,6 +792,30 @@ mod tests {
     }
 
     #[test]
+    fn the_head_never_names_a_line_not_on_disk_and_catches_up_when_idle() {
+        let f = Fixture::new();
+        let log = f.open().unwrap();
+        let head = || {
+            recorded_head(&f.head(), &f.key.verifying_key())
+                .unwrap()
+                .unwrap()
+                .0 as usize
+        };
+        for i in 0..5 {
+            log.record(record(i)).unwrap();
+            assert!(head() <= f.lines().len(), "{} > {}", head(), f.lines().len());
+        }
+        std::thread::sleep(HEAD_IDLE * 10);
+        assert_eq!(head(), 6, "startup and 5 records");
+        // With the head caught up, cutting the last record is found, even
+        // without a shutdown checkpoint after it.
+        let lines = f.lines();
+        f.write_lines(&lines[..lines.len() - 1]);
+        let err = f.open().err().unwrap();
+        assert!(err.message.contains("truncated or edited"), "{err}");
+    }
+
+    #[test]
     fn a_missing_head_is_refused() {
         let f = filled(2);
         std::fs::remove_file(f.head()).unwrap();
@@ -764,11 +857,15 @@ mod tests {
     fn when_the_log_cannot_be_written_requests_fail() {
         let f = Fixture::new();
         let log = f.open().unwrap();
-        // Make the head unrecordable: the next batch fails and so does every later one.
+        // Make the head unrecordable: the head's next write fails (with the next
+        // batch, or when the writer catches up while idle), and so does every
+        // request after it.
         std::fs::remove_file(f.head()).unwrap();
         std::fs::create_dir(f.head()).unwrap();
-        assert!(log.record(record(0)).is_err());
-        let err = log.record(record(1)).unwrap_err();
+        let _ = log.record(record(0));
+        std::thread::sleep(HEAD_IDLE * 5);
+        assert!(log.record(record(1)).is_err());
+        let err = log.record(record(2)).unwrap_err();
         assert!(
             err.message.contains("nothing is served until restart"),
             "{err}"

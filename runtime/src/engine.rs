@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 
 use cloister_attestation::pcr::{self, Pcr};
 use cloister_image::Image;
-use cloister_kms_api::client::{Credentials, KmsClient};
+use cloister_kms_api::client::{ClientError, Credentials, KmsClient};
 use cloister_kms_api::protocol::{Operation, Output, Recipient};
 use cloister_kms_api::recipient::{self, RecipientKey};
 use cloister_kms_api::tls::ClientTls;
@@ -207,8 +207,15 @@ struct Shared {
     console: Option<Mutex<std::fs::File>>,
     /// Why KMS calls cannot be made, or how they are made.
     kms: Result<BrokerRoute, String>,
+    /// Connections to the broker (through the parent's proxy) that answered
+    /// their last request, kept for the next KMS call: at most
+    /// [`IDLE_BROKER_CONNECTIONS`]; a connection that failed is never kept.
+    idle_connections: Mutex<Vec<KmsClient>>,
     config: BTreeMap<String, String>,
 }
+
+/// Broker connections an enclave keeps open between KMS calls.
+const IDLE_BROKER_CONNECTIONS: usize = 4;
 
 /// What one call may use. Linear memory is counted over all of the call's
 /// memories together (a component has several), not per memory; table
@@ -425,19 +432,7 @@ impl Shared {
             key_encryption_algorithm: recipient::ALGORITHM.into(),
             attestation_document: document,
         });
-        let credentials = Credentials {
-            principal: route.principal.clone(),
-            key: route.key.clone(),
-        };
-        let (request_id, output) = async {
-            KmsClient::connect(&route.proxy, route.tls.as_ref(), credentials)
-                .await?
-                .pin_broker_key(route.broker_key)
-                .call_identified(op)
-                .await
-        }
-        .await
-        .map_err(from_code)?;
+        let (request_id, output) = self.broker_call(route, op).await.map_err(from_code)?;
         let (key_arn, cfr) = match &output {
             Output::Plaintext {
                 key_id,
@@ -467,6 +462,50 @@ impl Shared {
             .open(&cfr.ciphertext, &info, &aad)
             .map_err(from_code)?;
         Ok(Released { output, secret })
+    }
+}
+
+impl Shared {
+    /// Sends `op` on an idle connection to the broker, or a new one. A kept
+    /// connection that fails before it answers (the broker or the proxy closed
+    /// it while idle) is dropped and the request sent once more, freshly
+    /// signed, on a new connection; a new connection's failure is the call's.
+    async fn broker_call(
+        &self,
+        route: &BrokerRoute,
+        op: Operation,
+    ) -> Result<(String, Output), ClientError> {
+        let idle = self.idle_connections.lock().ok().and_then(|mut c| c.pop());
+        let (mut client, retry) = match idle {
+            Some(client) => (client, Some(op.clone())),
+            None => (self.connect_broker(route).await?, None),
+        };
+        let result = match (client.call_identified(op).await, retry) {
+            (Err(ClientError::Closed | ClientError::Transport(_) | ClientError::Frame(_)), Some(op)) => {
+                client = self.connect_broker(route).await?;
+                client.call_identified(op).await
+            }
+            (result, _) => result,
+        };
+        if result.is_ok()
+            && let Ok(mut idle) = self.idle_connections.lock()
+            && idle.len() < IDLE_BROKER_CONNECTIONS
+        {
+            idle.push(client);
+        }
+        result
+    }
+
+    async fn connect_broker(&self, route: &BrokerRoute) -> Result<KmsClient, ClientError> {
+        let credentials = Credentials {
+            principal: route.principal.clone(),
+            key: route.key.clone(),
+        };
+        Ok(
+            KmsClient::connect(&route.proxy, route.tls.as_ref(), credentials)
+                .await?
+                .pin_broker_key(route.broker_key),
+        )
     }
 }
 
@@ -751,6 +790,7 @@ impl Enclave {
                 debug: config.debug,
                 console: config.console.map(Mutex::new),
                 kms: broker_route(&config.image, config.kms),
+                idle_connections: Mutex::new(Vec::new()),
                 config: manifest.config.clone(),
             }),
         })

@@ -33,6 +33,8 @@ pub struct World {
     pub broker: Broker,
     pub relay_sock: PathBuf,
     pub captured: Arc<Mutex<Vec<u8>>>,
+    /// The connections the enclaves made to the broker through the relay.
+    pub relay: Arc<super::RelayConnections>,
 }
 
 impl World {
@@ -41,7 +43,7 @@ impl World {
         let broker = Broker::start(&h);
         let captured = Arc::new(Mutex::new(Vec::new()));
         let relay_sock = h.path("relay.sock");
-        super::capturing_relay(
+        let relay = super::capturing_relay(
             relay_sock.clone(),
             broker.proxy_sock.clone(),
             captured.clone(),
@@ -55,6 +57,7 @@ impl World {
             broker,
             relay_sock,
             captured,
+            relay,
         }
     }
 

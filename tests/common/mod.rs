@@ -512,17 +512,31 @@ pub fn run_enclave_args(
 
 /// A relay the test controls, between the enclave and `cloister proxy`: it keeps
 /// every byte that crosses the parent side in either direction.
-pub fn capturing_relay(listen: PathBuf, to: PathBuf, captured: Arc<Mutex<Vec<u8>>>) {
+pub fn capturing_relay(
+    listen: PathBuf,
+    to: PathBuf,
+    captured: Arc<Mutex<Vec<u8>>>,
+) -> Arc<RelayConnections> {
     let listener = std::os::unix::net::UnixListener::bind(&listen).unwrap();
     // Enclave runtimes run as uids of their own: any uid may connect.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&listen, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let connections = Arc::new(RelayConnections::default());
+    let control = connections.clone();
     std::thread::spawn(move || {
         for inbound in listener.incoming() {
             let Ok(inbound) = inbound else { continue };
             let Ok(outbound) = std::os::unix::net::UnixStream::connect(&to) else {
                 continue;
             };
+            control
+                .accepted
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            control
+                .open
+                .lock()
+                .unwrap()
+                .push(inbound.try_clone().unwrap());
             for (mut from, mut into) in [
                 (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
                 (outbound, inbound),
@@ -541,4 +555,25 @@ pub fn capturing_relay(listen: PathBuf, to: PathBuf, captured: Arc<Mutex<Vec<u8>
             }
         }
     });
+    connections
+}
+
+/// The connections a [`capturing_relay`] accepted, and a way to cut them.
+#[derive(Default)]
+pub struct RelayConnections {
+    pub accepted: std::sync::atomic::AtomicUsize,
+    open: Mutex<Vec<std::os::unix::net::UnixStream>>,
+}
+
+impl RelayConnections {
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Closes every connection relayed so far, as a proxy or broker that drops
+    /// idle connections would.
+    pub fn cut(&self) {
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
