@@ -81,7 +81,26 @@ pub struct Line {
 }
 
 enum Job {
-    Append(Line, mpsc::SyncSender<Result<u64, KmsError>>),
+    Append(Line, Reply),
+}
+
+/// Where the writer answers: a thread waiting, or a task awaiting.
+enum Reply {
+    Blocking(mpsc::SyncSender<Result<u64, KmsError>>),
+    Async(tokio::sync::oneshot::Sender<Result<u64, KmsError>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<u64, KmsError>) {
+        match self {
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
 }
 
 /// The writer's handle. Cloning is cheap; all clones feed one writer thread.
@@ -114,7 +133,7 @@ struct Writer {
     next_seq: u64,
     prev: String,
     signing_key: SigningKey,
-    head_path: std::path::PathBuf,
+    head_writer: HeadWriter,
     head_writes: u64,
     /// The seq the head file names (0: none written by this run).
     head_seq: u64,
@@ -178,7 +197,7 @@ impl AuditLog {
             next_seq,
             prev,
             signing_key,
-            head_path: head_path.to_path_buf(),
+            head_writer: HeadWriter::spawn(head_path.to_path_buf())?,
             head_writes: 0,
             head_seq: 0,
             failed: None,
@@ -197,7 +216,28 @@ impl AuditLog {
 
     /// Appends a request record and returns once it is on disk.
     pub fn record(&self, request: RequestRecord) -> Result<u64, KmsError> {
-        let line = Line {
+        self.append(Self::request_line(request))
+    }
+
+    /// As [`AuditLog::record`], for a task: resolves once the record is on disk.
+    /// The record is queued when this is called, whether or not it is awaited.
+    pub fn record_async(
+        &self,
+        request: RequestRecord,
+    ) -> impl std::future::Future<Output = Result<u64, KmsError>> + use<> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = self
+            .jobs
+            .send(Job::Append(Self::request_line(request), Reply::Async(tx)));
+        async move {
+            queued.map_err(|_| error::internal("the audit writer has stopped"))?;
+            rx.await
+                .map_err(|_| error::internal("the audit writer has stopped"))?
+        }
+    }
+
+    fn request_line(request: RequestRecord) -> Line {
+        Line {
             seq: 0,
             kind: "request".into(),
             time: now_rfc3339(),
@@ -205,8 +245,7 @@ impl AuditLog {
             note: None,
             signature: None,
             prev: String::new(),
-        };
-        self.append(line)
+        }
     }
 
     /// Writes a signed shutdown checkpoint.
@@ -225,7 +264,7 @@ impl AuditLog {
     fn append(&self, line: Line) -> Result<u64, KmsError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
-            .send(Job::Append(line, tx))
+            .send(Job::Append(line, Reply::Blocking(tx)))
             .map_err(|_| error::internal("the audit writer has stopped"))?;
         rx.recv()
             .map_err(|_| error::internal("the audit writer has stopped"))?
@@ -275,7 +314,7 @@ impl Writer {
                 result = Err(e);
             }
             for (i, done) in waiters.into_iter().enumerate() {
-                let _ = done.send(result.clone().map(|first| first + i as u64));
+                done.send(result.clone().map(|first| first + i as u64));
             }
         }
     }
@@ -316,12 +355,11 @@ impl Writer {
             let slot = self.head_slot(durable.0, &durable.1)?;
             let index = self.head_writes % 2;
             self.head_writes += 1;
-            let (log, head) = std::thread::scope(|scope| {
-                let head = scope.spawn(|| self.write_head_slot(&slot, index));
-                (self.file.sync_data(), head.join())
-            });
+            self.head_writer.start(slot, index)?;
+            let log = self.file.sync_data();
+            let head = self.head_writer.finish();
             log.map_err(io)?;
-            head.map_err(|_| error::internal("the audit head writer panicked"))??;
+            head?;
             self.head_seq = durable.0;
         } else {
             self.file.sync_data().map_err(io)?;
@@ -337,9 +375,10 @@ impl Writer {
         }
         let index = self.head_writes % 2;
         self.head_writes += 1;
-        let result = self
-            .head_slot(end, &self.prev)
-            .and_then(|slot| self.write_head_slot(&slot, index));
+        let result = self.head_slot(end, &self.prev).and_then(|slot| {
+            self.head_writer.start(slot, index)?;
+            self.head_writer.finish()
+        });
         match result {
             Ok(()) => {
                 self.head_seq = end;
@@ -371,24 +410,6 @@ impl Writer {
         Ok(slot)
     }
 
-    /// Two slots, written alternately in place with one fdatasync: a write torn
-    /// by a crash spoils only the slot being written, and the other still holds
-    /// the previous head (which the log contains). The file is opened each time,
-    /// so that a head file replaced behind the broker's back fails the write.
-    fn write_head_slot(&self, slot: &[u8], slot_index: u64) -> Result<(), KmsError> {
-        use std::os::unix::fs::FileExt;
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.head_path)
-            .and_then(|f| {
-                f.write_all_at(slot, slot_index * HEAD_SLOT as u64)?;
-                f.sync_data()
-            })
-            .map_err(|e| error::internal(format!("cannot record the audit head: {e}")))
-    }
-
     fn stamp(&mut self, line: &mut Line, signed: bool, out: &mut Vec<u8>) -> Result<(), KmsError> {
         line.seq = self.next_seq;
         line.prev = self.prev.clone();
@@ -406,6 +427,64 @@ impl Writer {
         out.push(b'\n');
         Ok(())
     }
+}
+
+/// A thread of the writer's that writes head slots, so that the head's
+/// fdatasync runs while the writer syncs the log.
+struct HeadWriter {
+    requests: mpsc::Sender<(Vec<u8>, u64)>,
+    results: mpsc::Receiver<Result<(), KmsError>>,
+}
+
+impl HeadWriter {
+    fn spawn(head_path: std::path::PathBuf) -> Result<HeadWriter, KmsError> {
+        let (requests, work) = mpsc::channel::<(Vec<u8>, u64)>();
+        let (done, results) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("cloister-audit-head".into())
+            .spawn(move || {
+                for (slot, index) in work {
+                    if done
+                        .send(write_head_slot(&head_path, &slot, index))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| error::internal(format!("cannot start the audit head writer: {e}")))?;
+        Ok(HeadWriter { requests, results })
+    }
+
+    fn start(&self, slot: Vec<u8>, index: u64) -> Result<(), KmsError> {
+        self.requests
+            .send((slot, index))
+            .map_err(|_| error::internal("the audit head writer has stopped"))
+    }
+
+    fn finish(&self) -> Result<(), KmsError> {
+        self.results
+            .recv()
+            .map_err(|_| error::internal("the audit head writer has stopped"))?
+    }
+}
+
+/// Two slots, written alternately in place with one fdatasync: a write torn
+/// by a crash spoils only the slot being written, and the other still holds
+/// the previous head (which the log contains). The file is opened each time,
+/// so that a head file replaced behind the broker's back fails the write.
+fn write_head_slot(head_path: &Path, slot: &[u8], slot_index: u64) -> Result<(), KmsError> {
+    use std::os::unix::fs::FileExt;
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(head_path)
+        .and_then(|f| {
+            f.write_all_at(slot, slot_index * HEAD_SLOT as u64)?;
+            f.sync_data()
+        })
+        .map_err(|e| error::internal(format!("cannot record the audit head: {e}")))
 }
 
 /// Bytes per head slot; the head file holds two.
@@ -803,7 +882,12 @@ mod tests {
         };
         for i in 0..5 {
             log.record(record(i)).unwrap();
-            assert!(head() <= f.lines().len(), "{} > {}", head(), f.lines().len());
+            assert!(
+                head() <= f.lines().len(),
+                "{} > {}",
+                head(),
+                f.lines().len()
+            );
         }
         std::thread::sleep(HEAD_IDLE * 10);
         assert_eq!(head(), 6, "startup and 5 records");

@@ -14,7 +14,7 @@ use cloister_proto::{Listener, Stream};
 
 use crate::error::{self, KmsError};
 use crate::protocol::{MAX_MESSAGE, Response};
-use crate::service::{Broker, now_ms};
+use crate::service::{Broker, Prepared, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
@@ -170,19 +170,41 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         };
-        let b = broker.clone();
-        let response = match tokio::task::spawn_blocking(move || {
-            let response = b.handle(&request);
-            b.sign(&response)
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => broker.sign(&Response {
+        // Operations that change nothing stored run on this task (no thread
+        // hand-off) and await their audit record; the rest, whose keystore
+        // transactions block on the audit writer, run where blocking is allowed.
+        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            broker.prepare(&request, true)
+        }))
+        .unwrap_or_else(|_| {
+            Some(Prepared::Done(Response {
                 request_id: String::new(),
                 request_digest: Vec::new(),
-                result: Err(error::internal(format!("request handler failed: {e}"))),
-            }),
+                result: Err(error::internal("request handler failed")),
+            }))
+        });
+        let response = match prepared {
+            Some(Prepared::Done(response)) => broker.sign(&response),
+            Some(Prepared::Audit { record, response }) => {
+                let audited = broker.audit().record_async(record).await;
+                broker.sign(&Prepared::finish(audited, response))
+            }
+            None => {
+                let b = broker.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let response = b.handle(&request);
+                    b.sign(&response)
+                })
+                .await
+                {
+                    Ok(r) => r,
+                    Err(e) => broker.sign(&Response {
+                        request_id: String::new(),
+                        request_digest: Vec::new(),
+                        result: Err(error::internal(format!("request handler failed: {e}"))),
+                    }),
+                }
+            }
         };
         if frame::send(&mut stream, &response, MAX_MESSAGE)
             .await

@@ -321,11 +321,37 @@ impl Broker {
     /// record is on disk before this returns; if it cannot be written, the
     /// response is an error and carries no result.
     pub fn handle(&self, frame: &[u8]) -> Response {
+        match self.prepare_decoded(frame, decode(frame)) {
+            Prepared::Done(response) => response,
+            Prepared::Audit { record, response } => {
+                Prepared::finish(self.audit.record(record), response)
+            }
+        }
+    }
+
+    /// Handles a request up to its audit record. With `inline_only`, only
+    /// operations that change nothing stored (Decrypt, Encrypt, GenerateDataKey,
+    /// reads...) and malformed requests are handled, so that the caller never
+    /// blocks on a keystore transaction (which audits inside itself); for the
+    /// rest it returns `None` and the caller uses [`Broker::handle`] where
+    /// blocking is allowed.
+    pub fn prepare(&self, frame: &[u8], inline_only: bool) -> Option<Prepared> {
+        let decoded = decode(frame);
+        if inline_only
+            && let Ok((_, payload)) = &decoded
+            && !changes_nothing_stored(&payload.operation)
+        {
+            return None;
+        }
+        Some(self.prepare_decoded(frame, decoded))
+    }
+
+    fn prepare_decoded(
+        &self,
+        frame: &[u8],
+        decoded: Result<(SignedRequest, RequestPayload), cloister_proto::FrameError>,
+    ) -> Prepared {
         let now = now_ms();
-        let decoded = cloister_proto::frame::decode::<SignedRequest>(frame).and_then(|signed| {
-            let payload = cloister_proto::frame::decode::<RequestPayload>(&signed.payload)?;
-            Ok((signed, payload))
-        });
         let (signed, payload) = match decoded {
             Ok(d) => d,
             Err(e) => {
@@ -341,14 +367,13 @@ impl Broker {
                     recipient_pcr0: None,
                     recipient_module_id: None,
                 };
-                let result = match self.audit.record(record) {
-                    Ok(_) => Err(err),
-                    Err(audit_err) => Err(audit_err),
-                };
-                return Response {
-                    request_id: String::new(),
-                    request_digest,
-                    result,
+                return Prepared::Audit {
+                    record,
+                    response: Response {
+                        request_id: String::new(),
+                        request_digest,
+                        result: Err(err),
+                    },
                 };
             }
         };
@@ -384,11 +409,11 @@ impl Broker {
                             format!("the change recorded above was rolled back: {e}");
                         let _ = self.audit.record(correction);
                     }
-                    return Response {
+                    return Prepared::Done(Response {
                         request_id: payload.request_id,
                         request_digest: request_digest(&signed.payload),
                         result: result.map(|(out, _)| out),
-                    };
+                    });
                 }
                 record = call.record;
                 result.map(|(out, reason)| {
@@ -415,14 +440,13 @@ impl Broker {
         if let Err(e) = &result {
             record.reason = e.to_string();
         }
-        let result = match self.audit.record(record) {
-            Ok(_) => result,
-            Err(audit_err) => Err(audit_err),
-        };
-        Response {
-            request_id: payload.request_id,
-            request_digest: request_digest(&signed.payload),
-            result,
+        Prepared::Audit {
+            record,
+            response: Response {
+                request_id: payload.request_id,
+                request_digest: request_digest(&signed.payload),
+                result,
+            },
         }
     }
 
@@ -1003,6 +1027,57 @@ impl Broker {
         }
         Ok(due.len())
     }
+}
+
+fn decode(frame: &[u8]) -> Result<(SignedRequest, RequestPayload), cloister_proto::FrameError> {
+    let signed = cloister_proto::frame::decode::<SignedRequest>(frame)?;
+    let payload = cloister_proto::frame::decode::<RequestPayload>(&signed.payload)?;
+    Ok((signed, payload))
+}
+
+/// A request handled up to its audit record.
+pub enum Prepared {
+    /// Audited already (inside a keystore transaction): send this.
+    Done(Response),
+    /// Send `response` only once `record` is on disk ([`Prepared::finish`]).
+    Audit {
+        record: RequestRecord,
+        response: Response,
+    },
+}
+
+impl Prepared {
+    /// The response to send after the audit record was written, or not: an
+    /// unwritten record turns the response into that error, without a result.
+    pub fn finish(audited: Result<u64, KmsError>, response: Response) -> Response {
+        match audited {
+            Ok(_) => response,
+            Err(e) => Response {
+                result: Err(e),
+                ..response
+            },
+        }
+    }
+}
+
+/// Operations that read the keystore and change nothing stored: their only
+/// write is the audit record after the fact, so they can run on a task that
+/// must not block. Anything not listed is handled where blocking is allowed.
+fn changes_nothing_stored(op: &Operation) -> bool {
+    matches!(
+        op,
+        Operation::Decrypt { .. }
+            | Operation::Encrypt { .. }
+            | Operation::ReEncrypt { .. }
+            | Operation::GenerateDataKey { .. }
+            | Operation::GenerateRandom { .. }
+            | Operation::DescribeKey { .. }
+            | Operation::ListKeys
+            | Operation::ListAliases
+            | Operation::GetKeyPolicy { .. }
+            | Operation::PrincipalList
+            | Operation::TrustList
+    )
 }
 
 fn verify_request(

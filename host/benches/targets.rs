@@ -127,7 +127,13 @@ impl Figure {
         );
         let ratio = self
             .ratio
-            .map(|r| format!("{:.0}% of {}", r * 100.0, number(self.baseline.unwrap_or(0.0))))
+            .map(|r| {
+                format!(
+                    "{:.0}% of {}",
+                    r * 100.0,
+                    number(self.baseline.unwrap_or(0.0))
+                )
+            })
             .unwrap_or_default();
         let met = match self.met {
             Some(true) => "met",
@@ -228,7 +234,10 @@ fn write_results(figures: &[Figure]) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
     let results = json!({
         "command": "cargo bench -p cloister-host --bench targets",
@@ -237,7 +246,11 @@ fn write_results(figures: &[Figure]) {
         "figures": all.into_values().collect::<Vec<_>>(),
     });
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap() + "\n").unwrap();
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&results).unwrap() + "\n",
+    )
+    .unwrap();
     println!("\nwrote {}", path.display());
 }
 
@@ -250,13 +263,24 @@ fn must(out: std::process::Output, what: &str) -> std::process::Output {
     out
 }
 
-/// Builds a binary of the host workspace in release (the bench's own profile).
+/// Builds a binary of the host workspace with the bench's own profile (in
+/// target/release; a `--release` build there would rebuild what the bench's
+/// build made, and the next bench build it again).
 fn release_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     must(
         Command::new(cargo)
-            .args(["build", "--release", "--locked", "-p", package, "--bin", bin])
+            .args([
+                "build",
+                "--profile",
+                "bench",
+                "--locked",
+                "-p",
+                package,
+                "--bin",
+                bin,
+            ])
             .current_dir(&root)
             .output()
             .unwrap(),
@@ -316,7 +340,9 @@ fn launch(w: &World, name: &str, image: &Path) {
 /// A data key from GenerateDataKey: (plaintext, ciphertext blob).
 fn data_key(w: &World, key_id: &str) -> (Vec<u8>, Vec<u8>) {
     use base64::Engine;
-    let out = w.broker.admin(&["kms", "generate-data-key", "--key-id", key_id]);
+    let out = w
+        .broker
+        .admin(&["kms", "generate-data-key", "--key-id", key_id]);
     let b64 = |k: &str| {
         base64::engine::general_purpose::STANDARD
             .decode(out[k].as_str().unwrap())
@@ -394,7 +420,10 @@ fn broker_client(spec: &Path) {
     let blob = hex::decode(field("blob")).unwrap();
     let key = cloister_attestation::keyfile::read_signing_key(Path::new(&field("key"))).unwrap();
     let address: cloister_proto::Address = field("address").parse().unwrap();
-    let (start, end) = (spec["start"].as_u64().unwrap(), spec["end"].as_u64().unwrap());
+    let (start, end) = (
+        spec["start"].as_u64().unwrap(),
+        spec["end"].as_u64().unwrap(),
+    );
     let now_ms = || {
         SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -538,8 +567,18 @@ fn broker() -> Vec<Figure> {
     let mut rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut floors = Vec::new();
     let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut crypto_us = Vec::new();
+    let broker_cpu_s = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.broker.pid())).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    };
     for _ in 0..runs {
-        let floor = cores() as f64 * 1e6 / crypto_per_request(&w, &blob);
+        let crypto = crypto_per_request(&w, &blob);
+        crypto_us.push(crypto);
+        let floor = cores() as f64 * 1e6 / crypto;
         floors.push(floor);
         for &clients in &levels {
             let now = SystemTime::now()
@@ -573,14 +612,24 @@ fn broker() -> Vec<Figure> {
                         .unwrap()
                 })
                 .collect();
+            let cpu_before = broker_cpu_s();
             let total: u64 = children
                 .into_iter()
                 .map(|c| {
                     let out = must(c.wait_with_output().unwrap(), "broker client");
-                    String::from_utf8(out.stdout).unwrap().trim().parse::<u64>().unwrap()
+                    String::from_utf8(out.stdout)
+                        .unwrap()
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap()
                 })
                 .sum();
             let rate = total as f64 / seconds as f64;
+            // The broker's CPU over the whole client run (set-up included), per
+            // request counted: an upper bound.
+            cpu.entry(clients)
+                .or_default()
+                .push((broker_cpu_s() - cpu_before) * 1e6 / total as f64);
             rates.entry(clients).or_default().push(rate);
             ratios.entry(clients).or_default().push(rate / floor);
         }
@@ -603,6 +652,15 @@ fn broker() -> Vec<Figure> {
             f = f.target(">= 80% of floor", ratio >= 0.8);
         }
         figures.push(f);
+    }
+    let (crypto, ..) = median_and_range(crypto_us);
+    for (clients, values) in cpu {
+        let (value, ..) = median_and_range(values.clone());
+        figures.push(
+            Figure::new(&format!("broker_cpu_per_request_{clients}_clients"), "us", &values)
+                .baseline(crypto, crypto / value)
+                .note("broker process CPU (user + system, /proc) per answered request; baseline = its crypto per request; ratio = crypto share"),
+        );
     }
     figures
 }
@@ -778,7 +836,13 @@ fn density() -> Vec<Figure> {
                     }
                     must(
                         common::cloister_env(
-                            &["run-enclave", "--image", s(&image), "--enclave-name", &format!("e{i}")],
+                            &[
+                                "run-enclave",
+                                "--image",
+                                s(&image),
+                                "--enclave-name",
+                                &format!("e{i}"),
+                            ],
                             &env,
                         ),
                         "run-enclave",
@@ -789,7 +853,10 @@ fn density() -> Vec<Figure> {
     });
     let launched = t.elapsed().as_secs_f64();
     for i in [0, n / 2, n - 1] {
-        assert_eq!(h.call_ok(&["--enclave-name", &format!("e{i}")], b"echo:ok"), b"ok");
+        assert_eq!(
+            h.call_ok(&["--enclave-name", &format!("e{i}")], b"echo:ok"),
+            b"ok"
+        );
     }
     std::thread::sleep(Duration::from_secs(1));
     let enclaves = h.ok(&["describe-enclaves"]);
@@ -817,7 +884,16 @@ fn inference() -> Vec<Figure> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     must(
         Command::new(cargo)
-            .args(["build", "--release", "--locked", "-p", "inference-engine", "--bin", "inference-native", "--manifest-path"])
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "inference-engine",
+                "--bin",
+                "inference-native",
+                "--manifest-path",
+            ])
             .arg(examples.join("Cargo.toml"))
             .env("CARGO_TARGET_DIR", examples.join("target"))
             .output()
@@ -870,14 +946,21 @@ fn inference() -> Vec<Figure> {
         let run_native = || {
             let t = Instant::now();
             must(
-                Command::new(&native).arg("score").args([&onnx, &csv]).output().unwrap(),
+                Command::new(&native)
+                    .arg("score")
+                    .args([&onnx, &csv])
+                    .output()
+                    .unwrap(),
                 "inference-native score",
             );
             t.elapsed()
         };
         let run_enclave = || {
             let t = Instant::now();
-            let out = must(w.call(model, &sealed_model, &records), "cloister call --part");
+            let out = must(
+                w.call(model, &sealed_model, &records),
+                "cloister call --part",
+            );
             let summary = out.stdout.split(|b| *b == b'\n').next().unwrap_or_default();
             let summary: Value = serde_json::from_slice(summary).unwrap();
             assert_eq!(summary["scored"], rows, "the enclave scored every record");

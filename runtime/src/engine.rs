@@ -481,7 +481,10 @@ impl Shared {
             None => (self.connect_broker(route).await?, None),
         };
         let result = match (client.call_identified(op).await, retry) {
-            (Err(ClientError::Closed | ClientError::Transport(_) | ClientError::Frame(_)), Some(op)) => {
+            (
+                Err(ClientError::Closed | ClientError::Transport(_) | ClientError::Frame(_)),
+                Some(op),
+            ) => {
                 client = self.connect_broker(route).await?;
                 client.call_identified(op).await
             }

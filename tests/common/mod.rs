@@ -213,10 +213,11 @@ pub fn runtime_binary() {
             "--bin",
             "cloister-runtime",
         ]);
-        // The benchmark runs a release `cloister`, whose supervisor starts the
-        // runtime beside it.
+        // The benchmark runs a `cloister` of the bench profile (in
+        // target/release), whose supervisor starts the runtime beside it; the
+        // same profile, so that the two builds do not replace each other's.
         if !cfg!(debug_assertions) {
-            build.arg("--release");
+            build.args(["--profile", "bench"]);
         }
         let out = build
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -402,6 +403,11 @@ impl Broker {
             "host",
         ]);
         broker
+    }
+
+    /// The broker process's pid.
+    pub fn pid(&self) -> u32 {
+        self._servers[0].pid()
     }
 
     /// Options of build-enclave that make an image trust this broker.

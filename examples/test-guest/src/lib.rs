@@ -29,6 +29,41 @@ fn context(arg: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Occurrences of `marker` anywhere in linear memory (grown to at least
+/// `bytes`), but at `marker`'s own address.
+#[cfg(target_arch = "wasm32")]
+#[allow(unsafe_code)]
+fn scan_memory(marker: &[u8], bytes: usize) -> usize {
+    use core::arch::wasm32::{memory_grow, memory_size};
+    let pages = memory_size(0);
+    let want = bytes.div_ceil(65536);
+    if pages < want {
+        memory_grow(0, want - pages);
+    }
+    let size = memory_size(0) * 65536;
+    // SAFETY: a wasm32 linear memory is readable from 0 to its size; the
+    // reads are volatile so that nothing assumes what the allocator owns.
+    let read = |at: usize| unsafe { core::ptr::read_volatile(at as *const u8) };
+    let own = marker.as_ptr() as usize;
+    let mut found = 0;
+    let mut at = 8;
+    while at + marker.len() <= size {
+        if read(at) == marker[0]
+            && at != own
+            && (1..marker.len()).all(|i| read(at + i) == marker[i])
+        {
+            found += 1;
+        }
+        at += 1;
+    }
+    found
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn scan_memory(_: &[u8], _: usize) -> usize {
+    0
+}
+
 impl Handler for TestGuest {
     fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
         let text = String::from_utf8_lossy(&request).into_owned();
@@ -88,6 +123,31 @@ impl Handler for TestGuest {
                     keys::forget(key);
                 }
                 Ok(times.join(",").into_bytes())
+            }
+            // Leaves MIB MiB of the marker (hex) in linear memory at the end of
+            // the call: `scan-memory` in a later call must not find it.
+            "leave-marker" => {
+                let (mib, marker) = arg.split_once(';').unwrap_or(("1", arg));
+                let marker = unhex(marker)?;
+                let bytes = mib.parse::<usize>().unwrap_or(1) << 20;
+                let filled: Vec<u8> = marker.iter().copied().cycle().take(bytes).collect();
+                std::mem::forget(filled);
+                Ok(b"left".to_vec())
+            }
+            // Grows linear memory to MIB MiB and counts the marker (hex) in all of
+            // it, but for the copy this call decoded from its request (with
+            // `;fill`, after leaving 1 MiB of it in this call: the control).
+            "scan-memory" => {
+                let mut parts = arg.split(';');
+                let (mib, marker) = (parts.next().unwrap_or("1"), parts.next().unwrap_or(""));
+                let marker = unhex(marker)?;
+                if parts.next() == Some("fill") {
+                    let filled: Vec<u8> = marker.iter().copied().cycle().take(1 << 20).collect();
+                    std::mem::forget(filled);
+                }
+                Ok(scan_memory(&marker, mib.parse::<usize>().unwrap_or(1) << 20)
+                    .to_string()
+                    .into_bytes())
             }
             "kms-gdk" => {
                 let dk = kms::generate_data_key(arg, &[])?;
