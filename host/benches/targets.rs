@@ -24,7 +24,8 @@
 //! Run: `cargo bench -p cloister-host --bench targets` (all; or name sections
 //! after `--`). It prints the table and writes `bench/results.json` (figures of
 //! the sections run replace those of the same name). `RUNS`, `PAIRS`, `ROWS`,
-//! `DENSITY`, `BROKER_SECONDS` change the amount of work.
+//! `DENSITY`, `BROKER_SECONDS`, `BROKER_CLIENTS` (e.g. `1,16`) change the
+//! amount of work.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../tests/common/mod.rs"]
@@ -184,16 +185,16 @@ fn main() {
     }
     let run = |name: &str| chosen.is_empty() || chosen.contains(&name);
     println!(
-        "Cloister performance figures ({} cores, {})\n",
+        "Cloister performance figures ({} cores, {}), written to bench/results.json\n",
         cores(),
         std::env::consts::ARCH
     );
-    let mut figures = Vec::new();
-    let mut record = |new: Vec<Figure>| {
+    // Each section's figures are written as soon as it ends.
+    let record = |new: Vec<Figure>| {
         for f in &new {
             f.print();
         }
-        figures.extend(new);
+        write_results(&new);
     };
     if run("key-release") {
         record(key_release());
@@ -213,7 +214,6 @@ fn main() {
     if run("inference") {
         record(inference());
     }
-    write_results(&figures);
 }
 
 /// Merges `figures` into bench/results.json (figures of other sections stay).
@@ -251,7 +251,49 @@ fn write_results(figures: &[Figure]) {
         serde_json::to_string_pretty(&results).unwrap() + "\n",
     )
     .unwrap();
-    println!("\nwrote {}", path.display());
+    std::fs::write(path.with_extension("md"), markdown(&results)).unwrap();
+}
+
+/// The figures as the README's table (bench/results.md).
+fn markdown(results: &Value) -> String {
+    let n = |v: &Value| {
+        let v = v.as_f64().unwrap_or(f64::NAN);
+        if v.abs() >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.2}")
+        }
+    };
+    let mut out = String::from(
+        "| figure | median (range, runs) | baseline, ratio | target | |\n|---|---|---|---|---|\n",
+    );
+    for f in results["figures"].as_array().unwrap() {
+        let ratio = if f["ratio"].is_null() {
+            String::new()
+        } else {
+            format!(
+                "{}, {:.0} %",
+                n(&f["baseline"]),
+                f["ratio"].as_f64().unwrap_or(0.0) * 100.0
+            )
+        };
+        let met = match f["met"].as_bool() {
+            Some(true) => "met",
+            Some(false) => "**not met**",
+            None => "",
+        };
+        out += &format!(
+            "| {} | {} {} ({}-{}, {}) | {ratio} | {} | {met} |\n",
+            f["name"].as_str().unwrap_or_default(),
+            n(&f["value"]),
+            f["unit"].as_str().unwrap_or_default(),
+            n(&f["low"]),
+            n(&f["high"]),
+            f["runs"],
+            f["target"].as_str().unwrap_or_default(),
+        );
+    }
+    out
 }
 
 fn must(out: std::process::Output, what: &str) -> std::process::Output {
@@ -563,18 +605,27 @@ fn broker() -> Vec<Figure> {
     let key_id = open_key(&w, "alias/bench");
     let (_, blob) = data_key(&w, &key_id);
     let me = std::env::current_exe().unwrap();
-    let levels = [1usize, 4, 16, 64];
+    let levels: Vec<usize> = std::env::var("BROKER_CLIENTS")
+        .ok()
+        .map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16, 64]);
     let mut rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut floors = Vec::new();
     let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut crypto_us = Vec::new();
-    let broker_cpu_s = || {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.broker.pid())).unwrap();
+    // CPU seconds (user + system) from /proc/PID/stat: `first` is the index
+    // of utime (11) or, for waited-for children, cutime (13).
+    let cpu_s = |pid: String, first: usize| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        let ticks: f64 =
+            fields[first].parse::<f64>().unwrap() + fields[first + 1].parse::<f64>().unwrap();
         ticks / 100.0
     };
+    let broker_cpu_s = || cpu_s(w.broker.pid().to_string(), 11);
+    let clients_cpu_s = || cpu_s("self".into(), 13);
+    let mut client_cpu: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     for _ in 0..runs {
         let crypto = crypto_per_request(&w, &blob);
         crypto_us.push(crypto);
@@ -613,6 +664,7 @@ fn broker() -> Vec<Figure> {
                 })
                 .collect();
             let cpu_before = broker_cpu_s();
+            let clients_before = clients_cpu_s();
             let total: u64 = children
                 .into_iter()
                 .map(|c| {
@@ -630,6 +682,10 @@ fn broker() -> Vec<Figure> {
             cpu.entry(clients)
                 .or_default()
                 .push((broker_cpu_s() - cpu_before) * 1e6 / total as f64);
+            client_cpu
+                .entry(clients)
+                .or_default()
+                .push((clients_cpu_s() - clients_before) * 1e6 / total as f64);
             rates.entry(clients).or_default().push(rate);
             ratios.entry(clients).or_default().push(rate / floor);
         }
@@ -656,10 +712,13 @@ fn broker() -> Vec<Figure> {
     let (crypto, ..) = median_and_range(crypto_us);
     for (clients, values) in cpu {
         let (value, ..) = median_and_range(values.clone());
+        let (client, ..) = median_and_range(client_cpu[&clients].clone());
         figures.push(
             Figure::new(&format!("broker_cpu_per_request_{clients}_clients"), "us", &values)
                 .baseline(crypto, crypto / value)
-                .note("broker process CPU (user + system, /proc) per answered request; baseline = its crypto per request; ratio = crypto share"),
+                .note(format!(
+                    "broker process CPU (user + system, /proc) per answered request; baseline = its crypto per request; ratio = crypto share; the client processes (same cores) used {client:.0} us per request"
+                )),
         );
     }
     figures
@@ -786,9 +845,18 @@ fn start() -> Vec<Figure> {
         elapsed
     };
     launch(false);
+    // The floor: creating a process on this machine (run-enclave starts two:
+    // the CLI and the runtime).
+    let exec_true = || {
+        let t = Instant::now();
+        assert!(Command::new("true").status().unwrap().success());
+        t.elapsed().as_secs_f64() * 1e3
+    };
     let mut warm = Vec::new();
     let mut cold = Vec::new();
+    let mut process = Vec::new();
     for i in 0..runs {
+        process.push(exec_true());
         if i % 2 == 0 {
             warm.push(launch(false));
             cold.push(launch(true));
@@ -799,9 +867,14 @@ fn start() -> Vec<Figure> {
     }
     let w = Figure::new("start_warm", "ms", &warm);
     let met = w.value <= 10.0;
+    let (floor, ..) = median_and_range(process.clone());
+    let ratio = floor / w.value;
     vec![
         w.target("<= 10 ms", met)
-            .note("cloister run-enclave until the enclave serves, compiled code cached (the CLI process included)"),
+            .baseline(floor, ratio)
+            .note(format!(
+                "cloister run-enclave until the enclave serves, compiled code cached (the CLI process included); baseline: one `true` process, {floor:.1} ms here (run-enclave starts two)"
+            )),
         Figure::new("start_cold", "ms", &cold)
             .note("as start_warm, the supervisor compiling the component first"),
     ]
@@ -820,7 +893,7 @@ fn pss_kib(pid: u64) -> Option<u64> {
 
 fn density() -> Vec<Figure> {
     let n = env_or("DENSITY", 100usize);
-    let h = common::Host::new();
+    let mut h = common::Host::new();
     let (image, _) = h.build("t.cimg", &[]);
     let t = Instant::now();
     let env = h.env();
@@ -870,6 +943,11 @@ fn density() -> Vec<Figure> {
     assert_eq!(pss.len(), n, "every enclave's runtime is running");
     let f = Figure::new("idle_enclave_pss", "MiB", &pss);
     let met = f.value <= 3.0;
+    // SIGKILL: the runtimes die with the supervisor (tearing down a thousand
+    // network namespaces one by one would outlast the polite shutdown's wait).
+    if let Some(supervisor) = h.supervisor.take() {
+        supervisor.kill();
+    }
     vec![f.target("<= 3 MiB", met).note(format!(
         "{n} idle enclaves of one image (runs = enclaves), launched in {launched:.1} s; PSS of each runtime process"
     ))]

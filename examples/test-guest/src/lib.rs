@@ -145,9 +145,11 @@ impl Handler for TestGuest {
                     let filled: Vec<u8> = marker.iter().copied().cycle().take(1 << 20).collect();
                     std::mem::forget(filled);
                 }
-                Ok(scan_memory(&marker, mib.parse::<usize>().unwrap_or(1) << 20)
-                    .to_string()
-                    .into_bytes())
+                Ok(
+                    scan_memory(&marker, mib.parse::<usize>().unwrap_or(1) << 20)
+                        .to_string()
+                        .into_bytes(),
+                )
             }
             "kms-gdk" => {
                 let dk = kms::generate_data_key(arg, &[])?;
