@@ -41,13 +41,17 @@ use serde_json::{Value, json};
 use common::inference::{MODEL_CONTEXT, MODELS, RECORDS_CONTEXT, ROLE, World, example};
 use common::s;
 
-const SECTIONS: [&str; 6] = [
-    "key-release",
-    "broker",
-    "scoring",
-    "start",
-    "density",
-    "inference",
+/// A section of the benchmark: runs and returns its figures.
+type Section = fn() -> Vec<Figure>;
+
+/// The sections, in the order they run.
+const SECTIONS: [(&str, Section); 6] = [
+    ("key-release", key_release),
+    ("broker", broker),
+    ("scoring", scoring),
+    ("start", start),
+    ("density", density),
+    ("inference", inference),
 ];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -177,10 +181,11 @@ fn main() {
         .map(String::as_str)
         .filter(|a| !a.starts_with('-'))
         .collect();
+    let names: Vec<&str> = SECTIONS.iter().map(|(name, _)| *name).collect();
     for c in &chosen {
         assert!(
-            SECTIONS.contains(c),
-            "unknown section {c:?}; the sections are {SECTIONS:?}"
+            names.contains(c),
+            "unknown section {c:?}; the sections are {names:?}"
         );
     }
     let run = |name: &str| chosen.is_empty() || chosen.contains(&name);
@@ -196,23 +201,10 @@ fn main() {
         }
         write_results(&new);
     };
-    if run("key-release") {
-        record(key_release());
-    }
-    if run("broker") {
-        record(broker());
-    }
-    if run("scoring") {
-        record(scoring());
-    }
-    if run("start") {
-        record(start());
-    }
-    if run("density") {
-        record(density());
-    }
-    if run("inference") {
-        record(inference());
+    for (name, section) in SECTIONS {
+        if run(name) {
+            record(section());
+        }
     }
 }
 
