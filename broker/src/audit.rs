@@ -148,7 +148,9 @@ impl AuditLog {
     /// recorded, and starts the writer thread. A startup checkpoint is written.
     pub fn open(path: &Path, head_path: &Path, signing_key: SigningKey) -> Result<Self, KmsError> {
         let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
+        use std::os::unix::fs::OpenOptionsExt;
         let mut file = OpenOptions::new()
+            .mode(0o600)
             .create(true)
             .read(true)
             .append(true)
@@ -481,7 +483,9 @@ impl HeadWriter {
 /// so that a head file replaced behind the broker's back fails the write.
 fn write_head_slot(head_path: &Path, slot: &[u8], slot_index: u64) -> Result<(), KmsError> {
     use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
+        .mode(0o600)
         .create(true)
         .truncate(false)
         .write(true)

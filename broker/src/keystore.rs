@@ -167,6 +167,16 @@ fn material_aad(id: KeyId, version: u32) -> Vec<u8> {
 }
 
 fn open_connection(path: &Path) -> Result<Connection, KmsError> {
+    // Created owner-only: SQLite gives its -wal and -shm files the database
+    // file's mode, so they are owner-only too.
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| error::internal(format!("keystore {}: {e}", path.display())))?;
     let conn = Connection::open(path).map_err(db_err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(db_err)?;

@@ -57,6 +57,11 @@ pub fn failed_with(out: &Output, code: &str) -> String {
         stderr.contains(&format!("error[{code}]")),
         "want {code}, got: {stderr}"
     );
+    // Every code a user can meet is one that `cloister explain` knows.
+    assert!(
+        cloister(&["explain", code]).status.success(),
+        "`cloister explain {code}` does not know the code"
+    );
     stderr
 }
 

@@ -161,4 +161,9 @@ pub const CODES: &[CodeInfo] = &[
         summary: "an answer did not come from the pinned key broker",
         explanation: "An enclave accepts only answers signed by the broker key its image names (build-enclave --kms-broker-key), each bound to the SHA-256 of the request it answers. A relay or proxy that answers itself, replays another answer, or alters one is refused; nothing it sent is used.",
     },
+    CodeInfo {
+        code: "E-KMS-TLS",
+        summary: "TLS with the key broker failed or is missing",
+        explanation: "Over TCP the broker speaks TLS 1.3 only, and clients must name its CA (--ca, CLOISTER_KMS_CA; for enclaves, the image's measured kms.tls_ca). The handshake failed: the certificate is not from that CA, does not name the host (--tls-name at kms init), or the peer does not speak TLS 1.3.",
+    },
 ];
