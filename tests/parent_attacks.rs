@@ -135,23 +135,8 @@ impl World {
             image: image.clone(),
         };
         for alias in ["alias/phi-input", "alias/phi-results"] {
-            let id = w.owner(&[
-                "kms",
-                "create-key",
-                "--policy",
-                &format!("file://{}", s(&w.h.path("policy.json"))),
-            ])["KeyMetadata"]["KeyId"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            w.owner(&[
-                "kms",
-                "create-alias",
-                "--alias-name",
-                alias,
-                "--target-key-id",
-                &id,
-            ]);
+            w.broker
+                .create_key("owner", &w.owner_key, &w.h.path("policy.json"), alias);
         }
         w
     }

@@ -130,42 +130,10 @@ fn scores_sealed_records_in_an_attested_enclave_and_the_parent_sees_no_plaintext
                 "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{pcr0}","kms:RecipientAttestation:PCR3":"{pcr3}"}}}}}}]}}"#
     );
     std::fs::write(h.path("policy.json"), policy).unwrap();
-    let create = |alias: &str| {
-        let id = json_of(
-            &st.client(
-                "owner",
-                &st.owner_key,
-                &[
-                    "kms",
-                    "create-key",
-                    "--policy",
-                    &format!("file://{}", s(&h.path("policy.json"))),
-                ],
-            ),
-            "create",
-        )["KeyMetadata"]["KeyId"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        json_of(
-            &st.client(
-                "owner",
-                &st.owner_key,
-                &[
-                    "kms",
-                    "create-alias",
-                    "--alias-name",
-                    alias,
-                    "--target-key-id",
-                    &id,
-                ],
-            ),
-            "alias",
-        );
-        id
-    };
-    create("alias/phi-input");
-    create("alias/phi-results");
+    for alias in ["alias/phi-input", "alias/phi-results"] {
+        st.broker
+            .create_key("owner", &st.owner_key, &h.path("policy.json"), alias);
+    }
 
     // The data owner seals synthetic patients (a few malformed on purpose).
     let csv: String = phi_model::generate::patients(2026, 3000, 250).collect();

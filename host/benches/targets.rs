@@ -338,24 +338,8 @@ fn open_key(w: &World, alias: &str) -> String {
         ),
     )
     .unwrap();
-    let id = w.broker.admin(&[
-        "kms",
-        "create-key",
-        "--policy",
-        &format!("file://{}", s(&policy)),
-    ])["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    w.broker.admin(&[
-        "kms",
-        "create-alias",
-        "--alias-name",
-        alias,
-        "--target-key-id",
-        &id,
-    ]);
-    id
+    w.broker
+        .create_key("admin", &w.broker.data.join("admin.key"), &policy, alias)
 }
 
 /// An enclave whose parent is `ROLE`, reaching the broker through the parent's
@@ -427,30 +411,14 @@ fn key_release() -> Vec<Figure> {
 /// with the platform's NSM, then send attested Decrypts on one connection from
 /// `start` until `end` (Unix ms), and print how many were answered in between.
 fn broker_client(spec: &Path) {
-    use cloister_attestation::nsm::{AttestationRequest, Nsm, PlatformDir};
+    use cloister_attestation::nsm::{Nsm, PlatformDir};
     use cloister_kms_api::client::{Credentials, KmsClient};
     use cloister_kms_api::protocol::{EncryptionContext, Operation, Recipient};
-    use cloister_kms_api::recipient::{self, RecipientKey};
+    use cloister_kms_api::recipient;
     let spec: Value = serde_json::from_slice(&std::fs::read(spec).unwrap()).unwrap();
     let field = |k: &str| spec[k].as_str().unwrap().to_owned();
     let nsm = Nsm::load(&PlatformDir::new(PathBuf::from(field("platform")))).unwrap();
-    let pcrs: BTreeMap<usize, cloister_attestation::pcr::Pcr> = (0..16)
-        .map(|i| (i, cloister_attestation::pcr::measure(&[i as u8])))
-        .collect();
-    let documents: Vec<Vec<u8>> = (0..8)
-        .map(|_| {
-            nsm.attest(
-                &AttestationRequest {
-                    module_id: "bench".into(),
-                    pcrs: pcrs.clone(),
-                    public_key: Some(RecipientKey::generate().public_key().to_vec()),
-                    ..Default::default()
-                },
-                SystemTime::now(),
-            )
-            .unwrap()
-        })
-        .collect();
+    let documents: Vec<Vec<u8>> = (0..8).map(|_| recipient_document(&nsm)).collect();
     let blob = hex::decode(field("blob")).unwrap();
     let key = cloister_attestation::keyfile::read_signing_key(Path::new(&field("key"))).unwrap();
     let address: cloister_proto::Address = field("address").parse().unwrap();
@@ -501,14 +469,37 @@ fn broker_client(spec: &Path) {
     println!("{count}");
 }
 
+/// An attestation document of the platform's NSM over 16 PCRs and a fresh
+/// X25519 recipient key, as an enclave sends with each attested request.
+fn recipient_document(nsm: &cloister_attestation::nsm::Nsm) -> Vec<u8> {
+    use cloister_attestation::nsm::AttestationRequest;
+    let pcrs: BTreeMap<usize, cloister_attestation::pcr::Pcr> = (0..16)
+        .map(|i| (i, cloister_attestation::pcr::measure(&[i as u8])))
+        .collect();
+    nsm.attest(
+        &AttestationRequest {
+            module_id: "bench".into(),
+            pcrs,
+            public_key: Some(
+                cloister_kms_api::recipient::RecipientKey::generate()
+                    .public_key()
+                    .to_vec(),
+            ),
+            ..Default::default()
+        },
+        SystemTime::now(),
+    )
+    .unwrap()
+}
+
 /// The crypto the broker must do per attested decrypt, on one core: verify the
 /// request's signature, the document (signature, chain from the cache), seal to
 /// the recipient (HPKE), sign the response. Returns microseconds per request.
 fn crypto_per_request(w: &World, blob: &[u8]) -> f64 {
-    use cloister_attestation::nsm::{AttestationRequest, Nsm, PlatformDir};
+    use cloister_attestation::nsm::{Nsm, PlatformDir};
     use cloister_attestation::verify::{ChainCache, TrustAnchor, VerifyOptions};
     use cloister_kms_api::protocol::*;
-    use cloister_kms_api::recipient::{self, RecipientKey};
+    use cloister_kms_api::recipient;
     use ed25519_dalek::Signer;
     let nsm = Nsm::load(&PlatformDir::new(w.h.path("platform"))).unwrap();
     let root = cloister_attestation::nsm::read_pem_certificates(&w.h.path("platform/root.pem"))
@@ -522,23 +513,10 @@ fn crypto_per_request(w: &World, blob: &[u8]) -> f64 {
         chain_cache: Some(std::sync::Arc::new(ChainCache::default())),
         ..Default::default()
     };
-    let pcrs: BTreeMap<usize, cloister_attestation::pcr::Pcr> = (0..16)
-        .map(|i| (i, cloister_attestation::pcr::measure(&[i as u8])))
-        .collect();
     let n = 400;
     let inputs: Vec<(Vec<u8>, Vec<u8>, ed25519_dalek::Signature)> = (0..n)
         .map(|i| {
-            let document = nsm
-                .attest(
-                    &AttestationRequest {
-                        module_id: "bench".into(),
-                        pcrs: pcrs.clone(),
-                        public_key: Some(RecipientKey::generate().public_key().to_vec()),
-                        ..Default::default()
-                    },
-                    SystemTime::now(),
-                )
-                .unwrap();
+            let document = recipient_document(&nsm);
             let payload = cloister_proto::frame::encode(&RequestPayload {
                 principal: "admin".into(),
                 timestamp_ms: 0,

@@ -101,30 +101,8 @@ impl World {
             .h
             .path(&format!("{}.policy.json", alias.replace('/', "-")));
         std::fs::write(&policy, key_policy(who, action, pcr0s)).unwrap();
-        let id = self.owner_ok(
-            who,
-            &[
-                "kms",
-                "create-key",
-                "--policy",
-                &format!("file://{}", s(&policy)),
-            ],
-        )["KeyMetadata"]["KeyId"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        self.owner_ok(
-            who,
-            &[
-                "kms",
-                "create-alias",
-                "--alias-name",
-                alias,
-                "--target-key-id",
-                &id,
-            ],
-        );
-        id
+        self.broker
+            .create_key(who, &self.h.path(&format!("{who}.key")), &policy, alias)
     }
 
     /// The three keys of a run, for enclaves of the images `pcr0s`: the model

@@ -457,6 +457,35 @@ impl Broker {
         )
     }
 
+    /// `principal` (with its `key`) creates a key under the key policy in the
+    /// file `policy` and names it `alias`; returns the key id.
+    pub fn create_key(&self, principal: &str, key: &Path, policy: &Path, alias: &str) -> String {
+        let run = |args: &[&str]| {
+            json_of(
+                &self.client(principal, key, args),
+                &format!("{principal} {args:?}"),
+            )
+        };
+        let id = run(&[
+            "kms",
+            "create-key",
+            "--policy",
+            &format!("file://{}", s(policy)),
+        ])["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        run(&[
+            "kms",
+            "create-alias",
+            "--alias-name",
+            alias,
+            "--target-key-id",
+            &id,
+        ]);
+        id
+    }
+
     pub fn admin(&self, args: &[&str]) -> serde_json::Value {
         json_of(
             &self.client("admin", &self.data.join("admin.key"), args),
