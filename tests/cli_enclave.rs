@@ -583,18 +583,9 @@ fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
     ]
     .map(str::to_owned);
     let launch = |name: &str, image: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "run-enclave",
-            "--image",
-            s(image),
-            "--enclave-name",
-            name,
-            "--parent-role",
-            role,
-        ];
-        args.extend(kms_args.iter().map(String::as_str));
-        args.extend_from_slice(extra);
-        h.ok(&args)
+        let mut args = common::run_enclave_args(image, name, role, &proxy_sock, &parent_key);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        h.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     launch("good", &image, &[]);
     // The runtime refuses a PCR3 that is not the principal it signs as.
