@@ -360,9 +360,13 @@ fn authorize(options: &Options, stream: &cloister_proto::Stream) -> Result<u32, 
 
 async fn client(supervisor: Arc<Supervisor>, mut stream: cloister_proto::Stream) {
     let answer = async {
-        let uid = authorize(&supervisor.options, &stream)?;
-        let request: Request = frame::recv(&mut stream, MAX_CONTROL)
-            .await
+        let uid = authorize(&supervisor.options, &stream);
+        // The request is read (bounded) even from a refused peer: closing
+        // before it is read would make the client's write fail with a broken
+        // pipe instead of showing it the refusal.
+        let request = frame::recv::<_, Request>(&mut stream, MAX_CONTROL).await;
+        let uid = uid?;
+        let request = request
             .map_err(Refusal::coded)?
             .ok_or_else(|| Refusal::NotFound("(no request)".into()))?;
         supervisor.handle(uid, request).await
