@@ -255,7 +255,7 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifiedDocument, Ve
     }
 
     // Freshness.
-    let issued = SystemTime::UNIX_EPOCH + Duration::from_millis(doc.timestamp);
+    let issued = unix_ms(doc.timestamp);
     if issued > at + MAX_FUTURE_SKEW {
         return Err(VerifyError::FromTheFuture {
             timestamp: rfc3339(issued),
@@ -448,10 +448,31 @@ fn describe_webpki(e: &webpki::Error) -> String {
 }
 
 /// RFC 3339 text of a time, for messages and JSON.
+/// Total: a time outside what RFC 3339 can write (before 1970 here, after
+/// year 9999) is written as a count of Unix milliseconds instead.
 pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| format!("{t:?}"))
+    let Ok(since) = t.duration_since(SystemTime::UNIX_EPOCH) else {
+        return "before 1970-01-01T00:00:00Z".into();
+    };
+    i128::try_from(since.as_nanos())
+        .ok()
+        .and_then(|n| time::OffsetDateTime::from_unix_timestamp_nanos(n).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{} ms after the Unix epoch", since.as_millis()))
+}
+
+/// RFC 3339 text of a count of Unix milliseconds (as documents and requests
+/// carry them), total like [`rfc3339`].
+pub fn rfc3339_ms(ms: u64) -> String {
+    rfc3339(unix_ms(ms))
+}
+
+/// A count of Unix milliseconds as a time (any `u64` fits a `SystemTime`).
+pub fn unix_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

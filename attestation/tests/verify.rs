@@ -349,6 +349,20 @@ fn future_dated_and_old_documents_are_refused() {
     let err = verify(&doc, &opts_for(&e)).unwrap_err();
     assert!(matches!(err, VerifyError::FromTheFuture { .. }), "{err}");
 
+    // Validly signed, dated past year 9999 or at the end of time: refused,
+    // with the date written as milliseconds (no panic).
+    let (mut raw, key) = parts(&e);
+    for ts in [u64::MAX, 400_000_000_000_000] {
+        raw.timestamp = ts;
+        let doc = sign_raw(&raw, &key, SigningAlgorithm::EdDSA);
+        let err = verify(&doc, &opts_for(&e)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("{ts} ms after the Unix epoch")),
+            "{err}"
+        );
+    }
+
     let doc = e.nsm.attest(&request(), now).unwrap();
     let mut opts = opts_for(&e);
     opts.max_age = Some(Duration::from_secs(30));

@@ -42,16 +42,24 @@ const CHECKPOINT_EVERY: u64 = 1000;
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The outcome a record reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Decision {
     Allow,
+    #[default]
     Deny,
     Error,
 }
 
-/// What a request contributes to its audit line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a request contributes to its audit line. Each text is cut to a few
+/// hundred bytes when recorded (see [`RequestRecord::bounded`]): a record's
+/// size does not depend on what an unauthenticated sender puts in a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestRecord {
+    /// The request's signature verified with the principal's key, and its id
+    /// was fresh: this principal did send this request id (so the id is one
+    /// the replay guard remembers across restarts).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub authenticated: bool,
     pub request_id: String,
     pub principal: String,
     pub action: String,
@@ -63,6 +71,113 @@ pub struct RequestRecord {
     pub recipient_pcr0: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub recipient_module_id: Option<String>,
+}
+
+/// A request id the log shows a principal used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedRequestId {
+    pub principal: String,
+    pub request_id: String,
+    /// When it was recorded (Unix ms).
+    pub recorded_ms: u64,
+}
+
+/// The request ids of authenticated requests recorded at or after `since_ms`,
+/// read from the log's end backwards (never the whole log): what the replay
+/// guard must remember across a restart. Lines are in order of their
+/// records' times, give or take a batch; reading stops at the first line a
+/// minute older than `since_ms`.
+pub fn used_request_ids(path: &Path, since_ms: u64) -> Result<Vec<UsedRequestId>, KmsError> {
+    const CHUNK: u64 = 64 * 1024;
+    let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut end = file.metadata().map_err(io)?.len();
+    let stop_before = since_ms.saturating_sub(60_000);
+    let mut used = Vec::new();
+    // Bytes after the last newline seen so far (the start of a line whose
+    // beginning is in an earlier chunk).
+    let mut partial: Vec<u8> = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; (end - start) as usize];
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        file.read_exact(&mut chunk).map_err(io)?;
+        chunk.extend_from_slice(&partial);
+        // The first piece may be cut; keep it for the next chunk (unless this
+        // is the file's start).
+        let mut pieces: Vec<&[u8]> = chunk.split(|b| *b == b'\n').collect();
+        partial = if start > 0 {
+            pieces.remove(0).to_vec()
+        } else {
+            Vec::new()
+        };
+        for piece in pieces.into_iter().rev().filter(|p| !p.is_empty()) {
+            let Ok(line) = serde_json::from_slice::<Line>(piece) else {
+                continue;
+            };
+            let Some(ms) = unix_ms_of(&line.time) else {
+                continue;
+            };
+            if ms < stop_before {
+                return Ok(used);
+            }
+            if let Some(r) = line.request
+                && r.authenticated
+                && ms >= since_ms
+            {
+                used.push(UsedRequestId {
+                    principal: r.principal,
+                    request_id: r.request_id,
+                    recorded_ms: ms,
+                });
+            }
+        }
+        end = start;
+    }
+    Ok(used)
+}
+
+fn unix_ms_of(rfc3339: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+impl RequestRecord {
+    /// The record with each text cut to its cap (on a character boundary,
+    /// marked with the original length).
+    pub fn bounded(mut self) -> Self {
+        fn cut(s: &mut String, max: usize) {
+            if s.len() > max {
+                let mut end = max;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let len = s.len();
+                s.truncate(end);
+                s.push_str(&format!("... ({len} bytes)"));
+            }
+        }
+        cut(&mut self.request_id, 96);
+        cut(&mut self.principal, 256);
+        cut(&mut self.action, 64);
+        cut(&mut self.reason, 1024);
+        for s in [
+            &mut self.key_id,
+            &mut self.recipient_pcr0,
+            &mut self.recipient_module_id,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            cut(s, 256);
+        }
+        self
+    }
 }
 
 /// One line of the log.
@@ -247,7 +362,7 @@ impl AuditLog {
             seq: 0,
             kind: "request".into(),
             time: now_rfc3339(),
-            request: Some(request),
+            request: Some(request.bounded()),
             note: None,
             signature: None,
             prev: String::new(),
@@ -734,6 +849,7 @@ mod tests {
 
     fn record(i: usize) -> RequestRecord {
         RequestRecord {
+            authenticated: true,
             request_id: format!("req-{i}"),
             principal: "app".into(),
             action: "kms:Decrypt".into(),
@@ -757,6 +873,39 @@ mod tests {
         }
         log.shutdown().unwrap();
         f
+    }
+
+    #[test]
+    fn used_request_ids_are_read_from_the_end_across_chunks() {
+        let f = Fixture::new();
+        let log = f.open().unwrap();
+        let start = cloister_kms_api::now_ms();
+        // ~300 bytes a line: 1,000 lines span several 64 KB chunks.
+        for i in 0..1000 {
+            let mut r = record(i);
+            r.authenticated = i % 3 != 0;
+            r.reason = "r".repeat(150);
+            log.record(r).unwrap();
+        }
+        log.shutdown().unwrap();
+        let used = used_request_ids(&f.log(), start.saturating_sub(1000)).unwrap();
+        let mut ids: Vec<String> = used.iter().map(|u| u.request_id.clone()).collect();
+        ids.sort();
+        let mut expected: Vec<String> = (0..1000)
+            .filter(|i| i % 3 != 0)
+            .map(|i| format!("req-{i}"))
+            .collect();
+        expected.sort();
+        assert_eq!(ids, expected);
+        assert!(used.iter().all(|u| u.principal == "app"));
+        // Nothing is that recent in the future.
+        let later = cloister_kms_api::now_ms() + 3_600_000;
+        assert!(used_request_ids(&f.log(), later).unwrap().is_empty());
+        assert!(
+            used_request_ids(&f.dir.path().join("none"), 0)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -131,7 +131,11 @@ impl DataDir {
         let broker_key = keyfile::read_signing_key(&self.broker_key())
             .map_err(|e| error::internal(e.to_string()))?;
         let audit = AuditLog::open(&self.audit_log(), &self.audit_head(), broker_key.clone())?;
-        Ok(Broker::new(keystore, audit, config, broker_key))
+        let broker = Broker::new(keystore, audit, config, broker_key);
+        // Request ids accepted before a restart stay used (replay protection).
+        let since = now_ms().saturating_sub(broker.replay_window().as_millis() as u64);
+        broker.remember_used_ids(crate::audit::used_request_ids(&self.audit_log(), since)?);
+        Ok(broker)
     }
 
     fn root(&self, passphrase: Option<Zeroizing<String>>) -> Result<RootKey, KmsError> {

@@ -548,10 +548,11 @@ impl Keystore {
         now_ms: u64,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
-        if name.is_empty() || name.len() > 512 || name.chars().any(char::is_control) {
-            return Err(error::validation(
-                "a principal name is 1 to 512 printable characters",
-            ));
+        let max = crate::service::MAX_PRINCIPAL_NAME;
+        if name.is_empty() || name.len() > max || name.chars().any(char::is_control) {
+            return Err(error::validation(format!(
+                "a principal name is 1 to {max} bytes of printable characters"
+            )));
         }
         let policy = Policy::parse(policy_json, PolicyKind::Identity)
             .map_err(|e| error::validation(e.to_string()))?;

@@ -17,7 +17,7 @@
 //! `kms:RecipientAttestation:PCR0`..`PCR31`, `kms:EncryptionContext:<key>`,
 //! `kms:CallerPrincipal`; the prefix `cloister:` is an alias of `kms:`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use serde_json::Value;
@@ -175,6 +175,9 @@ pub enum Evaluation {
     ImplicitDeny { why: String },
 }
 
+/// The largest policy document accepted (AWS KMS's key policy limit).
+pub const MAX_POLICY_BYTES: usize = 32 * 1024;
+
 /// Maps a condition key to its canonical form: the `cloister:` prefix to `kms:`,
 /// everything lower case except the encryption-context key name (AWS treats
 /// context keys case-sensitively). `None` for keys Cloister does not know.
@@ -184,8 +187,11 @@ pub fn canonical_condition_key(key: &str) -> Option<String> {
         return None;
     }
     const CONTEXT: &str = "encryptioncontext:";
-    if rest.len() > CONTEXT.len() && rest[..CONTEXT.len()].eq_ignore_ascii_case(CONTEXT) {
-        return Some(format!("kms:encryptioncontext:{}", &rest[CONTEXT.len()..]));
+    if let (Some(head), Some(name)) = (rest.get(..CONTEXT.len()), rest.get(CONTEXT.len()..))
+        && !name.is_empty()
+        && head.eq_ignore_ascii_case(CONTEXT)
+    {
+        return Some(format!("kms:encryptioncontext:{name}"));
     }
     let rest = rest.to_ascii_lowercase();
     let known = match rest.as_str() {
@@ -202,28 +208,60 @@ pub fn is_attestation_key(canonical: &str) -> bool {
     canonical.starts_with("kms:recipientattestation:")
 }
 
-/// `*` matches any run of characters, `?` any one character.
+/// `*` matches any run of characters, `?` any one character. Never
+/// backtracks: the pattern runs as a bit-parallel automaton (one bit per
+/// pattern position), one step per character of the value, so the cost is
+/// O(value × pattern / 64) word operations whatever the pattern.
 pub fn wildcard_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
+    // Runs of `*` are one `*`, so a star's empty match is a single step.
+    let mut p: Vec<char> = Vec::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        if !(c == '*' && p.last() == Some(&'*')) {
+            p.push(c);
         }
     }
-    p[pi..].iter().all(|c| *c == '*')
+    let m = p.len();
+    let words = m / 64 + 1; // bits 0..=m: bit i = "the first i pattern characters matched"
+    let set = |v: &mut [u64], i: usize| v[i / 64] |= 1 << (i % 64);
+    let (mut star, mut any) = (vec![0u64; words], vec![0u64; words]);
+    let in_text: std::collections::HashSet<char> = text.chars().collect();
+    let mut literal: HashMap<char, Vec<u64>> = HashMap::new();
+    for (i, c) in p.iter().enumerate() {
+        match c {
+            '*' => set(&mut star, i),
+            '?' => set(&mut any, i),
+            c if in_text.contains(c) => set(literal.entry(*c).or_insert(vec![0; words]), i),
+            _ => {}
+        }
+    }
+    // A star at i also lets position i + 1 be reached without a character.
+    let close = |s: &mut [u64]| {
+        let mut carry = 0;
+        for (w, star) in s.iter_mut().zip(&star) {
+            let skip = *w & star;
+            *w |= (skip << 1) | carry;
+            carry = skip >> 63;
+        }
+    };
+    let mut state = vec![0u64; words];
+    set(&mut state, 0);
+    close(&mut state);
+    let mut next = vec![0u64; words];
+    for c in text.chars() {
+        let lit = literal.get(&c);
+        let mut carry = 0;
+        for w in 0..words {
+            let advance = state[w] & (any[w] | lit.map_or(0, |l| l[w]));
+            next[w] = (state[w] & star[w]) | (advance << 1) | carry;
+            carry = advance >> 63;
+        }
+        close(&mut next);
+        if next.iter().all(|w| *w == 0) {
+            return false;
+        }
+        std::mem::swap(&mut state, &mut next);
+    }
+    (state[m / 64] >> (m % 64)) & 1 == 1
 }
 
 fn err(kind: PolicyKind, problem: impl Into<String>) -> PolicyError {
@@ -258,6 +296,15 @@ impl Policy {
     /// Parses and validates a policy document. Every problem is refused here, at
     /// put time, so that evaluation never meets an invalid policy.
     pub fn parse(json: &str, kind: PolicyKind) -> Result<Policy, PolicyError> {
+        if json.len() > MAX_POLICY_BYTES {
+            return Err(err(
+                kind,
+                format!(
+                    "it is {} bytes; a policy is at most {MAX_POLICY_BYTES} (as in AWS KMS)",
+                    json.len()
+                ),
+            ));
+        }
         let doc: Value =
             serde_json::from_str(json).map_err(|e| err(kind, format!("not JSON: {e}")))?;
         let Value::Object(top) = doc else {
@@ -731,5 +778,77 @@ pub fn authorize(
             ctx.action, ctx.principal
         )),
         Some((_, Evaluation::ExplicitDeny { .. })) => unreachable!("handled above"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, by dynamic programming (quadratic; small inputs only).
+    fn reference(p: &[char], t: &[char]) -> bool {
+        let mut m = vec![vec![false; t.len() + 1]; p.len() + 1];
+        m[0][0] = true;
+        for i in 1..=p.len() {
+            for j in 0..=t.len() {
+                m[i][j] = match p[i - 1] {
+                    '*' => m[i - 1][j] || (j > 0 && m[i][j - 1]),
+                    '?' => j > 0 && m[i - 1][j - 1],
+                    c => j > 0 && m[i - 1][j - 1] && t[j - 1] == c,
+                };
+            }
+        }
+        m[p.len()][t.len()]
+    }
+
+    fn all_strings(alphabet: &[char], max: usize) -> Vec<String> {
+        let mut out = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..max {
+            last = last
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            out.extend(last.iter().cloned());
+        }
+        out
+    }
+
+    #[test]
+    fn wildcards_match_as_defined_on_every_small_case() {
+        let patterns = all_strings(&['a', 'é', '*', '?'], 5);
+        let texts = all_strings(&['a', 'é', 'b'], 5);
+        for p in &patterns {
+            let pc: Vec<char> = p.chars().collect();
+            for t in &texts {
+                let tc: Vec<char> = t.chars().collect();
+                assert_eq!(wildcard_match(p, t), reference(&pc, &tc), "{p:?} vs {t:?}");
+            }
+        }
+        // Patterns longer than one 64-bit word.
+        let long = format!("{}*{}", "a?".repeat(40), "b".repeat(30));
+        let text = format!("{}{}{}", "ax".repeat(40), "zzz", "b".repeat(30));
+        assert!(wildcard_match(&long, &text));
+        assert!(!wildcard_match(&long, &text[1..]));
+    }
+
+    #[test]
+    fn pathological_patterns_cost_no_more_than_a_scan() {
+        // A policy's worth (eight patterns of 4,000 characters, as a 32 KB
+        // policy holds) against the longest value an encryption context
+        // holds: a backtracking matcher spends O(value × pattern) on each,
+        // over 3 s here in a debug build; this one about 0.4 s (a few ms in release).
+        let value = "a".repeat(8192);
+        let patterns = [
+            format!("*{}b", "a".repeat(4000)),
+            format!("{}b", "*a".repeat(2000)),
+            format!("*{}*b", "?".repeat(4000)),
+        ];
+        let started = std::time::Instant::now();
+        for pattern in patterns.iter().cycle().take(8) {
+            assert!(!wildcard_match(pattern, &value));
+        }
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
     }
 }

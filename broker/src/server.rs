@@ -1,25 +1,42 @@
 //! The broker's network service: framed requests over any Cloister transport,
 //! bounded connections, idle timeouts, graceful shutdown.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
-
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use cloister_proto::frame::{self, FrameError};
 use cloister_proto::{Listener, Stream};
 
 use crate::error::{self, KmsError};
-use crate::protocol::{MAX_MESSAGE, Response};
+use crate::protocol::{MAX_MESSAGE, MAX_REQUEST, Response};
 use crate::service::{Broker, Prepared, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
+    /// Connections open at once. When all are taken, a newcomer takes the
+    /// slot of the connection idle longest (it is closed); when none is idle,
+    /// the newcomer is refused.
     pub max_connections: usize,
+    /// Connections one peer may hold at once (the peer is the uid on a Unix
+    /// socket, the IP address on TCP, the CID on vsock); past it, the peer's
+    /// own longest-idle connection is closed, or the newcomer refused.
+    pub max_connections_per_peer: usize,
+    /// Requests from one peer that fail before their sender is authenticated
+    /// (malformed, unknown principal, bad signature, expired, replayed), per
+    /// second; past it (after a burst of twice as many), the peer's connection
+    /// is closed after the answer, and its new connections are refused
+    /// (LimitExceededException) until its allowance has refilled.
+    pub unauthenticated_per_peer_per_sec: f64,
+    /// How long a connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// How long a request may take to arrive once its first byte has, and
+    /// how long a TLS handshake may take.
+    pub frame_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
 }
@@ -27,8 +44,11 @@ pub struct ServerLimits {
 impl Default for ServerLimits {
     fn default() -> Self {
         ServerLimits {
-            max_connections: 512,
+            max_connections: 1024,
+            max_connections_per_peer: 256,
+            unauthenticated_per_peer_per_sec: 50.0,
             idle_timeout: Duration::from_secs(120),
+            frame_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -51,14 +71,17 @@ pub async fn serve(
     }
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let drain_timeout = limits.drain_timeout;
+    let slots = Arc::new(Slots {
+        table: Default::default(),
+        limits,
+    });
     let mut tasks = JoinSet::new();
     for listener in listeners {
         tasks.spawn(accept_loop(
             broker.clone(),
             listener,
-            permits.clone(),
-            limits.clone(),
+            slots.clone(),
             tls.clone(),
             stop_rx.clone(),
         ));
@@ -66,24 +89,31 @@ pub async fn serve(
     tasks.spawn(purge_loop(broker.clone(), stop_rx.clone()));
     shutdown.await;
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(limits.drain_timeout, async {
+    let drained = tokio::time::timeout(drain_timeout, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
         tasks.abort_all();
     }
-    let audit = broker.audit().clone();
-    tokio::task::spawn_blocking(move || audit.shutdown())
-        .await
-        .map_err(|e| error::internal(e.to_string()))??;
+    let b = broker.clone();
+    tokio::task::spawn_blocking(move || {
+        b.record_uncounted()?;
+        b.audit().shutdown()
+    })
+    .await
+    .map_err(|e| error::internal(e.to_string()))??;
     Ok(())
 }
 
 async fn purge_loop(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
     loop {
         let b = broker.clone();
-        let _ = tokio::task::spawn_blocking(move || b.purge_due_keys(now_ms())).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = b.record_uncounted();
+            b.purge_due_keys(now_ms())
+        })
+        .await;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = stop.changed() => return,
@@ -91,11 +121,173 @@ async fn purge_loop(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// The connections open, by peer, and the idle ones that a newcomer may
+/// displace (see [`ServerLimits::max_connections`]).
+struct Slots {
+    table: std::sync::Mutex<SlotTable>,
+    limits: ServerLimits,
+}
+
+#[derive(Default)]
+struct SlotTable {
+    next_id: u64,
+    open: HashMap<u64, Slot>,
+    per_peer: HashMap<String, Peer>,
+}
+
+struct Slot {
+    peer: String,
+    idle_since: Option<Instant>,
+    close: Arc<Notify>,
+}
+
+/// What the server knows of a peer while it has connections (or owes
+/// failures): how many are open, and its allowance of unauthenticated failures.
+struct Peer {
+    connections: usize,
+    failures: f64,
+    failures_at: Instant,
+}
+
+/// A connection's slot; dropping it frees the slot.
+struct SlotGuard {
+    slots: Arc<Slots>,
+    id: u64,
+    peer: String,
+    close: Arc<Notify>,
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a new connection from `peer`, displacing the longest-idle
+    /// connection (the peer's own when it is at its limit) if need be.
+    fn acquire(self: &Arc<Self>, peer: String) -> Result<SlotGuard, &'static str> {
+        let mut t = self.lock();
+        let now = Instant::now();
+        let limits = &self.limits;
+        if t.per_peer.len() > 4 * limits.max_connections {
+            // Forget peers that have gone and are owed nothing.
+            let rate = limits.unauthenticated_per_peer_per_sec;
+            t.per_peer
+                .retain(|_, p| p.connections > 0 || p.refill(now, rate) < 2.0 * rate);
+        }
+        let p = t.per_peer.entry(peer.clone()).or_insert(Peer {
+            connections: 0,
+            failures: 2.0 * limits.unauthenticated_per_peer_per_sec,
+            failures_at: now,
+        });
+        if p.refill(now, limits.unauthenticated_per_peer_per_sec) < 1.0 {
+            return Err("too many unauthenticated requests from this peer; retry later");
+        }
+        let connections = p.connections;
+        let displaced = if connections >= limits.max_connections_per_peer {
+            Some(t.longest_idle(Some(&peer)).ok_or(
+                "this peer has as many connections open as the broker allows one peer, none idle",
+            )?)
+        } else if t.open.len() >= limits.max_connections {
+            Some(
+                t.longest_idle(None)
+                    .ok_or("the broker is at its connection limit and none is idle; retry later")?,
+            )
+        } else {
+            None
+        };
+        if let Some(id) = displaced {
+            t.remove(id);
+        }
+        let id = t.next_id;
+        t.next_id += 1;
+        let close = Arc::new(Notify::new());
+        t.open.insert(
+            id,
+            Slot {
+                peer: peer.clone(),
+                idle_since: None,
+                close: close.clone(),
+            },
+        );
+        if let Some(p) = t.per_peer.get_mut(&peer) {
+            p.connections += 1;
+        }
+        Ok(SlotGuard {
+            slots: self.clone(),
+            id,
+            peer,
+            close,
+        })
+    }
+}
+
+impl Peer {
+    /// The failure allowance now (it refills at `rate` per second up to twice that).
+    fn refill(&mut self, now: Instant, rate: f64) -> f64 {
+        let elapsed = now.duration_since(self.failures_at).as_secs_f64();
+        self.failures = (self.failures + elapsed * rate).min(2.0 * rate);
+        self.failures_at = now;
+        self.failures
+    }
+}
+
+impl SlotTable {
+    fn longest_idle(&self, peer: Option<&str>) -> Option<u64> {
+        self.open
+            .iter()
+            .filter(|(_, s)| peer.is_none_or(|p| s.peer == p))
+            .filter_map(|(id, s)| Some((s.idle_since?, *id)))
+            .min()
+            .map(|(_, id)| id)
+    }
+
+    /// Frees a slot (closing its connection, if it still runs).
+    fn remove(&mut self, id: u64) {
+        if let Some(slot) = self.open.remove(&id) {
+            slot.close.notify_one();
+            if let Some(p) = self.per_peer.get_mut(&slot.peer) {
+                p.connections -= 1;
+                // A peer is forgotten once it has no connection and its
+                // allowance is full again.
+                if p.connections == 0 && p.failures >= 1.0 {
+                    self.per_peer.remove(&slot.peer);
+                }
+            }
+        }
+    }
+}
+
+impl SlotGuard {
+    fn set_idle(&self, idle: bool) {
+        if let Some(slot) = self.slots.lock().open.get_mut(&self.id) {
+            slot.idle_since = idle.then(Instant::now);
+        }
+    }
+
+    /// Counts an unauthenticated failure; false once the peer has used up
+    /// its allowance (its connection is then closed).
+    fn failed_unauthenticated(&self) -> bool {
+        let rate = self.slots.limits.unauthenticated_per_peer_per_sec;
+        let mut t = self.slots.lock();
+        let Some(p) = t.per_peer.get_mut(&self.peer) else {
+            return false;
+        };
+        let left = p.refill(Instant::now(), rate);
+        p.failures = (left - 1.0).max(0.0);
+        left >= 2.0
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots.lock().remove(self.id);
+    }
+}
+
 async fn accept_loop(
     broker: Arc<Broker>,
     listener: Listener,
-    permits: Arc<Semaphore>,
-    limits: ServerLimits,
+    slots: Arc<Slots>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -105,111 +297,176 @@ async fn accept_loop(
             a = listener.accept() => a,
             _ = stop.changed() => break,
         };
-        let Ok((mut stream, _peer)) = accepted else {
+        let Ok((mut stream, _)) = accepted else {
             // Transient accept errors (EMFILE, aborted handshakes): back off briefly.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let refusal = broker.sign(&Response {
-                request_id: String::new(),
-                request_digest: Vec::new(),
-                result: Err(error::limit_exceeded(
-                    "the broker is at its connection limit; retry later",
-                )),
-            });
-            tokio::spawn(async move {
-                let _ = frame::send(&mut stream, &refusal, MAX_MESSAGE).await;
-            });
-            continue;
+        let slot = match slots.acquire(stream.peer_identity()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                let refusal = broker.sign(&Response {
+                    request_id: String::new(),
+                    request_digest: Vec::new(),
+                    result: Err(error::limit_exceeded(why)),
+                });
+                let timeout = slots.limits.frame_timeout;
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        timeout,
+                        frame::send(&mut stream, &refusal, MAX_MESSAGE),
+                    )
+                    .await;
+                });
+                continue;
+            }
         };
         let broker = broker.clone();
-        let limits = limits.clone();
+        let limits = slots.limits.clone();
         let stop = stop.clone();
         let tls = tls.clone();
         connections.spawn(async move {
             match (stream, tls) {
                 (Stream::Tcp(tcp), Some(acceptor)) => {
                     let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                        tokio::time::timeout(limits.frame_timeout, acceptor.accept(tcp)).await;
                     if let Ok(Ok(tls_stream)) = handshake {
-                        connection(broker, tls_stream, limits, stop).await;
+                        connection(broker, tls_stream, slot, limits, stop).await;
                     }
                 }
-                (stream, _) => connection(broker, stream, limits, stop).await,
+                (stream, _) => connection(broker, stream, slot, limits, stop).await,
             }
-            drop(permit);
         });
         while connections.try_join_next().is_some() {}
     }
     while connections.join_next().await.is_some() {}
 }
 
+/// Why a connection stopped reading requests.
+enum ReadEnd {
+    /// Closed by the peer between requests, or idle too long.
+    Quiet,
+    /// A request began but did not arrive in time.
+    Slow,
+    Frame(FrameError),
+}
+
+/// Reads one request: waits up to `idle_timeout` for it to begin, then up to
+/// `frame_timeout` for the rest (a peer cannot hold a slot busy by trickling).
+/// The slot is idle (displaceable) until the request's first byte arrives.
+async fn read_request<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    slot: &SlotGuard,
+    limits: &ServerLimits,
+) -> Result<Vec<u8>, ReadEnd> {
+    let mut header = [0u8; frame::HEADER_LEN];
+    slot.set_idle(true);
+    match tokio::time::timeout(limits.idle_timeout, stream.read(&mut header[..1])).await {
+        Err(_) | Ok(Ok(0)) | Ok(Err(_)) => return Err(ReadEnd::Quiet),
+        Ok(Ok(_)) => slot.set_idle(false),
+    }
+    let rest = async {
+        stream.read_exact(&mut header[1..]).await?;
+        let len = frame::check_header(&header, MAX_REQUEST)?;
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await?;
+        Ok::<_, FrameError>(payload)
+    };
+    match tokio::time::timeout(limits.frame_timeout, rest).await {
+        Err(_) => Err(ReadEnd::Slow),
+        Ok(Ok(payload)) => Ok(payload),
+        Ok(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(ReadEnd::Frame(FrameError::Truncated {
+                got: 0,
+                expected: frame::HEADER_LEN,
+            }))
+        }
+        Ok(Err(e)) => Err(ReadEnd::Frame(e)),
+    }
+}
+
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     broker: Arc<Broker>,
     mut stream: S,
+    slot: SlotGuard,
     limits: ServerLimits,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let read = tokio::select! {
-            r = tokio::time::timeout(limits.idle_timeout, frame::read_frame(&mut stream, MAX_MESSAGE)) => r,
+            r = read_request(&mut stream, &slot, &limits) => r,
+            _ = slot.close.notified() => return,
             _ = stop.changed() => return,
         };
         let request = match read {
-            Err(_) | Ok(Ok(None)) => return, // idle or closed
-            Ok(Ok(Some(bytes))) => bytes,
-            Ok(Err(e)) => {
+            Ok(bytes) => bytes,
+            Err(ReadEnd::Quiet) => return,
+            Err(ReadEnd::Slow) => {
+                let _ = slot.failed_unauthenticated();
+                return;
+            }
+            Err(ReadEnd::Frame(e)) => {
                 // The stream is no longer in step with frames: answer and close.
+                let _ = slot.failed_unauthenticated();
                 let reply = broker.sign(&Response {
                     request_id: String::new(),
                     request_digest: Vec::new(),
                     result: Err(frame_error(&e)),
                 });
-                let _ = frame::send(&mut stream, &reply, MAX_MESSAGE).await;
+                let _ = tokio::time::timeout(
+                    limits.frame_timeout,
+                    frame::send(&mut stream, &reply, MAX_MESSAGE),
+                )
+                .await;
                 return;
             }
         };
         // Operations that change nothing stored run on this task (no thread
         // hand-off) and await their audit record; the rest, whose keystore
         // transactions block on the audit writer, run where blocking is allowed.
-        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            broker.prepare(&request, true)
-        }))
-        .unwrap_or_else(|_| {
-            Some(Prepared::Done(Response {
-                request_id: String::new(),
-                request_digest: Vec::new(),
-                result: Err(error::internal("request handler failed")),
-            }))
-        });
-        let response = match prepared {
-            Some(Prepared::Done(response)) => broker.sign(&response),
-            Some(Prepared::Audit { record, response }) => {
-                let audited = broker.audit().record_async(record).await;
-                broker.sign(&Prepared::finish(audited, response))
+        let (response, authenticated) = match broker.prepare(&request, true) {
+            Some(prepared) => {
+                let authenticated = prepared.authenticated();
+                let response = match prepared {
+                    Prepared::Done { response, .. } => response,
+                    Prepared::Audit { record, response } => {
+                        Prepared::finish(broker.audit().record_async(record).await, response)
+                    }
+                };
+                (broker.sign(&response), authenticated)
             }
             None => {
                 let b = broker.clone();
                 match tokio::task::spawn_blocking(move || {
-                    let response = b.handle(&request);
-                    b.sign(&response)
+                    let (response, authenticated) = b.handle(&request);
+                    (b.sign(&response), authenticated)
                 })
                 .await
                 {
                     Ok(r) => r,
-                    Err(e) => broker.sign(&Response {
-                        request_id: String::new(),
-                        request_digest: Vec::new(),
-                        result: Err(error::internal(format!("request handler failed: {e}"))),
-                    }),
+                    // Cancelled at shutdown (a panic is caught in `handle`).
+                    Err(_) => (
+                        broker.sign(&Response {
+                            request_id: String::new(),
+                            request_digest: Vec::new(),
+                            result: Err(error::internal("the broker is shutting down; retry")),
+                        }),
+                        true,
+                    ),
                 }
             }
         };
-        if frame::send(&mut stream, &response, MAX_MESSAGE)
-            .await
-            .is_err()
-        {
+        let sent = tokio::time::timeout(
+            limits.frame_timeout,
+            frame::send(&mut stream, &response, MAX_MESSAGE),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return;
+        }
+        // A connection that sent a request no principal signed (or a replay)
+        // ends when its peer's allowance of such failures is used up.
+        if !authenticated && !slot.failed_unauthenticated() {
             return;
         }
     }

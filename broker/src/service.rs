@@ -3,12 +3,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-use cloister_attestation::verify::{ChainCache, TrustAnchor, VerifyOptions, rfc3339};
+use cloister_attestation::verify::{ChainCache, TrustAnchor, VerifyOptions, rfc3339_ms};
 
 use crate::audit::{AuditLog, Decision, RequestRecord};
 use crate::crypto::{self, KeyId};
@@ -29,6 +29,10 @@ pub struct BrokerConfig {
     pub rate_per_sec: f64,
     /// Burst allowance per principal.
     pub burst: f64,
+    /// Unauthenticated failures (malformed, unknown principal, bad signature,
+    /// expired, replayed) recorded one by one per second; beyond it they are
+    /// counted, and the count is recorded (see [`Broker::record_uncounted`]).
+    pub unauthenticated_records_per_sec: f64,
 }
 
 impl Default for BrokerConfig {
@@ -38,14 +42,21 @@ impl Default for BrokerConfig {
             clock_skew: Duration::from_secs(120),
             rate_per_sec: 10_000.0,
             burst: 20_000.0,
+            unauthenticated_records_per_sec: 20.0,
         }
     }
 }
 
 pub use cloister_kms_api::now_ms;
 
-fn ms_to_rfc3339(ms: u64) -> String {
-    rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+/// The longest principal name (checked before anything is looked up).
+pub const MAX_PRINCIPAL_NAME: usize = 256;
+
+fn uncounted_reason(count: u64, since_ms: u64) -> String {
+    format!(
+        "{count} further unauthenticated failures since {} were counted, not recorded one by one",
+        rfc3339_ms(since_ms)
+    )
 }
 
 /// Request ids seen within the acceptance window, as 16-byte digests.
@@ -81,12 +92,33 @@ struct Bucket {
     last_ms: u64,
 }
 
+impl Bucket {
+    /// Takes a token if one has accrued at `rate` per second up to `burst`.
+    fn take(&mut self, now: u64, rate: f64, burst: f64) -> bool {
+        let elapsed = now.saturating_sub(self.last_ms) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.last_ms = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// Unauthenticated failures beyond the recording rate: counted, not recorded.
+struct Unauthenticated {
+    bucket: Bucket,
+    uncounted: u64,
+    since_ms: u64,
+}
+
 pub struct Broker {
     keystore: Keystore,
     audit: AuditLog,
     config: BrokerConfig,
-    started_ms: u64,
     replay: Mutex<ReplayCache>,
+    unauthenticated: Mutex<Unauthenticated>,
     buckets: Mutex<HashMap<String, Bucket>>,
     /// Parsed trust anchors, rebuilt when the keystore's roots change.
     anchors: Mutex<AnchorCache>,
@@ -237,7 +269,7 @@ fn usable(key: &KeyRecord) -> Result<(), KmsError> {
         KeyState::PendingDeletion => Err(error::invalid_state(format!(
             "key {} is pending deletion (on {})",
             key.id,
-            key.deletion_ms.map(ms_to_rfc3339).unwrap_or_default()
+            key.deletion_ms.map(rfc3339_ms).unwrap_or_default()
         ))),
     }
 }
@@ -263,13 +295,21 @@ impl Broker {
         config: BrokerConfig,
         response_key: ed25519_dalek::SigningKey,
     ) -> Self {
+        let unauthenticated_burst = config.unauthenticated_records_per_sec;
         Broker {
             response_key,
             keystore,
             audit,
             config,
-            started_ms: now_ms(),
             replay: Mutex::new(ReplayCache::default()),
+            unauthenticated: Mutex::new(Unauthenticated {
+                bucket: Bucket {
+                    tokens: unauthenticated_burst,
+                    last_ms: now_ms(),
+                },
+                uncounted: 0,
+                since_ms: now_ms(),
+            }),
             buckets: Mutex::new(HashMap::new()),
             anchors: Mutex::new((Vec::new(), Vec::new())),
             chain_cache: std::sync::Arc::new(ChainCache::default()),
@@ -317,16 +357,20 @@ impl Broker {
         })
     }
 
-    /// Handles one request frame and returns the response to send. The audit
-    /// record is on disk before this returns; if it cannot be written, the
-    /// response is an error and carries no result.
-    pub fn handle(&self, frame: &[u8]) -> Response {
-        match self.prepare_decoded(frame, decode(frame)) {
-            Prepared::Done(response) => response,
+    /// Handles one request frame and returns the response to send, and
+    /// whether its sender was authenticated. The audit record is on disk
+    /// before this returns; if it cannot be written, the response is an error
+    /// and carries no result.
+    pub fn handle(&self, frame: &[u8]) -> (Response, bool) {
+        let prepared = self.guarded(frame, || self.prepare_decoded(frame, decode(frame)));
+        let authenticated = prepared.authenticated();
+        let response = match prepared {
+            Prepared::Done { response, .. } => response,
             Prepared::Audit { record, response } => {
                 Prepared::finish(self.audit.record(record), response)
             }
-        }
+        };
+        (response, authenticated)
     }
 
     /// Handles a request up to its audit record. With `inline_only`, only
@@ -343,7 +387,46 @@ impl Broker {
         {
             return None;
         }
-        Some(self.prepare_decoded(frame, decoded))
+        Some(self.guarded(frame, || self.prepare_decoded(frame, decoded)))
+    }
+
+    /// Runs a handler; should it panic (a bug), the request is still audited,
+    /// as an error, and answered with a coded error that shows no internals.
+    fn guarded(&self, frame: &[u8], handler: impl FnOnce() -> Prepared) -> Prepared {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)).unwrap_or_else(|_| {
+            let (request_id, principal, action, digest) = match decode(frame) {
+                Ok((s, p)) => (
+                    p.request_id,
+                    p.principal,
+                    p.operation.action().to_owned(),
+                    request_digest(&s.payload),
+                ),
+                Err(_) => (
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    request_digest(frame),
+                ),
+            };
+            let err = error::internal(
+                "the broker failed while handling this request; the failure is in its audit log",
+            );
+            Prepared::Audit {
+                record: RequestRecord {
+                    request_id: request_id.clone(),
+                    principal,
+                    action,
+                    decision: Decision::Error,
+                    reason: "the request handler panicked (a broker bug)".into(),
+                    ..Default::default()
+                },
+                response: Response {
+                    request_id,
+                    request_digest: digest,
+                    result: Err(err),
+                },
+            }
+        })
     }
 
     fn prepare_decoded(
@@ -355,41 +438,41 @@ impl Broker {
         let (signed, payload) = match decoded {
             Ok(d) => d,
             Err(e) => {
-                let request_digest = request_digest(frame);
                 let err = error::validation(format!("malformed request: {e}"));
                 let record = RequestRecord {
-                    request_id: String::new(),
-                    principal: String::new(),
-                    action: String::new(),
-                    key_id: None,
-                    decision: Decision::Deny,
                     reason: err.message.clone(),
-                    recipient_pcr0: None,
-                    recipient_module_id: None,
+                    ..Default::default()
                 };
-                return Prepared::Audit {
-                    record,
-                    response: Response {
-                        request_id: String::new(),
-                        request_digest,
-                        result: Err(err),
-                    },
+                let response = Response {
+                    request_id: String::new(),
+                    request_digest: request_digest(frame),
+                    result: Err(err),
                 };
+                return self.unauthenticated_failure(record, response, now);
             }
         };
         let mut record = RequestRecord {
             request_id: payload.request_id.clone(),
             principal: payload.principal.clone(),
             action: payload.operation.action().to_owned(),
-            key_id: None,
-            decision: Decision::Deny,
-            reason: String::new(),
-            recipient_pcr0: None,
-            recipient_module_id: None,
+            ..Default::default()
         };
-        let result = match self.authenticate(&signed, &payload, now) {
+        let principal = match self.authenticate(&signed, &payload, now) {
+            Ok(principal) => principal,
+            Err(e) => {
+                record.reason = e.to_string();
+                let response = Response {
+                    request_id: payload.request_id,
+                    request_digest: request_digest(&signed.payload),
+                    result: Err(e),
+                };
+                return self.unauthenticated_failure(record, response, now);
+            }
+        };
+        record.authenticated = true;
+        let result = match self.take_token(&principal.name, now) {
             Err(e) => Err(e),
-            Ok(principal) => {
+            Ok(()) => {
                 let mut call = Call {
                     broker: self,
                     principal,
@@ -409,11 +492,14 @@ impl Broker {
                             format!("the change recorded above was rolled back: {e}");
                         let _ = self.audit.record(correction);
                     }
-                    return Prepared::Done(Response {
-                        request_id: payload.request_id,
-                        request_digest: request_digest(&signed.payload),
-                        result: result.map(|(out, _)| out),
-                    });
+                    return Prepared::Done {
+                        response: Response {
+                            request_id: payload.request_id,
+                            request_digest: request_digest(&signed.payload),
+                            result: result.map(|(out, _)| out),
+                        },
+                        authenticated: true,
+                    };
                 }
                 record = call.record;
                 result.map(|(out, reason)| {
@@ -450,12 +536,48 @@ impl Broker {
         }
     }
 
+    /// A request that failed before its sender was authenticated: recorded
+    /// within the recording rate, otherwise only counted (and answered).
+    fn unauthenticated_failure(
+        &self,
+        mut record: RequestRecord,
+        response: Response,
+        now: u64,
+    ) -> Prepared {
+        let Some((uncounted, since)) = self.admit_unauthenticated(now) else {
+            return Prepared::Done {
+                response,
+                authenticated: false,
+            };
+        };
+        if uncounted > 0 {
+            record.reason = format!(
+                "{}; before it, {}",
+                record.reason,
+                uncounted_reason(uncounted, since)
+            );
+        }
+        Prepared::Audit { record, response }
+    }
+
     fn authenticate(
         &self,
         signed: &SignedRequest,
         payload: &RequestPayload,
         now: u64,
     ) -> Result<PrincipalRecord, KmsError> {
+        // Sizes first: nothing longer is looked up, verified or recorded whole.
+        if payload.principal.is_empty() || payload.principal.len() > MAX_PRINCIPAL_NAME {
+            return Err(error::invalid_signature(format!(
+                "a principal name is 1 to {MAX_PRINCIPAL_NAME} bytes (this one is {})",
+                payload.principal.len()
+            )));
+        }
+        if payload.request_id.len() < 16 || payload.request_id.len() > 64 {
+            return Err(error::validation(
+                "the request id must be 16 to 64 characters",
+            ));
+        }
         let principal = self
             .keystore
             .principal(&payload.principal)?
@@ -466,27 +588,18 @@ impl Broker {
             .map_err(|_| error::invalid_signature("the signature is not 64 bytes"))?;
         verify_request(&principal.public_key, &signed.payload, &signature)?;
         let skew = self.config.clock_skew.as_millis() as u64;
-        if payload.timestamp_ms + skew < now || payload.timestamp_ms > now + skew {
+        if payload.timestamp_ms.saturating_add(skew) < now
+            || payload.timestamp_ms > now.saturating_add(skew)
+        {
             return Err(error::expired(format!(
                 "the request was signed at {}, more than {} s from the broker's clock ({})",
-                ms_to_rfc3339(payload.timestamp_ms),
+                rfc3339_ms(payload.timestamp_ms),
                 skew / 1000,
-                ms_to_rfc3339(now)
+                rfc3339_ms(now)
             )));
         }
-        // Ids seen by an earlier run of the broker are not remembered: refuse
-        // anything signed before this run started, so nothing can be replayed
-        // across a restart.
-        if payload.timestamp_ms < self.started_ms {
-            return Err(error::expired(
-                "the request was signed before the broker started; sign it again",
-            ));
-        }
-        if payload.request_id.len() < 16 || payload.request_id.len() > 64 {
-            return Err(error::validation(
-                "the request id must be 16 to 64 characters",
-            ));
-        }
+        // Ids used before a restart are remembered from the audit log (see
+        // `remember_used_ids`), so none is accepted twice within the window.
         let fresh = self
             .replay
             .lock()
@@ -494,7 +607,7 @@ impl Broker {
             .insert(
                 &payload.principal,
                 &payload.request_id,
-                payload.timestamp_ms + skew,
+                payload.timestamp_ms.saturating_add(skew),
                 now,
             );
         if !fresh {
@@ -503,8 +616,30 @@ impl Broker {
                 payload.request_id
             )));
         }
-        self.take_token(&principal.name, now)?;
         Ok(principal)
+    }
+
+    /// Remembers request ids that an earlier run accepted (read from the
+    /// audit log's end): each for twice the clock skew after it was recorded,
+    /// which covers any timestamp the guard accepted it with.
+    pub fn remember_used_ids(&self, mut used: Vec<crate::audit::UsedRequestId>) {
+        let skew = self.config.clock_skew.as_millis() as u64;
+        used.sort_by_key(|u| u.recorded_ms);
+        let now = now_ms();
+        let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        for u in used {
+            replay.insert(
+                &u.principal,
+                &u.request_id,
+                u.recorded_ms.saturating_add(2 * skew),
+                now,
+            );
+        }
+    }
+
+    /// How far back the audit log must be read for [`Broker::remember_used_ids`].
+    pub fn replay_window(&self) -> Duration {
+        2 * self.config.clock_skew
     }
 
     fn take_token(&self, principal: &str, now: u64) -> Result<(), KmsError> {
@@ -516,17 +651,59 @@ impl Broker {
             tokens: self.config.burst,
             last_ms: now,
         });
-        let elapsed = now.saturating_sub(b.last_ms) as f64 / 1000.0;
-        b.tokens = (b.tokens + elapsed * self.config.rate_per_sec).min(self.config.burst);
-        b.last_ms = now;
-        if b.tokens < 1.0 {
+        if !b.take(now, self.config.rate_per_sec, self.config.burst) {
             return Err(error::limit_exceeded(format!(
                 "principal {principal:?} exceeded {} requests per second",
                 self.config.rate_per_sec
             )));
         }
-        b.tokens -= 1.0;
         Ok(())
+    }
+
+    /// Whether an unauthenticated failure is recorded one by one (with the
+    /// count of those not recorded before it), or only counted.
+    fn admit_unauthenticated(&self, now: u64) -> Option<(u64, u64)> {
+        let mut u = self
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let rate = self.config.unauthenticated_records_per_sec;
+        if u.bucket.take(now, rate, rate) {
+            let since = std::mem::replace(&mut u.since_ms, now);
+            Some((std::mem::take(&mut u.uncounted), since))
+        } else {
+            u.uncounted += 1;
+            None
+        }
+    }
+
+    /// Records how many unauthenticated failures were counted but not recorded
+    /// one by one since the last such record, if any were (the server calls
+    /// this every minute and at shutdown).
+    pub fn record_uncounted(&self) -> Result<(), KmsError> {
+        let (count, since) = {
+            let mut u = self
+                .unauthenticated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = now_ms();
+            (
+                std::mem::take(&mut u.uncounted),
+                std::mem::replace(&mut u.since_ms, now),
+            )
+        };
+        if count == 0 {
+            return Ok(());
+        }
+        self.audit
+            .record(RequestRecord {
+                principal: "cloister-broker".into(),
+                action: "cloister:UnauthenticatedFailures".into(),
+                decision: Decision::Deny,
+                reason: uncounted_reason(count, since),
+                ..Default::default()
+            })
+            .map(|_| ())
     }
 
     /// Runs an operation; returns the output and the authorization reason.
@@ -887,7 +1064,7 @@ impl Broker {
                 Ok((
                     Output::DeletionScheduled {
                         key_id: id.arn(),
-                        deletion_date: ms_to_rfc3339(when),
+                        deletion_date: rfc3339_ms(when),
                     },
                     reason,
                 ))
@@ -997,8 +1174,8 @@ impl Broker {
                 arn: k.id.arn(),
                 description: k.description.clone(),
                 key_state: format!("{:?}", k.state),
-                creation_date: ms_to_rfc3339(k.created_ms),
-                deletion_date: k.deletion_ms.map(ms_to_rfc3339),
+                creation_date: rfc3339_ms(k.created_ms),
+                deletion_date: k.deletion_ms.map(rfc3339_ms),
                 current_version: k.current_version(),
                 aliases,
             })
@@ -1019,8 +1196,7 @@ impl Broker {
                         decision: Decision::Allow,
                         reason: "the deletion waiting period ended; the key material is destroyed"
                             .into(),
-                        recipient_pcr0: None,
-                        recipient_module_id: None,
+                        ..Default::default()
                     })
                     .map(|_| ())
             })?;
@@ -1037,8 +1213,12 @@ fn decode(frame: &[u8]) -> Result<(SignedRequest, RequestPayload), cloister_prot
 
 /// A request handled up to its audit record.
 pub enum Prepared {
-    /// Audited already (inside a keystore transaction): send this.
-    Done(Response),
+    /// Audited already (inside a keystore transaction), or an unauthenticated
+    /// failure only counted: send this.
+    Done {
+        response: Response,
+        authenticated: bool,
+    },
     /// Send `response` only once `record` is on disk ([`Prepared::finish`]).
     Audit {
         record: RequestRecord,
@@ -1047,6 +1227,15 @@ pub enum Prepared {
 }
 
 impl Prepared {
+    /// Whether the request's sender was authenticated (signature, freshness,
+    /// unused id); a connection whose sender was not is closed.
+    pub fn authenticated(&self) -> bool {
+        match self {
+            Prepared::Done { authenticated, .. } => *authenticated,
+            Prepared::Audit { record, .. } => record.authenticated,
+        }
+    }
+
     /// The response to send after the audit record was written, or not: an
     /// unwritten record turns the response into that error, without a result.
     pub fn finish(audited: Result<u64, KmsError>, response: Response) -> Response {

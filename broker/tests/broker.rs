@@ -51,29 +51,38 @@ impl Env {
     }
 
     async fn start() -> Env {
-        let dir = tempfile::tempdir().unwrap();
+        Env::start_with(None, ServerLimits::default()).await
+    }
+
+    /// A broker on `dir` (a new data directory when `None`) with these limits.
+    async fn start_with(dir: Option<tempfile::TempDir>, limits: ServerLimits) -> Env {
+        let dir = match dir {
+            Some(dir) => dir,
+            None => {
+                let dir = tempfile::tempdir().unwrap();
+                DataDir::new(dir.path().join("kms"))
+                    .init(None, &[])
+                    .unwrap();
+                dir
+            }
+        };
         let data = DataDir::new(dir.path().join("kms"));
-        data.init(None, &[]).unwrap();
         let broker = Arc::new(data.open(None, BrokerConfig::default()).unwrap());
         let shared = broker.clone();
         let addr = Address::Unix(dir.path().join("kms.sock"));
         let listener = cloister_proto::listen(&addr).await.unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            serve(
-                broker,
-                vec![listener],
-                ServerLimits::default(),
-                None,
-                async {
-                    let _ = rx.await;
-                },
-            )
+            serve(broker, vec![listener], limits, None, async {
+                let _ = rx.await;
+            })
             .await
             .unwrap();
         });
         let platform = PlatformDir::new(dir.path().join("platform"));
-        platform.init("t", DEFAULT_NSM_VALIDITY).unwrap();
+        if !platform.root_cert().exists() {
+            platform.init("t", DEFAULT_NSM_VALIDITY).unwrap();
+        }
         Env {
             dir,
             addr,
@@ -660,4 +669,335 @@ async fn key_material_is_destroyed_when_the_waiting_period_ends() {
     assert_eq!(n, 0);
     let log = std::fs::read_to_string(dir.path().join("kms/audit.log")).unwrap();
     assert!(log.contains("\"action\":\"kms:DeleteKey\""));
+}
+
+/// A principal added by the admin with this key (for hand-made requests).
+async fn principal_with_key(env: &Env, name: &str) -> SigningKey {
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    env.admin()
+        .await
+        .call(Operation::PrincipalAdd {
+            name: name.into(),
+            public_key: key.verifying_key().to_bytes().to_vec(),
+            policy: ALLOW_ALL.into(),
+        })
+        .await
+        .unwrap();
+    key
+}
+
+fn request(principal: &str, timestamp_ms: u64, operation: Operation) -> RequestPayload {
+    RequestPayload {
+        principal: principal.into(),
+        timestamp_ms,
+        request_id: hex::encode(rand_core::RngCore::next_u64(&mut rand_core::OsRng).to_be_bytes())
+            + "-request",
+        operation,
+    }
+}
+
+async fn exchange(
+    env: &Env,
+    stream: &mut cloister_proto::Stream,
+    signed: &SignedRequest,
+) -> Result<Output, KmsError> {
+    cloister_proto::frame::send(stream, signed, MAX_REQUEST)
+        .await
+        .unwrap();
+    env.answer(stream).await.result
+}
+
+fn audit_lines(env: &Env) -> Vec<String> {
+    std::fs::read_to_string(env.dir.path().join("kms/audit.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_and_oversized_input_gets_typed_errors_and_bounded_audit_lines() {
+    let env = Env::start().await;
+    env.trust_platform().await;
+    let key = principal_with_key(&env, "app").await;
+    let mut stream = cloister_proto::connect(&env.addr).await.unwrap();
+    let now = cloister_kms::service::now_ms();
+    // Timestamps past year 9999, at u64::MAX and at 0: expired, not a panic.
+    for ts in [u64::MAX, 253_402_300_800_000 + 86_400_000, 0] {
+        let signed = SignedRequest::sign(&request("app", ts, Operation::ListKeys), &key).unwrap();
+        let e = exchange(&env, &mut stream, &signed).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::RequestExpiredException, "{e}");
+        assert!(e.message.contains("more than 120 s"), "{e}");
+    }
+    // A 60 KB principal name is refused before it is looked up or verified,
+    // and its audit line is cut.
+    let huge = "x".repeat(60_000);
+    let signed = SignedRequest::sign(&request(&huge, now, Operation::ListKeys), &key).unwrap();
+    let e = exchange(&env, &mut stream, &signed).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidSignatureException);
+    assert!(
+        e.message.contains("1 to 256 bytes (this one is 60000)"),
+        "{e}"
+    );
+    // A condition key with a multibyte character across byte 18 and a policy
+    // over 32 KB: validation errors.
+    let odd_key = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*","Condition":{"StringEquals":{"kms:EncryptionContexté":"x"}}}}"#;
+    let padded = format!(
+        r#"{{"Version":"2012-10-17","Id":"{}","Statement":{{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*"}}}}"#,
+        "p".repeat(33_000)
+    );
+    for (policy, says) in [
+        (odd_key.to_owned(), "kms:EncryptionContexté"),
+        (padded, "at most 32768"),
+    ] {
+        let op = Operation::CreateKey {
+            description: String::new(),
+            policy: Some(policy),
+        };
+        let signed = SignedRequest::sign(&request("app", now, op), &key).unwrap();
+        let e = exchange(&env, &mut stream, &signed).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ValidationException, "{e}");
+        assert!(e.message.contains(says), "{e}");
+    }
+    // A validly signed attestation document dated past year 9999.
+    let mut raw = cloister_attestation::document::UnverifiedDocument::parse(
+        &env.document(pcr::measure(b"image"), [7; 32]),
+    )
+    .unwrap()
+    .document;
+    raw.timestamp = 400_000_000_000_000;
+    let nsm_key = keyfile::read_signing_key(&env.platform.nsm_key()).unwrap();
+    let doc = cloister_attestation::document::sign(
+        &raw,
+        cloister_attestation::document::SigningAlgorithm::EdDSA,
+        |data| {
+            ed25519_dalek::Signer::sign(&nsm_key, data)
+                .to_bytes()
+                .to_vec()
+        },
+    )
+    .unwrap();
+    let op = Operation::GenerateRandom {
+        number_of_bytes: 8,
+        recipient: Some(Recipient {
+            key_encryption_algorithm: recipient::ALGORITHM.into(),
+            attestation_document: doc,
+        }),
+    };
+    let signed = SignedRequest::sign(&request("app", now, op), &key).unwrap();
+    let e = exchange(&env, &mut stream, &signed).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AccessDeniedException, "{e}");
+    assert!(e.message.contains("ms after the Unix epoch"), "{e}");
+    // A frame over the request limit (64 KB): refused, and the connection
+    // closed (it is out of step with frames).
+    let big = SignedRequest::sign(
+        &request(&"y".repeat(70_000), now, Operation::ListKeys),
+        &key,
+    )
+    .unwrap();
+    cloister_proto::frame::send(&mut stream, &big, MAX_MESSAGE)
+        .await
+        .unwrap_or(());
+    let e = env.answer(&mut stream).await.result.unwrap_err();
+    assert!(e.message.contains("request refused"), "{e}");
+    assert!(
+        cloister_proto::frame::read_frame(&mut stream, MAX_MESSAGE)
+            .await
+            .map_or(true, |f| f.is_none())
+    );
+    // The broker still serves, and no audit line carries the long names.
+    env.admin().await.call(Operation::ListKeys).await.unwrap();
+    let lines = audit_lines(&env);
+    assert!(lines.iter().any(|l| l.contains("(60000 bytes)")));
+    assert!(
+        lines.iter().all(|l| l.len() < 2048),
+        "an audit line is long"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_flood_costs_the_audit_log_a_bounded_number_of_bytes() {
+    let limits = ServerLimits {
+        // The per-peer allowance is tested on its own: here everything comes
+        // from this process's uid.
+        unauthenticated_per_peer_per_sec: 1e9,
+        ..Default::default()
+    };
+    let env = Env::start_with(None, limits).await;
+    let before = audit_lines(&env).len();
+    let forger = SigningKey::generate(&mut rand_core::OsRng);
+    let started = std::time::Instant::now();
+    const SENT: u64 = 4 * 400;
+    let mut floods = Vec::new();
+    for _ in 0..4 {
+        let addr = env.addr.clone();
+        let forger = forger.clone();
+        floods.push(tokio::spawn(async move {
+            let mut stream = cloister_proto::connect(&addr).await.unwrap();
+            for _ in 0..400 {
+                let name = "z".repeat(200);
+                let signed = SignedRequest::sign(
+                    &request(&name, cloister_kms::service::now_ms(), Operation::ListKeys),
+                    &forger,
+                )
+                .unwrap();
+                cloister_proto::frame::send(&mut stream, &signed, MAX_REQUEST)
+                    .await
+                    .unwrap();
+                let _: SignedResponse = cloister_proto::frame::recv(&mut stream, MAX_MESSAGE)
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        }));
+    }
+    for f in floods {
+        f.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Authenticated clients are served meanwhile and after.
+    env.admin().await.call(Operation::ListKeys).await.unwrap();
+    env.broker.record_uncounted().unwrap();
+    let lines = audit_lines(&env);
+    let flood: Vec<&String> = lines[before..]
+        .iter()
+        .filter(|l| l.contains("unknown principal"))
+        .collect();
+    // 20 per second (and a burst of 20) are recorded one by one...
+    let allowed = (20.0 * elapsed + 21.0) as usize;
+    assert!(
+        flood.len() <= allowed,
+        "{} flood lines in {elapsed:.1} s",
+        flood.len()
+    );
+    assert!(flood.iter().all(|l| l.len() < 2048));
+    // ...and the rest are counted: every request sent is accounted for.
+    let counted: u64 = lines[before..]
+        .iter()
+        .filter_map(|l| {
+            let (_, after) = l.split_once("before it, ").or_else(|| {
+                l.contains("cloister:UnauthenticatedFailures")
+                    .then(|| l.split_once("\"reason\":\""))?
+            })?;
+            after.split(' ').next()?.parse::<u64>().ok()
+        })
+        .sum();
+    assert_eq!(flood.len() as u64 + counted, SENT);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_make_way_and_slow_or_failing_peers_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let limits = ServerLimits {
+        max_connections: 8,
+        max_connections_per_peer: 3,
+        unauthenticated_per_peer_per_sec: 5.0,
+        frame_timeout: std::time::Duration::from_millis(1000),
+        ..Default::default()
+    };
+    let env = Env::start_with(None, limits).await;
+    let closed = |mut s: cloister_proto::Stream| async move {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            cloister_proto::frame::read_frame(&mut s, MAX_MESSAGE),
+        )
+        .await
+        .expect("the broker did not close the connection")
+        .map_or(true, |f| f.is_none())
+    };
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(100));
+    // Three idle connections fill this peer's share; a fourth (the admin's)
+    // displaces the oldest, which the broker closes.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(cloister_proto::connect(&env.addr).await.unwrap());
+        settle().await;
+    }
+    env.admin().await.call(Operation::ListKeys).await.unwrap();
+    assert!(closed(idle.remove(0)).await);
+    drop(idle);
+    settle().await;
+    // Three connections in the middle of a request are busy: a fourth is
+    // refused, with the reason...
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        let mut s = cloister_proto::connect(&env.addr).await.unwrap();
+        s.write_all(&[1, 0, 0]).await.unwrap();
+        busy.push(s);
+    }
+    settle().await;
+    let mut refused = cloister_proto::connect(&env.addr).await.unwrap();
+    let e = env.answer(&mut refused).await.result.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::LimitExceededException);
+    assert!(e.message.contains("none idle"), "{e}");
+    // ...and each trickling request is cut off after the frame timeout.
+    for s in busy {
+        assert!(closed(s).await);
+    }
+    // A peer that keeps sending what no principal signed is cut off once
+    // its allowance (5 per second, 10 at once) is spent, and refused for a while.
+    let forger = SigningKey::generate(&mut rand_core::OsRng);
+    let mut s = cloister_proto::connect(&env.addr).await.unwrap();
+    let mut answered = 0;
+    loop {
+        let signed = SignedRequest::sign(
+            &request("app", cloister_kms::service::now_ms(), Operation::ListKeys),
+            &forger,
+        )
+        .unwrap();
+        if cloister_proto::frame::send(&mut s, &signed, MAX_REQUEST)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match cloister_proto::frame::recv::<_, SignedResponse>(&mut s, MAX_MESSAGE).await {
+            Ok(Some(_)) => answered += 1,
+            _ => break,
+        }
+        assert!(answered <= 10, "the peer was not cut off");
+    }
+    assert!(answered >= 9, "cut off after {answered}");
+    let mut next = cloister_proto::connect(&env.addr).await.unwrap();
+    let e = env.answer(&mut next).await.result.unwrap_err();
+    assert!(e.message.contains("too many unauthenticated"), "{e}");
+    // Once the allowance has refilled, the peer is served again.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    env.admin().await.call(Operation::ListKeys).await.unwrap();
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_accepted_before_a_restart_is_a_replay_after_it() {
+    let env = Env::start().await;
+    let key = principal_with_key(&env, "app").await;
+    let now = cloister_kms::service::now_ms();
+    // One dated now, one 100 s ahead (within the 120 s skew).
+    let signed: Vec<SignedRequest> = [now, now + 100_000]
+        .into_iter()
+        .map(|ts| SignedRequest::sign(&request("app", ts, Operation::ListKeys), &key).unwrap())
+        .collect();
+    let mut stream = cloister_proto::connect(&env.addr).await.unwrap();
+    for s in &signed {
+        exchange(&env, &mut stream, s).await.unwrap();
+    }
+    drop(stream);
+    let dir = env.stop().await;
+    let env = Env::start_with(Some(dir), ServerLimits::default()).await;
+    let mut stream = cloister_proto::connect(&env.addr).await.unwrap();
+    for s in &signed {
+        let e = exchange(&env, &mut stream, s).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidSignatureException);
+        assert!(e.message.contains("replayed"), "{e}");
+    }
+    // A fresh request from the same principal is served.
+    let fresh = SignedRequest::sign(
+        &request("app", cloister_kms::service::now_ms(), Operation::ListKeys),
+        &key,
+    )
+    .unwrap();
+    exchange(&env, &mut stream, &fresh).await.unwrap();
+    env.stop().await;
 }

@@ -230,6 +230,24 @@ macro_rules! each_stream {
     };
 }
 
+impl Stream {
+    /// Who is at the other end, for per-peer limits: the uid on a Unix socket
+    /// (from the kernel), the IP address on TCP, the CID on vsock.
+    pub fn peer_identity(&self) -> String {
+        match self {
+            Stream::Unix(s) => s
+                .peer_cred()
+                .map_or_else(|_| "uid:unknown".into(), |c| format!("uid:{}", c.uid())),
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "ip:unknown".into(), |a| format!("ip:{}", a.ip())),
+            Stream::Vsock(s) => s
+                .peer_addr()
+                .map_or_else(|_| "cid:unknown".into(), |a| format!("cid:{}", a.cid())),
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

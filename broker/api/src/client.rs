@@ -11,8 +11,8 @@ use cloister_proto::{Address, ErrorCode, TransportError};
 use crate::error::KmsError;
 use crate::now_ms;
 use crate::protocol::{
-    MAX_MESSAGE, Operation, Output, RequestPayload, ResponseError, SignedRequest, SignedResponse,
-    request_digest,
+    MAX_MESSAGE, MAX_REQUEST, Operation, Output, RequestPayload, ResponseError, SignedRequest,
+    SignedResponse, request_digest,
 };
 use crate::tls::ClientTls;
 
@@ -128,7 +128,7 @@ impl KmsClient {
             operation,
         };
         let signed = SignedRequest::sign(&payload, &self.credentials.key)?;
-        frame::send(&mut self.stream, &signed, MAX_MESSAGE).await?;
+        frame::send(&mut self.stream, &signed, MAX_REQUEST).await?;
         let answer: SignedResponse = frame::recv(&mut self.stream, MAX_MESSAGE)
             .await?
             .ok_or(ClientError::Closed)?;

@@ -22,8 +22,11 @@ use crate::error::KmsError;
 
 pub const REQUEST_LABEL: &[u8] = b"cloister-kms-request-v1\0";
 pub const RESPONSE_LABEL: &[u8] = b"cloister-kms-response-v1\0";
-/// The largest request or response frame the broker exchanges.
+/// The largest response frame the broker sends.
 pub const MAX_MESSAGE: u32 = 256 * 1024;
+/// The largest request frame the broker reads (a 32 KB key policy, an
+/// attestation document and an 8 KB encryption context fit with room).
+pub const MAX_REQUEST: u32 = 64 * 1024;
 
 /// Secret bytes (plaintext, data keys): zeroized on drop, redacted in Debug.
 #[derive(Clone, PartialEq, Eq, Default)]

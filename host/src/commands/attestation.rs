@@ -8,7 +8,9 @@ use clap::Subcommand;
 use serde_json::{Map, Value, json};
 
 use cloister_attestation::nsm::read_pem_certificates;
-use cloister_attestation::verify::{TrustAnchor, VerifyOptions, rfc3339, verify};
+use cloister_attestation::verify::{
+    TrustAnchor, VerifyOptions, rfc3339, rfc3339_ms, unix_ms, verify,
+};
 
 use crate::errors::UsageError;
 
@@ -87,14 +89,13 @@ pub fn run(cmd: AttestationCommand) -> anyhow::Result<()> {
         b.as_ref()
             .map_or(Value::Null, |b| Value::String(hex::encode(b)))
     };
-    let issued = SystemTime::UNIX_EPOCH + Duration::from_millis(v.timestamp_ms);
     super::print_json(&json!({
         "Verified": true,
         "Algorithm": v.algorithm.name(),
         "ModuleId": v.module_id,
         "Digest": v.digest,
         "Timestamp": v.timestamp_ms,
-        "TimestampUtc": rfc3339(issued),
+        "TimestampUtc": rfc3339_ms(v.timestamp_ms),
         "VerifiedAt": rfc3339(opts.at.unwrap_or_else(SystemTime::now)),
         "Debug": v.debug,
         "PCRs": pcrs,
@@ -112,7 +113,7 @@ fn parse_time(s: &str) -> Result<SystemTime, UsageError> {
         let ms: u64 = s
             .parse()
             .map_err(|_| UsageError(format!("--at {s}: too large")))?;
-        return Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        return Ok(unix_ms(ms));
     }
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map(SystemTime::from)

@@ -59,9 +59,12 @@ pub enum KmsCommand {
         tls_key: Option<PathBuf>,
         #[arg(long)]
         passphrase_env: Option<String>,
-        /// Most connections served at once.
-        #[arg(long, default_value_t = 512)]
+        /// Most connections open at once (a newcomer displaces the one idle longest).
+        #[arg(long, default_value_t = 1024)]
         max_connections: usize,
+        /// Most connections open at once from one peer (uid, IP address or CID).
+        #[arg(long, default_value_t = 256)]
+        max_connections_per_peer: usize,
         /// Sustained requests per second allowed per principal.
         #[arg(long, default_value_t = 10_000.0)]
         rate: f64,
@@ -427,6 +430,7 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             listen,
             passphrase_env,
             max_connections,
+            max_connections_per_peer,
             rate,
             max_document_age,
             tls_cert,
@@ -464,6 +468,7 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                 super::print_json(&json!({ "Listening": bound }))?;
                 let limits = ServerLimits {
                     max_connections,
+                    max_connections_per_peer,
                     ..Default::default()
                 };
                 serve(broker, listeners, limits, tls, shutdown_signal()).await?;
