@@ -172,8 +172,11 @@ pub fn blob_header(blob: &[u8]) -> Result<BlobHeader, KmsError> {
             "not a Cloister ciphertext blob (bad magic or unsupported version)",
         ));
     }
-    let key_id = KeyId(blob[4..20].try_into().unwrap_or_default());
-    let version = u32::from_be_bytes(blob[20..24].try_into().unwrap_or_default());
+    let mut key_id = [0u8; 16];
+    key_id.copy_from_slice(&blob[4..20]);
+    let mut version = [0u8; 4];
+    version.copy_from_slice(&blob[20..24]);
+    let (key_id, version) = (KeyId(key_id), u32::from_be_bytes(version));
     Ok(BlobHeader { key_id, version })
 }
 
@@ -243,7 +246,7 @@ impl RootKey {
     }
 
     /// Encrypts key material for storage: nonce || ciphertext || tag, bound to `aad`.
-    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KmsError> {
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut nonce);
         let ct = Aes256Gcm::new(self.0.as_ref().into())
@@ -254,8 +257,8 @@ impl RootKey {
                     aad,
                 },
             )
-            .unwrap_or_default();
-        [nonce.as_slice(), &ct].concat()
+            .map_err(|_| error::internal("key material could not be encrypted for storage"))?;
+        Ok([nonce.as_slice(), &ct].concat())
     }
 
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
@@ -351,7 +354,7 @@ mod tests {
     #[test]
     fn root_key_seals_and_rejects_wrong_aad() {
         let root = RootKey::generate();
-        let sealed = root.seal(b"aad", b"material");
+        let sealed = root.seal(b"aad", b"material").unwrap();
         assert_eq!(root.open(b"aad", &sealed).unwrap().as_slice(), b"material");
         assert!(root.open(b"other", &sealed).is_none());
         assert!(RootKey::generate().open(b"aad", &sealed).is_none());

@@ -4,8 +4,10 @@
 //! Key material is encrypted at rest under the root key with AES-256-GCM, bound to
 //! its key id and version. Every change runs in one SQLite transaction; a
 //! `before_commit` hook (the audit log) runs inside it, so a change the audit log
-//! could not record is rolled back. The in-memory copy is updated only after the
-//! commit succeeds.
+//! could not record is rolled back. A change's preconditions (a key's state, a
+//! name not taken) are read inside its transaction, and the in-memory copy is
+//! updated after the commit under the same lock, so no check-then-act race
+//! exists between requests (or with the purge).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -212,7 +214,7 @@ impl Keystore {
         .map_err(db_err)?;
         tx.execute(
             "INSERT INTO meta VALUES ('root_check', ?1)",
-            params![root.seal(ROOT_CHECK_AAD, b"ok")],
+            params![root.seal(ROOT_CHECK_AAD, b"ok")?],
         )
         .map_err(db_err)?;
         for (name, value) in extra_meta {
@@ -280,10 +282,16 @@ impl Keystore {
         })
     }
 
+    /// Runs one change: `change` inside a transaction, then `before_commit`
+    /// (the audit record), the commit, and `apply` to the in-memory copy —
+    /// all under the connection's lock, so that no other change interleaves
+    /// and the copy sees changes in the order the database committed them.
+    /// Conditions a change depends on are checked inside `change`.
     fn write<T>(
         &self,
         change: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, KmsError>,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&T) -> Result<(), KmsError>,
+        apply: impl FnOnce(&mut State, &T),
     ) -> Result<T, KmsError> {
         let mut conn = self
             .conn
@@ -291,8 +299,9 @@ impl Keystore {
             .map_err(|_| error::internal("keystore lock poisoned"))?;
         let tx = conn.transaction().map_err(db_err)?;
         let out = change(&tx)?;
-        before_commit()?;
+        before_commit(&out)?;
         tx.commit().map_err(db_err)?;
+        apply(&mut *self.write_state()?, &out);
         Ok(out)
     }
 
@@ -387,7 +396,7 @@ impl Keystore {
             .map_err(|e| error::validation(e.to_string()))?;
         let id = KeyId::random();
         let material = crate::crypto::random_key();
-        let sealed = self.root.seal(&material_aad(id, 1), material.as_ref());
+        let sealed = self.root.seal(&material_aad(id, 1), material.as_ref())?;
         self.write(
             |tx| {
                 tx.execute(
@@ -399,83 +408,97 @@ impl Keystore {
                     "INSERT INTO key_versions VALUES (?1, 1, ?2, ?3)",
                     params![id.0, sealed, now_ms as i64],
                 )
-                .map_err(db_err)
+                .map_err(db_err)?;
+                Ok(id)
             },
-            || before_commit(id),
-        )?;
-        self.write_state()?.keys.insert(
-            id,
-            KeyRecord {
-                id,
-                description: description.to_owned(),
-                state: KeyState::Enabled,
-                created_ms: now_ms,
-                deletion_ms: None,
-                policy_json: policy_json.to_owned(),
-                policy,
-                versions: vec![material],
+            |id| before_commit(*id),
+            |state, _| {
+                state.keys.insert(
+                    id,
+                    KeyRecord {
+                        id,
+                        description: description.to_owned(),
+                        state: KeyState::Enabled,
+                        created_ms: now_ms,
+                        deletion_ms: None,
+                        policy_json: policy_json.to_owned(),
+                        policy,
+                        versions: vec![material],
+                    },
+                );
             },
-        );
-        Ok(id)
+        )
     }
 
-    /// Adds a version of fresh material; it becomes the one Encrypt uses.
+    /// Adds a version of fresh material to an Enabled key; it becomes the one
+    /// Encrypt uses.
     pub fn rotate_key(
         &self,
         id: KeyId,
         now_ms: u64,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<u32, KmsError> {
-        let version = self.with_key_id(id, |k| Ok(k.current_version() + 1))?;
         let material = crate::crypto::random_key();
-        let sealed = self
-            .root
-            .seal(&material_aad(id, version), material.as_ref());
+        let stored = material.clone();
         self.write(
             |tx| {
+                usable(id, stored_state(tx, id)?, None)?;
+                let version: u32 = tx
+                    .query_row(
+                        "SELECT MAX(version) + 1 FROM key_versions WHERE key_id = ?1",
+                        params![id.0],
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                let sealed = self
+                    .root
+                    .seal(&material_aad(id, version), stored.as_ref())?;
                 tx.execute(
                     "INSERT INTO key_versions VALUES (?1, ?2, ?3, ?4)",
                     params![id.0, version, sealed, now_ms as i64],
                 )
-                .map_err(db_err)
+                .map_err(db_err)?;
+                Ok(version)
             },
-            before_commit,
-        )?;
-        let mut state = self.write_state()?;
-        let key = state
-            .keys
-            .get_mut(&id)
-            .ok_or_else(|| error::not_found("key vanished"))?;
-        key.versions.push(material);
-        Ok(version)
+            |_| before_commit(),
+            |state, _| {
+                if let Some(key) = state.keys.get_mut(&id) {
+                    key.versions.push(material);
+                }
+            },
+        )
     }
 
-    /// Sets a key's state and deletion date.
-    pub fn set_state(
+    /// Moves a key to another state, if its state (read in the same
+    /// transaction) allows it; refused with KMSInvalidStateException otherwise.
+    pub fn transition(
         &self,
         id: KeyId,
-        new_state: KeyState,
-        deletion_ms: Option<u64>,
+        transition: Transition,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
+        let (to, deletion_ms) = transition.target();
         self.write(
             |tx| {
+                let current = stored_state(tx, id)?;
+                if !transition.allowed_from(current) {
+                    return Err(error::invalid_state(transition.refusal(id, current)));
+                }
                 tx.execute(
                     "UPDATE keys SET state = ?2, deletion_ms = ?3 WHERE key_id = ?1",
-                    params![id.0, new_state.as_str(), deletion_ms.map(|d| d as i64)],
+                    params![id.0, to.as_str(), deletion_ms.map(|d| d as i64)],
                 )
-                .map_err(db_err)
+                .map_err(db_err)?;
+                Ok(())
             },
-            before_commit,
-        )?;
-        let mut state = self.write_state()?;
-        let key = state
-            .keys
-            .get_mut(&id)
-            .ok_or_else(|| error::not_found("key vanished"))?;
-        key.state = new_state;
-        key.deletion_ms = deletion_ms;
-        Ok(())
+            |_| before_commit(),
+            |state, _| {
+                if let Some(key) = state.keys.get_mut(&id) {
+                    key.state = to;
+                    key.deletion_ms = deletion_ms;
+                }
+            },
+        )
     }
 
     pub fn put_key_policy(
@@ -488,22 +511,25 @@ impl Keystore {
             .map_err(|e| error::validation(e.to_string()))?;
         self.write(
             |tx| {
-                tx.execute(
-                    "UPDATE keys SET policy = ?2 WHERE key_id = ?1",
-                    params![id.0, policy_json],
-                )
-                .map_err(db_err)
+                let changed = tx
+                    .execute(
+                        "UPDATE keys SET policy = ?2 WHERE key_id = ?1",
+                        params![id.0, policy_json],
+                    )
+                    .map_err(db_err)?;
+                if changed == 0 {
+                    return Err(error::not_found(format!("key {id} does not exist")));
+                }
+                Ok(())
             },
-            before_commit,
-        )?;
-        let mut state = self.write_state()?;
-        let key = state
-            .keys
-            .get_mut(&id)
-            .ok_or_else(|| error::not_found("key vanished"))?;
-        key.policy = policy;
-        key.policy_json = policy_json.to_owned();
-        Ok(())
+            |_| before_commit(),
+            |state, _| {
+                if let Some(key) = state.keys.get_mut(&id) {
+                    key.policy = policy;
+                    key.policy_json = policy_json.to_owned();
+                }
+            },
+        )
     }
 
     pub fn create_alias(
@@ -524,20 +550,23 @@ impl Keystore {
                 "alias {alias:?} must be alias/NAME with letters, digits, '/', '_' or '-' (and not alias/aws/...)"
             )));
         }
-        if self.read_state()?.aliases.contains_key(alias) {
-            return Err(error::already_exists(format!(
-                "alias {alias} already exists"
-            )));
-        }
         self.write(
             |tx| {
+                if exists(tx, "SELECT 1 FROM aliases WHERE alias = ?1", params![alias])? {
+                    return Err(error::already_exists(format!(
+                        "alias {alias} already exists"
+                    )));
+                }
+                stored_state(tx, id)?;
                 tx.execute("INSERT INTO aliases VALUES (?1, ?2)", params![alias, id.0])
-                    .map_err(db_err)
+                    .map_err(db_err)?;
+                Ok(())
             },
-            before_commit,
-        )?;
-        self.write_state()?.aliases.insert(alias.to_owned(), id);
-        Ok(())
+            |_| before_commit(),
+            |state, _| {
+                state.aliases.insert(alias.to_owned(), id);
+            },
+        )
     }
 
     pub fn add_principal(
@@ -556,32 +585,38 @@ impl Keystore {
         }
         let policy = Policy::parse(policy_json, PolicyKind::Identity)
             .map_err(|e| error::validation(e.to_string()))?;
-        if self.read_state()?.principals.contains_key(name) {
-            return Err(error::already_exists(format!(
-                "principal {name:?} already exists"
-            )));
-        }
         self.write(
             |tx| {
+                if exists(
+                    tx,
+                    "SELECT 1 FROM principals WHERE name = ?1",
+                    params![name],
+                )? {
+                    return Err(error::already_exists(format!(
+                        "principal {name:?} already exists"
+                    )));
+                }
                 tx.execute(
                     "INSERT INTO principals VALUES (?1, ?2, ?3, ?4)",
                     params![name, public_key.to_bytes(), policy_json, now_ms as i64],
                 )
-                .map_err(db_err)
+                .map_err(db_err)?;
+                Ok(())
             },
-            before_commit,
-        )?;
-        self.write_state()?.principals.insert(
-            name.to_owned(),
-            PrincipalRecord {
-                name: name.to_owned(),
-                public_key,
-                policy_json: policy_json.to_owned(),
-                policy,
-                created_ms: now_ms,
+            |_| before_commit(),
+            |state, _| {
+                state.principals.insert(
+                    name.to_owned(),
+                    PrincipalRecord {
+                        name: name.to_owned(),
+                        public_key,
+                        policy_json: policy_json.to_owned(),
+                        policy,
+                        created_ms: now_ms,
+                    },
+                );
             },
-        );
-        Ok(())
+        )
     }
 
     pub fn remove_principal(
@@ -589,20 +624,23 @@ impl Keystore {
         name: &str,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
-        if !self.read_state()?.principals.contains_key(name) {
-            return Err(error::not_found(format!(
-                "principal {name:?} does not exist"
-            )));
-        }
         self.write(
             |tx| {
-                tx.execute("DELETE FROM principals WHERE name = ?1", params![name])
-                    .map_err(db_err)
+                let removed = tx
+                    .execute("DELETE FROM principals WHERE name = ?1", params![name])
+                    .map_err(db_err)?;
+                if removed == 0 {
+                    return Err(error::not_found(format!(
+                        "principal {name:?} does not exist"
+                    )));
+                }
+                Ok(())
             },
-            before_commit,
-        )?;
-        self.write_state()?.principals.remove(name);
-        Ok(())
+            |_| before_commit(),
+            |state, _| {
+                state.principals.remove(name);
+            },
+        )
     }
 
     pub fn add_trust_root(
@@ -612,32 +650,42 @@ impl Keystore {
         now_ms: u64,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
-        let state = self.read_state()?;
-        if state.trust_roots.contains_key(label) {
-            return Err(error::already_exists(format!(
-                "trust root {label:?} already exists"
-            )));
-        }
-        if let Some((other, _)) = state.trust_roots.iter().find(|(_, d)| d.as_slice() == der) {
-            return Err(error::already_exists(format!(
-                "this root is already trusted as {other:?}"
-            )));
-        }
-        drop(state);
         self.write(
             |tx| {
+                if exists(
+                    tx,
+                    "SELECT 1 FROM trust_roots WHERE label = ?1",
+                    params![label],
+                )? {
+                    return Err(error::already_exists(format!(
+                        "trust root {label:?} already exists"
+                    )));
+                }
+                let other: Option<String> = tx
+                    .query_row(
+                        "SELECT label FROM trust_roots WHERE der = ?1",
+                        params![der],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db_err)?;
+                if let Some(other) = other {
+                    return Err(error::already_exists(format!(
+                        "this root is already trusted as {other:?}"
+                    )));
+                }
                 tx.execute(
                     "INSERT INTO trust_roots VALUES (?1, ?2, ?3)",
                     params![label, der, now_ms as i64],
                 )
-                .map_err(db_err)
+                .map_err(db_err)?;
+                Ok(())
             },
-            before_commit,
-        )?;
-        self.write_state()?
-            .trust_roots
-            .insert(label.to_owned(), der.to_vec());
-        Ok(())
+            |_| before_commit(),
+            |state, _| {
+                state.trust_roots.insert(label.to_owned(), der.to_vec());
+            },
+        )
     }
 
     pub fn remove_trust_root(
@@ -645,20 +693,23 @@ impl Keystore {
         label: &str,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
-        if !self.read_state()?.trust_roots.contains_key(label) {
-            return Err(error::not_found(format!(
-                "trust root {label:?} does not exist"
-            )));
-        }
         self.write(
             |tx| {
-                tx.execute("DELETE FROM trust_roots WHERE label = ?1", params![label])
-                    .map_err(db_err)
+                let removed = tx
+                    .execute("DELETE FROM trust_roots WHERE label = ?1", params![label])
+                    .map_err(db_err)?;
+                if removed == 0 {
+                    return Err(error::not_found(format!(
+                        "trust root {label:?} does not exist"
+                    )));
+                }
+                Ok(())
             },
-            before_commit,
-        )?;
-        self.write_state()?.trust_roots.remove(label);
-        Ok(())
+            |_| before_commit(),
+            |state, _| {
+                state.trust_roots.remove(label);
+            },
+        )
     }
 
     /// Keys pending deletion whose date has come.
@@ -674,23 +725,40 @@ impl Keystore {
             .collect())
     }
 
-    /// Destroys a key: its material, versions and aliases.
+    /// Destroys a key (its material, versions and aliases) if, in the same
+    /// transaction, it is still pending deletion with its date come; returns
+    /// whether it did (a deletion cancelled meanwhile wins, and nothing is
+    /// recorded).
     pub fn destroy_key(
         &self,
         id: KeyId,
+        now_ms: u64,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
-    ) -> Result<(), KmsError> {
+    ) -> Result<bool, KmsError> {
         self.write(
             |tx| {
-                tx.execute("DELETE FROM keys WHERE key_id = ?1", params![id.0])
-                    .map_err(db_err)
+                let destroyed = tx
+                    .execute(
+                        "DELETE FROM keys WHERE key_id = ?1 AND state = 'PendingDeletion' AND deletion_ms <= ?2",
+                        params![id.0, now_ms as i64],
+                    )
+                    .map_err(db_err)?;
+                Ok(destroyed == 1)
             },
-            before_commit,
-        )?;
-        let mut state = self.write_state()?;
-        state.keys.remove(&id);
-        state.aliases.retain(|_, k| *k != id);
-        Ok(())
+            |destroyed| {
+                if *destroyed {
+                    before_commit()
+                } else {
+                    Ok(())
+                }
+            },
+            |state, destroyed| {
+                if *destroyed {
+                    state.keys.remove(&id);
+                    state.aliases.retain(|_, k| *k != id);
+                }
+            },
+        )
     }
 
     /// Runs SQLite's integrity check (for tests and `kms doctor`).
@@ -701,6 +769,85 @@ impl Keystore {
             .map_err(|_| error::internal("keystore lock poisoned"))?;
         conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .map_err(db_err)
+    }
+}
+
+/// A key's state as stored, read inside a transaction.
+fn stored_state(tx: &rusqlite::Transaction<'_>, id: KeyId) -> Result<KeyState, KmsError> {
+    let state: Option<String> = tx
+        .query_row(
+            "SELECT state FROM keys WHERE key_id = ?1",
+            params![id.0],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err)?;
+    let state = state.ok_or_else(|| error::not_found(format!("key {id} does not exist")))?;
+    KeyState::parse(&state)
+        .ok_or_else(|| error::internal(format!("key {id} has an unknown state {state:?}")))
+}
+
+fn exists(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<bool, KmsError> {
+    tx.query_row(sql, params, |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
+        .map_err(db_err)
+}
+
+/// Unless the key is Enabled, why it cannot be used (as AWS KMS says it).
+pub fn usable(id: KeyId, state: KeyState, deletion_ms: Option<u64>) -> Result<(), KmsError> {
+    match state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(error::disabled(format!("key {id} is disabled"))),
+        KeyState::PendingDeletion => Err(error::invalid_state(match deletion_ms {
+            Some(ms) => format!(
+                "key {id} is pending deletion (on {})",
+                cloister_attestation::verify::rfc3339_ms(ms)
+            ),
+            None => format!("key {id} is pending deletion"),
+        })),
+    }
+}
+
+/// The changes of a key's state that requests make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Enable,
+    Disable,
+    /// To PendingDeletion, to be destroyed at this time (Unix ms).
+    ScheduleDeletion(u64),
+    /// Back from PendingDeletion; the key is then Disabled (as in AWS KMS).
+    CancelDeletion,
+}
+
+impl Transition {
+    fn target(self) -> (KeyState, Option<u64>) {
+        match self {
+            Transition::Enable => (KeyState::Enabled, None),
+            Transition::Disable | Transition::CancelDeletion => (KeyState::Disabled, None),
+            Transition::ScheduleDeletion(at) => (KeyState::PendingDeletion, Some(at)),
+        }
+    }
+
+    fn allowed_from(self, current: KeyState) -> bool {
+        match self {
+            Transition::CancelDeletion => current == KeyState::PendingDeletion,
+            _ => current != KeyState::PendingDeletion,
+        }
+    }
+
+    fn refusal(self, id: KeyId, current: KeyState) -> String {
+        match (self, current) {
+            (Transition::CancelDeletion, _) => format!("key {id} is not pending deletion"),
+            (Transition::ScheduleDeletion(_), _) => {
+                format!("key {id} is already pending deletion")
+            }
+            _ => format!("key {id} is pending deletion; cancel the deletion first"),
+        }
     }
 }
 

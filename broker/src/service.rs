@@ -13,7 +13,7 @@ use cloister_attestation::verify::{ChainCache, TrustAnchor, VerifyOptions, rfc33
 use crate::audit::{AuditLog, Decision, RequestRecord};
 use crate::crypto::{self, KeyId};
 use crate::error::{self, ErrorKind, KmsError};
-use crate::keystore::{KeyRecord, KeyState, Keystore, PrincipalRecord};
+use crate::keystore::{KeyRecord, Keystore, PrincipalRecord, Transition};
 use crate::policy::{self, RequestContext};
 use crate::protocol::*;
 use crate::recipient;
@@ -263,15 +263,7 @@ impl Call<'_> {
 }
 
 fn usable(key: &KeyRecord) -> Result<(), KmsError> {
-    match key.state {
-        KeyState::Enabled => Ok(()),
-        KeyState::Disabled => Err(error::disabled(format!("key {} is disabled", key.id))),
-        KeyState::PendingDeletion => Err(error::invalid_state(format!(
-            "key {} is pending deletion (on {})",
-            key.id,
-            key.deletion_ms.map(rfc3339_ms).unwrap_or_default()
-        ))),
-    }
+    crate::keystore::usable(key.id, key.state, key.deletion_ms)
 }
 
 fn default_key_policy(creator: &str) -> String {
@@ -991,42 +983,17 @@ impl Broker {
                 Ok((Output::KeyPolicy(k.policy_json.clone()), reason))
             }),
             Operation::EnableKey { key_id } | Operation::DisableKey { key_id } => {
-                let enable = call.record.action == "kms:EnableKey";
-                let (id, reason) = ks.with_key(&key_id, |k| {
-                    call.set_key(k);
-                    let reason = call.authorize(
-                        if enable {
-                            "kms:EnableKey"
-                        } else {
-                            "kms:DisableKey"
-                        },
-                        Some(k),
-                        &none,
-                        None,
-                    )?;
-                    if k.state == KeyState::PendingDeletion {
-                        return Err(error::invalid_state(format!(
-                            "key {} is pending deletion; cancel the deletion first",
-                            k.id
-                        )));
-                    }
-                    Ok((k.id, reason))
-                })?;
-                let state = if enable {
-                    KeyState::Enabled
+                let (action, transition) = if call.record.action == "kms:EnableKey" {
+                    ("kms:EnableKey", Transition::Enable)
                 } else {
-                    KeyState::Disabled
+                    ("kms:DisableKey", Transition::Disable)
                 };
-                ks.set_state(id, state, None, || call.commit(reason.clone()))?;
+                let (id, reason) = self.authorized_key(call, &key_id, action)?;
+                ks.transition(id, transition, || call.commit(reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::RotateKey { key_id } => {
-                let (id, reason) = ks.with_key(&key_id, |k| {
-                    call.set_key(k);
-                    let reason = call.authorize("kms:RotateKeyOnDemand", Some(k), &none, None)?;
-                    usable(k)?;
-                    Ok((k.id, reason))
-                })?;
+                let (id, reason) = self.authorized_key(call, &key_id, "kms:RotateKeyOnDemand")?;
                 let now = call.now_ms;
                 let version = ks.rotate_key(id, now, || call.commit(reason.clone()))?;
                 Ok((
@@ -1046,19 +1013,9 @@ impl Broker {
                         "PendingWindowInDays {pending_window_in_days} must be 7 to 30"
                     )));
                 }
-                let (id, reason) = ks.with_key(&key_id, |k| {
-                    call.set_key(k);
-                    let reason = call.authorize("kms:ScheduleKeyDeletion", Some(k), &none, None)?;
-                    if k.state == KeyState::PendingDeletion {
-                        return Err(error::invalid_state(format!(
-                            "key {} is already pending deletion",
-                            k.id
-                        )));
-                    }
-                    Ok((k.id, reason))
-                })?;
+                let (id, reason) = self.authorized_key(call, &key_id, "kms:ScheduleKeyDeletion")?;
                 let when = call.now_ms + u64::from(pending_window_in_days) * 86_400_000;
-                ks.set_state(id, KeyState::PendingDeletion, Some(when), || {
+                ks.transition(id, Transition::ScheduleDeletion(when), || {
                     call.commit(reason.clone())
                 })?;
                 Ok((
@@ -1070,19 +1027,10 @@ impl Broker {
                 ))
             }
             Operation::CancelKeyDeletion { key_id } => {
-                let (id, reason) = ks.with_key(&key_id, |k| {
-                    call.set_key(k);
-                    let reason = call.authorize("kms:CancelKeyDeletion", Some(k), &none, None)?;
-                    if k.state != KeyState::PendingDeletion {
-                        return Err(error::invalid_state(format!(
-                            "key {} is not pending deletion",
-                            k.id
-                        )));
-                    }
-                    Ok((k.id, reason))
+                let (id, reason) = self.authorized_key(call, &key_id, "kms:CancelKeyDeletion")?;
+                ks.transition(id, Transition::CancelDeletion, || {
+                    call.commit(reason.clone())
                 })?;
-                // As in AWS KMS, a key whose deletion is cancelled is Disabled.
-                ks.set_state(id, KeyState::Disabled, None, || call.commit(reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::PrincipalAdd {
@@ -1160,6 +1108,21 @@ impl Broker {
         }
     }
 
+    /// A key and the reason `action` on it is allowed (the state change
+    /// itself checks the key's state, in its transaction).
+    fn authorized_key(
+        &self,
+        call: &mut Call<'_>,
+        key_id: &str,
+        action: &str,
+    ) -> Result<(KeyId, String), KmsError> {
+        self.keystore.with_key(key_id, |k| {
+            call.set_key(k);
+            let reason = call.authorize(action, Some(k), &EncryptionContext::new(), None)?;
+            Ok((k.id, reason))
+        })
+    }
+
     fn metadata(&self, id: KeyId) -> Result<KeyMetadata, KmsError> {
         let aliases: Vec<String> = self
             .keystore
@@ -1183,10 +1146,11 @@ impl Broker {
     }
 
     /// Destroys keys whose deletion date has come; each destruction is audited.
+    /// Returns how many were destroyed (a deletion cancelled meanwhile wins).
     pub fn purge_due_keys(&self, now: u64) -> Result<usize, KmsError> {
-        let due = self.keystore.due_for_deletion(now)?;
-        for id in &due {
-            self.keystore.destroy_key(*id, || {
+        let mut destroyed = 0;
+        for id in &self.keystore.due_for_deletion(now)? {
+            let done = self.keystore.destroy_key(*id, now, || {
                 self.audit
                     .record(RequestRecord {
                         request_id: String::new(),
@@ -1200,8 +1164,9 @@ impl Broker {
                     })
                     .map(|_| ())
             })?;
+            destroyed += usize::from(done);
         }
-        Ok(due.len())
+        Ok(destroyed)
     }
 }
 

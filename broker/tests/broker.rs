@@ -1001,3 +1001,89 @@ async fn a_request_accepted_before_a_restart_is_a_replay_after_it() {
     exchange(&env, &mut stream, &fresh).await.unwrap();
     env.stop().await;
 }
+
+async fn key_state(c: &mut KmsClient, key: &str) -> Option<String> {
+    match c.call(Operation::DescribeKey { key_id: key.into() }).await {
+        Ok(Output::KeyMetadata(m)) => Some(m.key_state),
+        Err(ClientError::Kms(e)) if e.kind == ErrorKind::NotFoundException => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_state_changes_never_lose_an_acknowledged_one() {
+    let env = Env::start().await;
+    let mut app = env.principal("app", ALLOW_ALL).await;
+    let mut other = env.principal("other", ALLOW_ALL).await;
+    let schedule = |key: &str, days| Operation::ScheduleKeyDeletion {
+        key_id: key.into(),
+        pending_window_in_days: days,
+    };
+    let mut seen = Vec::new();
+    let both = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Principal":{"AWS":["app","other","admin"]},"Action":"kms:*","Resource":"*"}}"#;
+    for round in 0..40 {
+        let key = create_key(&mut app, Some(both.into())).await;
+        if round % 2 == 0 {
+            // A cancelled deletion against the purge (dated past the window):
+            // an acknowledged cancel leaves the key (Disabled); a destruction
+            // means the cancel was refused.
+            app.call(schedule(&key, 7)).await.unwrap();
+            let broker = env.broker.clone();
+            let later = cloister_kms::service::now_ms() + 8 * 86_400_000;
+            let purge = tokio::task::spawn_blocking(move || broker.purge_due_keys(later).unwrap());
+            let cancel = app
+                .call(Operation::CancelKeyDeletion {
+                    key_id: key.clone(),
+                })
+                .await;
+            let destroyed = purge.await.unwrap();
+            let state = key_state(&mut app, &key).await;
+            match cancel {
+                Ok(_) => {
+                    assert_eq!(destroyed, 0);
+                    assert_eq!(state.as_deref(), Some("Disabled"));
+                }
+                Err(_) => {
+                    assert_eq!(destroyed, 1);
+                    assert_eq!(state, None);
+                }
+            }
+            seen.push((key, state));
+        } else {
+            // EnableKey against ScheduleKeyDeletion on a Disabled key: an
+            // acknowledged schedule is never undone by the enable.
+            app.call(Operation::DisableKey {
+                key_id: key.clone(),
+            })
+            .await
+            .unwrap();
+            let (enable, scheduled) = tokio::join!(
+                other.call(Operation::EnableKey {
+                    key_id: key.clone(),
+                }),
+                // (30 days: the purges of the other rounds leave it alone)
+                app.call(schedule(&key, 30)),
+            );
+            let state = key_state(&mut app, &key).await;
+            scheduled.unwrap();
+            assert_eq!(state.as_deref(), Some("PendingDeletion"), "{enable:?}");
+            if let Err(e) = enable {
+                let ClientError::Kms(e) = e else {
+                    panic!("{e:?}")
+                };
+                assert_eq!(e.kind, ErrorKind::KMSInvalidStateException);
+                assert!(e.message.contains("cancel the deletion first"), "{e}");
+            }
+            seen.push((key, state));
+        }
+    }
+    // What the broker answered is what the database holds.
+    drop((app, other));
+    let dir = env.stop().await;
+    let env = Env::start_with(Some(dir), ServerLimits::default()).await;
+    let mut admin = env.admin().await;
+    for (key, state) in seen {
+        assert_eq!(key_state(&mut admin, &key).await, state, "{key}");
+    }
+    env.stop().await;
+}
