@@ -548,35 +548,108 @@ impl Policy {
     /// Warnings about policies that are valid but probably not what was meant.
     pub fn lint(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        const ATTESTED: [&str; 3] = ["kms:Decrypt", "kms:GenerateDataKey", "kms:GenerateRandom"];
-        for action in ATTESTED {
-            let allows: Vec<&Statement> = self
-                .statements
+        let allows = |action: &str| -> Vec<&Statement> {
+            self.statements
                 .iter()
                 .filter(|s| s.effect == Effect::Allow && action_matches(&s.action, action))
-                .collect();
-            let pinned: Vec<&&Statement> = allows
+                .collect()
+        };
+        // An Allow that requires an attestation document (a positive
+        // attestation condition without IfExists).
+        let pins = |s: &Statement| {
+            s.conditions
                 .iter()
-                .filter(|s| {
-                    s.conditions.iter().any(|c| {
-                        is_attestation_key(&c.canonical) && !c.if_exists && !c.operator.negated()
+                .any(|c| is_attestation_key(&c.canonical) && !c.if_exists && !c.operator.negated())
+        };
+        // A Deny of `action` for `s`'s principals that holds whenever a
+        // request carries no attestation document.
+        let denied_unattested = |action: &str, s: &Statement| {
+            self.statements.iter().any(|d| {
+                d.effect == Effect::Deny
+                    && action_matches(&d.action, action)
+                    && principals_overlap(d, s)
+                    && d.conditions.iter().all(|c| {
+                        is_attestation_key(&c.canonical)
+                            && (c.if_exists
+                                || c.operator.negated()
+                                || (c.operator == Operator::Null
+                                    && c.values.iter().any(|v| v == "true")))
                     })
-                })
-                .collect();
-            if pinned.is_empty() {
-                continue;
-            }
-            for open in allows.iter().filter(|s| {
+            })
+        };
+        let labels = |list: &[&Statement]| {
+            list.iter()
+                .map(|s| s.label())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        const ATTESTED: [&str; 3] = ["kms:Decrypt", "kms:GenerateDataKey", "kms:GenerateRandom"];
+        for action in ATTESTED {
+            let pinned: Vec<&Statement> = allows(action).into_iter().filter(|s| pins(s)).collect();
+            for open in allows(action).into_iter().filter(|s| {
                 !s.conditions
                     .iter()
                     .any(|c| is_attestation_key(&c.canonical))
             }) {
+                let moot: Vec<&Statement> = pinned
+                    .iter()
+                    .copied()
+                    .filter(|p| principals_overlap(p, open))
+                    .collect();
+                if moot.is_empty() || denied_unattested(action, open) {
+                    continue;
+                }
                 warnings.push(format!(
                     "{} allows {action} without attestation conditions, so the attestation conditions of {} \
                      are moot for {action}: statements are ORed, and a caller without an enclave is \
                      allowed by the unconditioned one",
                     open.label(),
-                    pinned.iter().map(|s| s.label()).collect::<Vec<_>>().join(", ")
+                    labels(&moot)
+                ));
+            }
+        }
+        // ReEncrypt takes no attestation document: whoever may re-encrypt a
+        // ciphertext may move it under a key it decrypts without an enclave.
+        let decrypt_pinned: Vec<&Statement> = allows("kms:Decrypt")
+            .into_iter()
+            .filter(|s| pins(s))
+            .collect();
+        for re in allows("kms:ReEncryptFrom").into_iter().filter(|s| !pins(s)) {
+            let bypassed: Vec<&Statement> = decrypt_pinned
+                .iter()
+                .copied()
+                .filter(|p| principals_overlap(p, re))
+                .collect();
+            if bypassed.is_empty() || denied_unattested("kms:ReEncryptFrom", re) {
+                continue;
+            }
+            warnings.push(format!(
+                "{} allows kms:ReEncryptFrom to principals that {} lets decrypt only in an attested enclave: \
+                 ReEncrypt carries no attestation document, so they can re-encrypt the ciphertext under a key \
+                 they decrypt without one and read the plaintext; leave kms:ReEncrypt* out (or deny it)",
+                re.label(),
+                labels(&bypassed)
+            ));
+        }
+        // Negated attestation conditions alone hold for a request with no
+        // attestation document (AWS: a missing key satisfies a negated operator).
+        for s in self.statements.iter().filter(|s| s.effect == Effect::Allow) {
+            let attestation: Vec<&Condition> = s
+                .conditions
+                .iter()
+                .filter(|c| is_attestation_key(&c.canonical))
+                .collect();
+            if !attestation.is_empty() && attestation.iter().all(|c| c.operator.negated()) {
+                warnings.push(format!(
+                    "{}: its only attestation conditions are negated ({}): a request without an attestation \
+                     document satisfies them, as does any image not listed; require the image with \
+                     StringEquals or StringEqualsIgnoreCase",
+                    s.label(),
+                    attestation
+                        .iter()
+                        .map(|c| format!("{} {}", c.operator_name, c.key))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
         }
@@ -623,6 +696,15 @@ impl Policy {
             }
         }
         warnings
+    }
+}
+
+/// Whether some principal is named by both statements (a statement without
+/// `Principal`, or an identity policy's, names every principal).
+fn principals_overlap(a: &Statement, b: &Statement) -> bool {
+    match (&a.principals, &b.principals) {
+        (Some(x), Some(y)) => x.iter().any(|n| y.contains(n)),
+        _ => true,
     }
 }
 

@@ -541,3 +541,120 @@ fn wildcards() {
     assert!(m("**", "x"));
     assert!(!m("", "x"));
 }
+
+/// `lint` on key policies: the warnings expected, each by a phrase it must
+/// contain, in order; nothing else.
+#[test]
+fn lint_warns_on_pitfalls_and_only_on_them() {
+    let pin = |sid: &str, who: &str, actions: &str| {
+        format!(
+            r#"{{"Sid":"{sid}","Effect":"Allow","Principal":{{"AWS":"{who}"}},"Action":{actions},"Resource":"*","Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{A}"}}}}}}"#
+        )
+    };
+    let open = |sid: &str, who: &str, actions: &str| {
+        format!(
+            r#"{{"Sid":"{sid}","Effect":"Allow","Principal":{{"AWS":"{who}"}},"Action":{actions},"Resource":"*"}}"#
+        )
+    };
+    let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        (
+            "the demo's policy: the owner's statement and the enclave's name different principals",
+            vec![
+                open(
+                    "DataOwner",
+                    "data-owner",
+                    r#"["kms:GenerateDataKey","kms:Decrypt","kms:DescribeKey","kms:CreateAlias"]"#,
+                ),
+                pin("ScorerEnclaveOnly", "role", r#"["kms:Decrypt","kms:GenerateDataKey"]"#),
+            ],
+            vec![],
+        ),
+        (
+            "the Nitro pitfall: one principal, pinned and unconditioned (kms:* covers ReEncrypt too)",
+            vec![
+                pin("Enclave", "parent", r#""kms:Decrypt""#),
+                open("Admins", "parent", r#""kms:*""#),
+            ],
+            vec![
+                "statement \"Admins\" allows kms:Decrypt without attestation conditions, so the attestation conditions of statement \"Enclave\" are moot",
+                "statement \"Admins\" allows kms:ReEncryptFrom to principals that statement \"Enclave\" lets decrypt only",
+            ],
+        ),
+        (
+            "ReEncrypt beside a pinned Decrypt",
+            vec![
+                pin("Enclave", "app", r#""kms:Decrypt""#),
+                open("Move", "app", r#""kms:ReEncrypt*""#),
+            ],
+            vec!["statement \"Move\" allows kms:ReEncryptFrom"],
+        ),
+        (
+            "ReEncrypt for another principal",
+            vec![
+                pin("Enclave", "app", r#""kms:Decrypt""#),
+                open("Move", "ops", r#""kms:ReEncrypt*""#),
+            ],
+            vec![],
+        ),
+        (
+            "ReEncrypt allowed but denied to everyone",
+            vec![
+                pin("Enclave", "app", r#""kms:Decrypt""#),
+                open("Move", "app", r#""kms:ReEncrypt*""#),
+                r#"{"Sid":"NoMoves","Effect":"Deny","Principal":"*","Action":"kms:ReEncrypt*","Resource":"*"}"#.into(),
+            ],
+            vec![],
+        ),
+        (
+            "an unconditioned Allow denied without attestation (AWS's Deny-unless pattern)",
+            vec![
+                pin("Enclave", "app", r#""kms:Decrypt""#),
+                open("App", "app", r#""kms:Decrypt""#),
+                format!(
+                    r#"{{"Sid":"OnlyTheImage","Effect":"Deny","Principal":"*","Action":"kms:Decrypt","Resource":"*","Condition":{{"StringNotEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{A}"}}}}}}"#
+                ),
+            ],
+            vec![],
+        ),
+        (
+            "only negated attestation conditions",
+            vec![format!(
+                r#"{{"Sid":"NotTheOldImage","Effect":"Allow","Principal":{{"AWS":"app"}},"Action":"kms:Decrypt","Resource":"*","Condition":{{"StringNotEquals":{{"kms:RecipientAttestation:PCR0":"{B}"}}}}}}"#
+            )],
+            vec![
+                "statement \"NotTheOldImage\": its only attestation conditions are negated (StringNotEquals kms:RecipientAttestation:PCR0)",
+            ],
+        ),
+        (
+            "IfExists and upper-case hex",
+            vec![format!(
+                r#"{{"Sid":"Lax","Effect":"Allow","Principal":{{"AWS":"app"}},"Action":"kms:Decrypt","Resource":"*","Condition":{{"StringEqualsIfExists":{{"kms:RecipientAttestation:PCR0":"{A}"}},"StringEquals":{{"kms:RecipientAttestation:PCR8":"{}"}}}}}}"#,
+                A.to_uppercase()
+            )],
+            vec![
+                "statement \"Lax\": StringEqualsIfExists kms:RecipientAttestation:PCR0 is satisfied by a request WITHOUT",
+                "statement \"Lax\": StringEquals kms:RecipientAttestation:PCR8 compares with upper-case hex",
+            ],
+        ),
+        (
+            "everyone, unconditioned, beside a pinned statement",
+            vec![
+                pin("Enclave", "app", r#""kms:Decrypt""#),
+                r#"{"Sid":"Everyone","Effect":"Allow","Principal":"*","Action":"kms:Decrypt","Resource":"*"}"#.into(),
+            ],
+            vec![
+                "statement \"Everyone\" allows kms:Decrypt without attestation conditions, so the attestation conditions of statement \"Enclave\"",
+                "statement \"Everyone\" allows every principal with no condition",
+            ],
+        ),
+    ];
+    for (name, statements, expected) in cases {
+        let policy = Policy::parse(&key_policy(&statements.join(",")), PolicyKind::Key)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let warnings = policy.lint();
+        assert_eq!(warnings.len(), expected.len(), "{name}: {warnings:#?}");
+        for (w, e) in warnings.iter().zip(&expected) {
+            assert!(w.contains(e), "{name}: {w:?} lacks {e:?}");
+        }
+    }
+}
