@@ -447,3 +447,65 @@ fn explain_knows_every_code_it_prints() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("E-ATTEST-CHAIN: "));
     fails_with(&["explain", "E-NOT-A-CODE"], "E-CLI-USAGE");
 }
+
+#[test]
+fn keygen_writes_keys_that_openssl_and_python_cryptography_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.key");
+    let public = dir.path().join("k.pub");
+    ok_json(&[
+        "keygen",
+        "--private-key",
+        s(&key),
+        "--public-key",
+        s(&public),
+    ]);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let public_pem = std::fs::read_to_string(&public).unwrap();
+    // PKCS#8 v1 (version 0, no public key inside), as RFC 8410 shows it.
+    let pem = std::fs::read_to_string(&key).unwrap();
+    let der = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        pem.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    assert_eq!(der.len(), 48, "an RFC 8410 v1 Ed25519 key is 48 bytes");
+    assert_eq!(&der[..5], &[0x30, 0x2e, 0x02, 0x01, 0x00]);
+    if Command::new("openssl").arg("version").output().is_ok() {
+        let out = Command::new("openssl")
+            .args(["pkey", "-pubout", "-in", s(&key)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), public_pem);
+    } else {
+        eprintln!("openssl not installed: skipping its check");
+    }
+    if let Some(python) = common::python_with(&["cryptography==44.0.0"]) {
+        let script = r#"
+import sys
+from cryptography.hazmat.primitives import serialization as s
+key = s.load_pem_private_key(open(sys.argv[1], "rb").read(), password=None)
+sys.stdout.write(key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo).decode())
+"#;
+        let out = Command::new(python)
+            .args(["-c", script, s(&key)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), public_pem);
+    }
+}

@@ -142,9 +142,14 @@ pub fn read_verifying_key(path: &Path) -> Result<VerifyingKey, KeyFileError> {
     })
 }
 
-/// PKCS#8 PEM of a private key (zeroized on drop).
+/// PKCS#8 v1 PEM of a private key (RFC 8410's form without the public key,
+/// which OpenSSL and Python `cryptography` read; zeroized on drop).
 pub fn signing_key_pem(key: &SigningKey) -> zeroize::Zeroizing<String> {
-    key.to_pkcs8_pem(LineEnding::LF)
+    let v1 = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    };
+    v1.to_pkcs8_pem(LineEnding::LF)
         .unwrap_or_else(|_| unreachable!("an Ed25519 key always encodes"))
 }
 

@@ -617,3 +617,43 @@ impl RelayConnections {
         }
     }
 }
+
+/// A Python interpreter in a virtual environment (kept in the target
+/// directory) with `packages` installed from PyPI, for independent clients.
+/// `None`, said on stderr, where Python or the packages cannot be had.
+pub fn python_with(packages: &[&str]) -> Option<PathBuf> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let name: String = packages
+        .iter()
+        .map(|p| p.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+        .collect::<Vec<_>>()
+        .join("-");
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("venv-{name}"));
+    let python = venv.join("bin/python");
+    if venv.join("ready").exists() {
+        return Some(python);
+    }
+    // Test binaries run one after another; within one, the lock serialises.
+    let _ = std::fs::remove_dir_all(&venv);
+    let ran = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
+    if !ran(Command::new("python3").args(["-m", "venv"]).arg(&venv)) {
+        eprintln!("python3 -m venv failed: skipping the Python client");
+        return None;
+    }
+    if !ran(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages))
+    {
+        eprintln!("pip install {packages:?} failed (no PyPI?): skipping the Python client");
+        return None;
+    }
+    std::fs::write(venv.join("ready"), "").unwrap();
+    Some(python)
+}
