@@ -70,8 +70,54 @@ pub const CODES: &[cloister_proto::CodeInfo] = &[
     },
 ];
 
+/// Codes that workloads return through `cloister call`: the guest SDK's
+/// (`cloister-guest`, `cloister-sealed`'s request parts) and those of the
+/// workloads shipped in `examples/`.
+pub const WORKLOAD_CODES: &[cloister_proto::CodeInfo] = &[
+    cloister_proto::CodeInfo {
+        code: "E-WORKLOAD-INPUT",
+        summary: "the workload refused its input",
+        explanation: "A sealed input was not sealed with the encryption context the workload's \
+            measured configuration requires (e.g. purpose=records), or the input is not what the \
+            workload reads. The message names the context it wants; seal the input with it.",
+    },
+    cloister_proto::CodeInfo {
+        code: "E-WORKLOAD-CONFIG",
+        summary: "the image's measured configuration lacks or garbles a value the workload needs",
+        explanation: "Workloads read settings (output key, encryption contexts, model digest) \
+            from the configuration measured into the image (`build-enclave --config k=v`). The \
+            message names the key; rebuild the image with it (this changes PCR0).",
+    },
+    cloister_proto::CodeInfo {
+        code: "E-REQUEST-PARTS",
+        summary: "the request is not a set of named parts, or lacks one",
+        explanation: "Workloads that take several inputs (a model and records) receive them as \
+            named parts (`cloister call --part NAME=FILE`). The message names the missing or \
+            malformed part.",
+    },
+    cloister_proto::CodeInfo {
+        code: "E-DEMO-NONCE",
+        summary: "the attestation demo needs a nonce of 1 to 1024 bytes",
+        explanation: "examples/attest-demo returns an attestation document that answers the \
+            caller's challenge: send 1 to 1024 random bytes as the request.",
+    },
+    cloister_proto::CodeInfo {
+        code: "E-INFERENCE-MODEL",
+        summary: "the inference workload could not load the model",
+        explanation: "The opened model is not an ONNX graph the engine (tract) can run, or its \
+            class names are malformed. Export it as examples/inference/train does.",
+    },
+    cloister_proto::CodeInfo {
+        code: "E-INFERENCE-MODEL-MISMATCH",
+        summary: "the model is not the one the image's measured configuration names",
+        explanation: "An inference image names its model's SHA-256 in its measured configuration \
+            (so PCR0 tells a client which model runs): any other model is refused, even one \
+            sealed under the right key. Build an image for the new model.",
+    },
+];
+
 /// Every code table, for `cloister explain`.
-pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 8] {
+pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 9] {
     [
         cloister_host::sealing::CODES,
         cloister_proto::codes::CODES,
@@ -81,6 +127,7 @@ pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 8] {
         cloister_runtime::CODES,
         cloister_supervisor::CODES,
         CODES,
+        WORKLOAD_CODES,
     ]
 }
 
@@ -140,5 +187,80 @@ pub fn report(err: &anyhow::Error) {
             eprintln!("  (run `cloister explain {code}` for more)");
         }
         None => eprintln!("error: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// Literals that look like codes and are not: proto's test of an unknown code.
+    const NOT_CODES: &[&str] = &["NOPE"];
+
+    /// Every `"E-..."` literal in the workspace's sources (the crates, the
+    /// guest SDK and the example workloads): each is a code some error carries.
+    fn codes_in_sources() -> BTreeSet<(String, String)> {
+        fn walk(dir: &Path, found: &mut BTreeSet<(String, String)>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let name = entry.file_name();
+                if path.is_dir() {
+                    // Tests name codes they expect (already checked by their
+                    // `failed_with`) and prefixes; the test guest's codes are
+                    // the tests' own.
+                    if !["target", ".git", "tests", "test-guest"]
+                        .iter()
+                        .any(|skip| name == *skip)
+                    {
+                        walk(&path, found);
+                    }
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    for piece in text.split("\"E-").skip(1) {
+                        let code: String = piece
+                            .chars()
+                            .take_while(|c| {
+                                c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '-'
+                            })
+                            .collect();
+                        if piece[code.len()..].starts_with('"')
+                            && !code.is_empty()
+                            && !code.ends_with('-')
+                            && !NOT_CODES.contains(&code.as_str())
+                        {
+                            found.insert((format!("E-{code}"), path.display().to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut found = BTreeSet::new();
+        walk(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+            &mut found,
+        );
+        found
+    }
+
+    #[test]
+    fn every_code_in_the_sources_is_explained() {
+        let known: BTreeSet<&str> = super::tables()
+            .iter()
+            .flat_map(|t| t.iter().map(|c| c.code))
+            .collect();
+        let found = codes_in_sources();
+        assert!(found.len() > 50, "the scan found only {found:?}");
+        let unexplained: Vec<_> = found
+            .iter()
+            .filter(|(code, _)| !known.contains(code.as_str()))
+            .collect();
+        assert!(
+            unexplained.is_empty(),
+            "codes that `cloister explain` does not know: {unexplained:#?}"
+        );
     }
 }
