@@ -331,6 +331,15 @@ fn run_call_attest_terminate() {
         &h.run(&["run-enclave", "--image", s(&image), "--enclave-cid", "16"]),
         "E-ENCLAVE-IN-USE",
     );
+    // Without --enclave-name, enclaves of one image are named after it: test,
+    // then test-2.
+    for name in ["test", "test-2"] {
+        let v = h.ok(&["run-enclave", "--image", s(&image)]);
+        assert_eq!(v["EnclaveName"], name, "{v}");
+    }
+    for name in ["test", "test-2"] {
+        h.ok(&["terminate-enclave", "--enclave-name", name]);
+    }
     let e = failed_with(
         &h.run(&[
             "run-enclave",

@@ -165,6 +165,11 @@ impl IndependentRecipient {
     fn open(&self, out: &Value) -> Vec<u8> {
         let ct = b64d(&out["CiphertextForRecipient"]);
         let info = b64d(&out["RecipientInfo"]);
+        // RecipientInfo binds the request id, which the output shows.
+        let id = out["RequestId"]
+            .as_str()
+            .expect("the output shows RequestId");
+        assert!(info.ends_with(id.as_bytes()) && id.len() == 32, "{out}");
         let aad = b64d(&out["RecipientAad"]);
         self.hpke
             .open(

@@ -259,8 +259,8 @@ struct Writer {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log, checks it against the head the keystore
-    /// recorded, and starts the writer thread. A startup checkpoint is written.
+    /// Opens (or creates) the log, checks it against the head recorded beside
+    /// it, and starts the writer thread. A startup checkpoint is written.
     pub fn open(path: &Path, head_path: &Path, signing_key: SigningKey) -> Result<Self, KmsError> {
         let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
         use std::os::unix::fs::OpenOptionsExt;
@@ -769,7 +769,7 @@ pub fn verify_log(
         {
             if &prev != head_hash {
                 return Err(fail(
-                    "the line differs from the head the keystore recorded".into(),
+                    "the line differs from the head recorded in the head file".into(),
                 ));
             }
             head_seen = true;
@@ -786,7 +786,7 @@ pub fn verify_log(
         return Err(AuditError {
             line: n,
             problem: format!(
-                "the log ends at line {n} but the keystore recorded line {head_seq}: the log was truncated"
+                "the log ends at line {n} but its head file records line {head_seq}: the log was truncated"
             ),
         });
     }

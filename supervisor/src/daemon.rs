@@ -543,8 +543,16 @@ impl Supervisor {
 
     /// Reserves a CID, a name and a runtime uid among the running and starting
     /// enclaves. The uid comes from the pool, whatever CID the parent asked for,
-    /// and is never the caller's or an allowed client's.
-    fn reserve(&self, name: &str, cid: u32, caller: u32) -> Result<Reservation, Refusal> {
+    /// and is never the caller's or an allowed client's. A name taken is
+    /// refused, unless it is the image's name used by default: then the first
+    /// free of NAME-2, NAME-3... is chosen.
+    fn reserve(
+        &self,
+        name: &str,
+        by_default: bool,
+        cid: u32,
+        caller: u32,
+    ) -> Result<Reservation, Refusal> {
         let enclaves = lock(&self.enclaves);
         let mut reserved = lock(&self.reserved);
         let used: Vec<(u32, String, u32)> = enclaves
@@ -558,9 +566,17 @@ impl Supervisor {
             })
             .chain(reserved.iter().map(|r| (r.cid, r.name.clone(), r.uid)))
             .collect();
-        if used.iter().any(|(_, n, _)| n == name) {
+        let taken = |n: &str| used.iter().any(|(_, u, _)| u == n);
+        let name = if !taken(name) {
+            name.to_owned()
+        } else if by_default {
+            (2..)
+                .map(|i| format!("{name}-{i}"))
+                .find(|n| !taken(n))
+                .ok_or_else(|| Refusal::NameInUse(name.into()))?
+        } else {
             return Err(Refusal::NameInUse(name.into()));
-        }
+        };
         let cid = if cid == 0 {
             (FIRST_CID..=MAX_CID)
                 .find(|c| !used.iter().any(|(u, _, _)| u == c))
@@ -585,14 +601,10 @@ impl Supervisor {
         };
         reserved.push(Reservation {
             cid,
-            name: name.to_owned(),
+            name: name.clone(),
             uid,
         });
-        Ok(Reservation {
-            cid,
-            name: name.to_owned(),
-            uid,
-        })
+        Ok(Reservation { cid, name, uid })
     }
 
     fn unreserve(&self, cid: u32) {
@@ -618,11 +630,10 @@ impl Supervisor {
                 "--memory-mib {m}: choose 1 to 4096"
             )));
         }
-        let name = spec
-            .name
-            .clone()
-            .unwrap_or_else(|| image.manifest.name.clone());
-        let slot = self.reserve(&name, spec.cid, caller)?;
+        let slot = match &spec.name {
+            Some(name) => self.reserve(name, false, spec.cid, caller)?,
+            None => self.reserve(&image.manifest.name, true, spec.cid, caller)?,
+        };
         let cid = slot.cid;
         let result = self.clone().start(spec, image, slot, caller).await;
         self.unreserve(cid);

@@ -173,6 +173,8 @@ pub struct RunArgs {
     /// 0 or absent: the next free CID from 16.
     #[arg(long, default_value_t = 0)]
     enclave_cid: u32,
+    /// Its name (default: the image's name, then NAME-2, NAME-3... for
+    /// further enclaves of the image); a name in use is refused.
     #[arg(long)]
     enclave_name: Option<String>,
     /// Override the image's memory limit.

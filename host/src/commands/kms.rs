@@ -146,10 +146,12 @@ pub enum TrustCommand {
         #[arg(long)]
         label: Option<String>,
     },
+    /// The trusted roots: label, subject, SHA-256 fingerprint.
     List {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Stop trusting a root: documents that chain to it are refused from now on.
     Remove {
         #[command(flatten)]
         client: ClientArgs,
@@ -172,10 +174,12 @@ pub enum PrincipalCommand {
         #[arg(long)]
         policy: String,
     },
+    /// The principals: name, public key, identity policy.
     List {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Remove a principal: its requests are refused from now on.
     Remove {
         #[command(flatten)]
         client: ClientArgs,
@@ -186,6 +190,7 @@ pub enum PrincipalCommand {
 
 #[derive(Subcommand)]
 pub enum KeyCommand {
+    /// Create a symmetric key (AES-256-GCM material, rotated on request) with a key policy.
     CreateKey {
         #[command(flatten)]
         client: ClientArgs,
@@ -195,16 +200,19 @@ pub enum KeyCommand {
         #[arg(long)]
         policy: Option<String>,
     },
+    /// Show a key's metadata: state, dates, versions, aliases.
     DescribeKey {
         #[command(flatten)]
         client: ClientArgs,
         #[arg(long)]
         key_id: String,
     },
+    /// List the keys' ids and ARNs.
     ListKeys {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Name a key: alias/NAME refers to it wherever a key id is accepted.
     CreateAlias {
         #[command(flatten)]
         client: ClientArgs,
@@ -213,10 +221,12 @@ pub enum KeyCommand {
         #[arg(long)]
         target_key_id: String,
     },
+    /// List the aliases and the keys they name.
     ListAliases {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Encrypt up to 4096 bytes under a key (larger data: generate-data-key, or cloister encrypt).
     Encrypt {
         #[command(flatten)]
         client: ClientArgs,
@@ -229,6 +239,7 @@ pub enum KeyCommand {
         #[arg(long)]
         encryption_context: Option<String>,
     },
+    /// Decrypt a ciphertext blob; with --recipient, only to an attested enclave's key.
     Decrypt {
         #[command(flatten)]
         client: ClientArgs,
@@ -243,6 +254,7 @@ pub enum KeyCommand {
         #[arg(long)]
         recipient: Option<String>,
     },
+    /// Decrypt a blob and encrypt it under another key, without showing the plaintext.
     ReEncrypt {
         #[command(flatten)]
         client: ClientArgs,
@@ -257,6 +269,7 @@ pub enum KeyCommand {
         #[arg(long)]
         destination_encryption_context: Option<String>,
     },
+    /// Make a data key: its plaintext (or, with --recipient, for an enclave only) and its blob.
     GenerateDataKey {
         #[command(flatten)]
         client: ClientArgs,
@@ -269,6 +282,7 @@ pub enum KeyCommand {
         #[arg(long)]
         recipient: Option<String>,
     },
+    /// Random bytes from the broker (with --recipient, for an enclave only).
     GenerateRandom {
         #[command(flatten)]
         client: ClientArgs,
@@ -277,6 +291,7 @@ pub enum KeyCommand {
         #[arg(long)]
         recipient: Option<String>,
     },
+    /// Replace a key's policy (checked, as every policy, when it is put).
     PutKeyPolicy {
         #[command(flatten)]
         client: ClientArgs,
@@ -285,30 +300,35 @@ pub enum KeyCommand {
         #[arg(long)]
         policy: String,
     },
+    /// Show a key's policy.
     GetKeyPolicy {
         #[command(flatten)]
         client: ClientArgs,
         #[arg(long)]
         key_id: String,
     },
+    /// Allow a disabled key's use again.
     EnableKey {
         #[command(flatten)]
         client: ClientArgs,
         #[arg(long)]
         key_id: String,
     },
+    /// Refuse every use of a key until it is enabled.
     DisableKey {
         #[command(flatten)]
         client: ClientArgs,
         #[arg(long)]
         key_id: String,
     },
+    /// Add new key material; old blobs still decrypt with the version they name.
     RotateKey {
         #[command(flatten)]
         client: ClientArgs,
         #[arg(long)]
         key_id: String,
     },
+    /// Make a key unusable now and destroy its material after 7 to 30 days.
     ScheduleKeyDeletion {
         #[command(flatten)]
         client: ClientArgs,
@@ -317,6 +337,7 @@ pub enum KeyCommand {
         #[arg(long, default_value_t = 30)]
         pending_window_in_days: u32,
     },
+    /// Stop a scheduled deletion; the key is then disabled.
     CancelKeyDeletion {
         #[command(flatten)]
         client: ClientArgs,
@@ -711,7 +732,13 @@ fn key_operation(cmd: KeyCommand) -> anyhow::Result<(ClientArgs, Operation)> {
 }
 
 fn call(args: &ClientArgs, op: Operation) -> anyhow::Result<()> {
-    super::print_json(&render(kms_call(args, op)?))
+    let (request_id, output) = kms_call_identified(args, op)?;
+    let mut v = render(output);
+    if v.get("RecipientInfo").is_some() {
+        // RecipientInfo binds the request id: shown so that it can be checked.
+        v["RequestId"] = json!(request_id);
+    }
+    super::print_json(&v)
 }
 
 fn recipient_json(c: &CiphertextForRecipient) -> (Value, Value, Value) {
@@ -840,6 +867,11 @@ pub struct DecryptArgs {
 
 /// Connects as the client args say and runs one operation.
 fn kms_call(args: &ClientArgs, op: Operation) -> anyhow::Result<Output> {
+    Ok(kms_call_identified(args, op)?.1)
+}
+
+/// A call, and the request id it was sent with.
+fn kms_call_identified(args: &ClientArgs, op: Operation) -> anyhow::Result<(String, Output)> {
     let endpoint: Address = args.endpoint.parse()?;
     let credentials = Credentials {
         principal: args.principal.clone(),
@@ -860,7 +892,7 @@ fn kms_call(args: &ClientArgs, op: Operation) -> anyhow::Result<Output> {
     };
     Ok(runtime()?.block_on(async {
         let mut client = KmsClient::connect(&endpoint, tls.as_ref(), credentials).await?;
-        client.call(op).await
+        client.call_identified(op).await
     })?)
 }
 

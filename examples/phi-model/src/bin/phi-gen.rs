@@ -10,6 +10,19 @@
 
 use std::io::Write;
 
+const USAGE: &str = "\
+phi-gen: synthetic patients (no real PHI) and the native scoring baselines
+
+usage:
+  phi-gen --seed N --rows N [--malformed-every K] [--out FILE]
+      synthetic patients as CSV
+  phi-gen --score FILE [--out FILE]
+      score a plaintext CSV with the PHI model, outside any enclave
+  phi-gen --score-sealed FILE --data-key FILE [--out FILE]
+      the benchmark's native baseline: score a sealed file whose 32-byte data
+      key is given in the clear, sealing the scores under that key
+";
+
 fn main() {
     let mut seed = 1u64;
     let mut rows = 1000u64;
@@ -24,6 +37,10 @@ fn main() {
         let value = args.get(i + 1).cloned().unwrap_or_default();
         let parsed = value.parse::<u64>();
         match (args[i].as_str(), parsed) {
+            ("--help" | "-h", _) => {
+                print!("{USAGE}");
+                return;
+            }
             ("--seed", Ok(v)) => seed = v,
             ("--rows", Ok(v)) => rows = v,
             ("--malformed-every", Ok(v)) => malformed = v,
@@ -32,9 +49,7 @@ fn main() {
             ("--score-sealed", _) => score_sealed = Some(value),
             ("--data-key", _) => data_key = Some(value),
             (other, _) => {
-                eprintln!(
-                    "phi-gen: unexpected argument {other:?} (use --seed N --rows N [--malformed-every K] [--out FILE])"
-                );
+                eprintln!("phi-gen: unexpected argument {other:?}\n\n{USAGE}");
                 std::process::exit(2);
             }
         }
