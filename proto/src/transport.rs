@@ -383,18 +383,17 @@ mod tests {
         assert!(err.to_string().contains("absent.sock"), "{err}");
     }
 
+    /// Reported as ignored where it cannot run; `scripts/test` runs it
+    /// (`--ignored`) where the kernel has vsock loopback.
     #[tokio::test]
-    async fn vsock_loopback_round_trip_where_the_kernel_has_it() {
-        if let Err(why) = vsock_loopback_available() {
-            eprintln!("skipping vsock test without connecting: {why}");
-            return;
-        }
+    #[ignore = "needs vsock loopback (/sys/module/vsock_loopback); scripts/test runs it where present"]
+    async fn vsock_loopback_round_trip() {
+        // Never connect to a vsock CID without loopback: it leaves the machine.
+        vsock_loopback_available().expect("this test needs vsock loopback");
         // CID 1 is the local (loopback) CID.
-        let listener = listen(&"vsock:1:0".parse().unwrap()).await;
-        let Ok(listener) = listener else {
-            eprintln!("skipping vsock test: cannot bind vsock:1");
-            return;
-        };
+        let listener = listen(&"vsock:1:0".parse().unwrap())
+            .await
+            .expect("bind vsock:1");
         let port = match listener.local_address().unwrap() {
             Address::Vsock { port, .. } => port,
             other => panic!("unexpected {other}"),
