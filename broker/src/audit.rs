@@ -39,6 +39,8 @@ const CHECKPOINT_LABEL: &[u8] = b"cloister-audit-checkpoint-v1\0";
 pub const HEAD_LAG: std::time::Duration = std::time::Duration::from_millis(20);
 const HEAD_LABEL: &[u8] = b"cloister-audit-head-v1\0";
 const CHECKPOINT_EVERY: u64 = 1000;
+/// The live file's size at which it is rotated.
+pub const ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The outcome a record reports.
@@ -88,57 +90,170 @@ pub struct UsedRequestId {
 /// records' times, give or take a batch; reading stops at the first line a
 /// minute older than `since_ms`.
 pub fn used_request_ids(path: &Path, since_ms: u64) -> Result<Vec<UsedRequestId>, KmsError> {
-    const CHUNK: u64 = 64 * 1024;
-    let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(e)),
-    };
-    let mut end = file.metadata().map_err(io)?.len();
     let stop_before = since_ms.saturating_sub(60_000);
     let mut used = Vec::new();
-    // Bytes after the last newline seen so far (the start of a line whose
-    // beginning is in an earlier chunk).
-    let mut partial: Vec<u8> = Vec::new();
-    while end > 0 {
-        let start = end.saturating_sub(CHUNK);
-        let mut chunk = vec![0u8; (end - start) as usize];
-        file.seek(SeekFrom::Start(start)).map_err(io)?;
-        file.read_exact(&mut chunk).map_err(io)?;
-        chunk.extend_from_slice(&partial);
-        // The first piece may be cut; keep it for the next chunk (unless this
-        // is the file's start).
-        let mut pieces: Vec<&[u8]> = chunk.split(|b| *b == b'\n').collect();
-        partial = if start > 0 {
-            pieces.remove(0).to_vec()
-        } else {
-            Vec::new()
+    let mut lines = Backward::new(log_files(path)?);
+    while let Some(bytes) = lines.next_line()? {
+        let Ok(line) = serde_json::from_slice::<Line>(&bytes) else {
+            continue;
         };
-        for piece in pieces.into_iter().rev().filter(|p| !p.is_empty()) {
-            let Ok(line) = serde_json::from_slice::<Line>(piece) else {
-                continue;
-            };
-            let Some(ms) = unix_ms_of(&line.time) else {
-                continue;
-            };
-            if ms < stop_before {
-                return Ok(used);
+        let Some(ms) = unix_ms_of(&line.time) else {
+            continue;
+        };
+        if ms < stop_before {
+            break;
+        }
+        if let Some(r) = line.request
+            && r.authenticated
+            && ms >= since_ms
+        {
+            used.push(UsedRequestId {
+                principal: r.principal,
+                request_id: r.request_id,
+                recorded_ms: ms,
+            });
+        }
+    }
+    Ok(used)
+}
+
+/// The last `n` lines of a log (across its segments), oldest first.
+pub fn tail(path: &Path, n: usize) -> Result<Vec<String>, KmsError> {
+    let files = log_files(path)?;
+    if files.is_empty() {
+        return Err(error::not_found(format!(
+            "there is no audit log {}",
+            path.display()
+        )));
+    }
+    let mut lines = Backward::new(files);
+    let mut out = Vec::new();
+    while out.len() < n
+        && let Some(line) = lines.next_line()?
+    {
+        out.push(String::from_utf8_lossy(&line).into_owned());
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// A rotated segment's path: `<live file>.<seq of its first line, 20 digits>`.
+fn segment_path(path: &Path, first_seq: u64) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{first_seq:020}"));
+    path.with_file_name(name)
+}
+
+/// A log's files, oldest first: its rotated segments, then the live file (if
+/// it exists).
+pub fn log_files(path: &Path) -> Result<Vec<std::path::PathBuf>, KmsError> {
+    let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = format!(
+        "{}.",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let mut segments: Vec<(u64, std::path::PathBuf)> = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(io)?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(seq) = name.strip_prefix(&prefix)
+                    && seq.len() == 20
+                    && let Ok(seq) = seq.parse::<u64>()
+                {
+                    segments.push((seq, entry.path()));
+                }
             }
-            if let Some(r) = line.request
-                && r.authenticated
-                && ms >= since_ms
-            {
-                used.push(UsedRequestId {
-                    principal: r.principal,
-                    request_id: r.request_id,
-                    recorded_ms: ms,
-                });
-            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    segments.sort();
+    let mut files: Vec<_> = segments.into_iter().map(|(_, p)| p).collect();
+    if path.exists() {
+        files.push(path.to_path_buf());
+    }
+    Ok(files)
+}
+
+/// The length of a file up to and including its last newline.
+fn complete_length(file: &mut File, len: u64) -> std::io::Result<u64> {
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        if let Some(i) = part.iter().rposition(|b| *b == b'\n') {
+            return Ok(start + i as u64 + 1);
         }
         end = start;
     }
-    Ok(used)
+    Ok(0)
+}
+
+/// A log's lines from its end backwards, across its files (each line
+/// without its newline), reading 64 KiB at a time.
+struct Backward {
+    /// Files not yet started, oldest first.
+    files: Vec<std::path::PathBuf>,
+    file: Option<(File, u64)>,
+    /// The start of a line whose beginning is further back in the file.
+    carry: Vec<u8>,
+    ready: Vec<Vec<u8>>,
+}
+
+impl Backward {
+    fn new(files: Vec<std::path::PathBuf>) -> Self {
+        Backward {
+            files,
+            file: None,
+            carry: Vec::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    fn next_line(&mut self) -> Result<Option<Vec<u8>>, KmsError> {
+        const CHUNK: u64 = 64 * 1024;
+        let io = |e: std::io::Error| error::internal(format!("audit log: {e}"));
+        loop {
+            if let Some(line) = self.ready.pop() {
+                return Ok(Some(line));
+            }
+            let (file, end) = match &mut self.file {
+                Some(open) => open,
+                None => {
+                    let Some(path) = self.files.pop() else {
+                        return Ok(None);
+                    };
+                    let f = File::open(&path).map_err(io)?;
+                    let len = f.metadata().map_err(io)?.len();
+                    self.carry.clear();
+                    self.file.insert((f, len))
+                }
+            };
+            let start = end.saturating_sub(CHUNK);
+            let mut chunk = vec![0u8; (*end - start) as usize];
+            file.seek(SeekFrom::Start(start)).map_err(io)?;
+            file.read_exact(&mut chunk).map_err(io)?;
+            chunk.append(&mut self.carry);
+            *end = start;
+            let mut pieces: Vec<Vec<u8>> =
+                chunk.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+            if start > 0 {
+                self.carry = pieces.remove(0);
+            } else {
+                self.file = None;
+            }
+            self.ready = pieces.into_iter().filter(|p| !p.is_empty()).collect();
+        }
+    }
 }
 
 fn unix_ms_of(rfc3339: &str) -> Option<u64> {
@@ -247,6 +362,11 @@ fn signed_message(label: &[u8], seq: u64, prev: &str) -> Vec<u8> {
 
 struct Writer {
     file: File,
+    path: std::path::PathBuf,
+    /// Bytes in the live file, and the seq of its first line.
+    file_len: u64,
+    first_seq_of_file: u64,
+    rotate_bytes: u64,
     next_seq: u64,
     prev: String,
     signing_key: SigningKey,
@@ -260,8 +380,21 @@ struct Writer {
 
 impl AuditLog {
     /// Opens (or creates) the log, checks it against the head recorded beside
-    /// it, and starts the writer thread. A startup checkpoint is written.
+    /// it, and starts the writer thread. A startup checkpoint is written. Only
+    /// the log's end is read (back to the line the head names), never all of it.
     pub fn open(path: &Path, head_path: &Path, signing_key: SigningKey) -> Result<Self, KmsError> {
+        Self::open_rotating(path, head_path, signing_key, ROTATE_BYTES)
+    }
+
+    /// As [`AuditLog::open`], rotating the live file once it reaches
+    /// `rotate_bytes`: it is renamed `<name>.<seq of its first line>` (20
+    /// digits) and a new live file continues the chain.
+    pub fn open_rotating(
+        path: &Path,
+        head_path: &Path,
+        signing_key: SigningKey,
+        rotate_bytes: u64,
+    ) -> Result<Self, KmsError> {
         let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = OpenOptions::new()
@@ -271,26 +404,26 @@ impl AuditLog {
             .append(true)
             .open(path)
             .map_err(io)?;
-        let mut text = Vec::new();
-        file.read_to_end(&mut text).map_err(io)?;
         // A line without its newline was never acknowledged (the response waits
         // for the fsync); drop it and say so in the startup record.
-        let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        let discarded = text.len() - complete;
+        let len = file.metadata().map_err(io)?.len();
+        let complete = complete_length(&mut file, len).map_err(io)?;
+        let discarded = len - complete;
         if discarded > 0 {
-            file.set_len(complete as u64).map_err(io)?;
+            file.set_len(complete).map_err(io)?;
             file.seek(SeekFrom::End(0)).map_err(io)?;
         }
-        let (next_seq, prev) = match text[..complete].split(|b| *b == b'\n').rev().nth(1) {
-            Some(last) => {
-                let line: Line = serde_json::from_slice(last).map_err(|e| {
-                    error::internal(format!(
-                        "audit log {}: last line is malformed: {e}",
-                        path.display()
-                    ))
-                })?;
-                (line.seq + 1, line_hash(last))
-            }
+        let mut lines = Backward::new(log_files(path)?);
+        let parse = |bytes: &[u8]| {
+            serde_json::from_slice::<Line>(bytes).map_err(|e| {
+                error::internal(format!(
+                    "audit log {}: a line near its end is malformed: {e}",
+                    path.display()
+                ))
+            })
+        };
+        let (next_seq, prev) = match lines.next_line()? {
+            Some(last) => (parse(&last)?.seq + 1, line_hash(&last)),
             None => (1, GENESIS.to_owned()),
         };
         let head = recorded_head(head_path, &signing_key.verifying_key())?;
@@ -303,7 +436,16 @@ impl AuditLog {
             )));
         }
         if let Some((head_seq, head_hash)) = head {
-            let found = find_hash(&text[..complete], head_seq);
+            // Back from the end to the line the head names.
+            let mut lines = Backward::new(log_files(path)?);
+            let mut found = None;
+            while let Some(bytes) = lines.next_line()? {
+                let seq = parse(&bytes)?.seq;
+                if seq <= head_seq {
+                    found = (seq == head_seq).then(|| line_hash(&bytes));
+                    break;
+                }
+            }
             if found.as_deref() != Some(head_hash.as_str()) {
                 return Err(error::internal(format!(
                     "the audit log {} does not contain the recorded head (line {head_seq}): it was truncated or \
@@ -312,8 +454,21 @@ impl AuditLog {
                 )));
             }
         }
+        let first_seq_of_file = if complete == 0 {
+            next_seq
+        } else {
+            let mut first = String::new();
+            BufReader::new(File::open(path).map_err(io)?)
+                .read_line(&mut first)
+                .map_err(io)?;
+            parse(first.trim_end().as_bytes())?.seq
+        };
         let mut writer = Writer {
             file,
+            path: path.to_path_buf(),
+            file_len: complete,
+            first_seq_of_file,
+            rotate_bytes,
             next_seq,
             prev,
             signing_key,
@@ -486,7 +641,32 @@ impl Writer {
         } else {
             self.file.sync_data().map_err(io)?;
         }
+        self.file_len += out.len() as u64;
+        if self.file_len >= self.rotate_bytes {
+            self.rotate().map_err(io)?;
+        }
         Ok(first_seq.unwrap_or(self.next_seq))
+    }
+
+    /// Renames the live file (all of it synced) to its segment name and starts
+    /// a new one; the chain goes on in it. A crash between the two steps
+    /// leaves no live file, which `open` creates, finding the chain's end in
+    /// the newest segment.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::rename(&self.path, segment_path(&self.path, self.first_seq_of_file))?;
+        self.file = OpenOptions::new()
+            .mode(0o600)
+            .create_new(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file_len = 0;
+        self.first_seq_of_file = self.next_seq;
+        Ok(())
     }
 
     /// Records the log's end (all of it on disk) as the head, if it is not yet.
@@ -668,13 +848,6 @@ pub fn recorded_head(
         .ok_or_else(bad)
 }
 
-fn find_hash(text: &[u8], seq: u64) -> Option<String> {
-    text.split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .find(|l| serde_json::from_slice::<Line>(l).is_ok_and(|line| line.seq == seq))
-        .map(line_hash)
-}
-
 /// What `audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifySummary {
@@ -697,19 +870,31 @@ impl cloister_proto::ErrorCode for AuditError {
     }
 }
 
-/// Verifies a log: every line well-formed, seq consecutive from 1, each `prev`
-/// the hash of the line before, every signature valid, and the recorded head (if
-/// any) present with the same hash.
+/// Verifies a log, its rotated segments first: every line well-formed, seq
+/// consecutive from 1, each `prev` the hash of the line before, every
+/// signature valid, and the recorded head (if any) present with the same hash.
+/// A segment removed (even the oldest) breaks the chain.
 pub fn verify_log(
     path: &Path,
     broker_key: &VerifyingKey,
     head: Option<(u64, String)>,
 ) -> Result<VerifySummary, AuditError> {
-    let file = File::open(path).map_err(|e| AuditError {
-        line: 0,
-        problem: format!("cannot read {}: {e}", path.display()),
-    })?;
-    let mut reader = BufReader::new(file);
+    let cannot = |problem: String| AuditError { line: 0, problem };
+    let files = log_files(path).map_err(|e| cannot(e.message))?;
+    if files.is_empty() {
+        return Err(cannot(format!(
+            "cannot read {}: it does not exist",
+            path.display()
+        )));
+    }
+    // The segments and the live file, read as one log.
+    let mut chain: Box<dyn Read> = Box::new(std::io::empty());
+    for f in &files {
+        let file =
+            File::open(f).map_err(|e| cannot(format!("cannot read {}: {e}", f.display())))?;
+        chain = Box::new(chain.chain(file));
+    }
+    let mut reader = BufReader::new(chain);
     let mut prev = GENESIS.to_owned();
     let mut n = 0u64;
     let mut checkpoints = 0;
@@ -873,6 +1058,63 @@ mod tests {
         }
         log.shutdown().unwrap();
         f
+    }
+
+    #[test]
+    fn the_log_rotates_and_verifies_across_its_segments() {
+        let f = Fixture::new();
+        let open = || AuditLog::open_rotating(&f.log(), &f.head(), f.key.clone(), 4096);
+        let log = open().unwrap();
+        let start = cloister_kms_api::now_ms();
+        for i in 0..200 {
+            log.record(record(i)).unwrap();
+        }
+        log.shutdown().unwrap();
+        drop(log);
+        let files = log_files(&f.log()).unwrap();
+        assert!(files.len() > 5, "{files:?}");
+        assert!(files.iter().all(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777 == 0o600
+        }));
+        // Each segment starts where its name says, and holds about 4 KB.
+        for p in &files[..files.len() - 1] {
+            let text = std::fs::read_to_string(p).unwrap();
+            let first: Line = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+            assert!(p.to_string_lossy().ends_with(&format!("{:020}", first.seq)));
+            assert!(text.len() >= 4096 && text.len() < 8192, "{}", text.len());
+        }
+        assert_eq!(f.verify().unwrap().lines, 202); // startup, 200 records, shutdown
+        // Reopening continues the chain in the live file; request ids are
+        // found across segments.
+        let log = open().unwrap();
+        log.record(record(999)).unwrap();
+        drop(log);
+        f.verify().unwrap();
+        let used = used_request_ids(&f.log(), start.saturating_sub(1000)).unwrap();
+        assert_eq!(used.len(), 201);
+        // A crash between the rename and the new live file: open finds the
+        // chain's end in the newest segment.
+        let live = f.log();
+        let last = log_files(&live).unwrap().len();
+        let text = std::fs::read_to_string(&live).unwrap();
+        let first: Line = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        std::fs::rename(&live, segment_path(&live, first.seq)).unwrap();
+        let log = open().unwrap();
+        log.record(record(1000)).unwrap();
+        drop(log);
+        assert_eq!(log_files(&live).unwrap().len(), last + 1);
+        f.verify().unwrap();
+        // A removed segment breaks the chain, the oldest too.
+        let files = log_files(&live).unwrap();
+        for victim in [&files[2], &files[0]] {
+            let saved = std::fs::read(victim).unwrap();
+            std::fs::remove_file(victim).unwrap();
+            let e = f.verify().unwrap_err();
+            assert!(e.problem.contains("a line was deleted"), "{e}");
+            std::fs::write(victim, saved).unwrap();
+        }
+        f.verify().unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! | `root.key` | the 32-byte root key, mode 0600 (absent in passphrase mode) |
 //! | `broker.key` / `broker.pub` | the broker's Ed25519 key: signs every response and the audit checkpoints |
 //! | `admin.key` / `admin.pub` | the first principal, `admin`, allowed everything |
-//! | `audit.log` | the hash-chained audit log |
+//! | `audit.log` | the hash-chained audit log (0600), rotated at 64 MiB into `audit.log.<first seq>` segments that continue the chain |
 //! | `audit.head` | the log's last seq and hash, signed by the broker |
 //! | `tls/` | the local CA and the server certificate for TCP listeners |
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use base64::Engine;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -510,10 +510,7 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             }))
         }
         KmsCommand::Audit(AuditCommand::Tail { data_dir, lines }) => {
-            let text = std::fs::read_to_string(DataDir::new(&data_dir).audit_log())
-                .with_context(|| format!("cannot read the audit log in {}", data_dir.display()))?;
-            let all: Vec<&str> = text.lines().collect();
-            for line in &all[all.len().saturating_sub(lines)..] {
+            for line in audit::tail(&DataDir::new(&data_dir).audit_log(), lines)? {
                 println!("{line}");
             }
             Ok(())
