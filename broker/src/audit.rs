@@ -137,6 +137,13 @@ pub fn tail(path: &Path, n: usize) -> Result<Vec<String>, KmsError> {
     Ok(out)
 }
 
+/// Where a rotation makes the next live file before renaming it into place.
+fn next_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".next");
+    path.with_file_name(name)
+}
+
 /// A rotated segment's path: `<live file>.<seq of its first line, 20 digits>`.
 fn segment_path(path: &Path, first_seq: u64) -> std::path::PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
@@ -266,16 +273,28 @@ impl RequestRecord {
     /// The record with each text cut to its cap (on a character boundary,
     /// marked with the original length).
     pub fn bounded(mut self) -> Self {
+        // `max` bounds the text as JSON writes it (a control character takes
+        // six bytes there), so the line's size is bounded, not just the string's.
         fn cut(s: &mut String, max: usize) {
-            if s.len() > max {
-                let mut end = max;
-                while !s.is_char_boundary(end) {
-                    end -= 1;
-                }
-                let len = s.len();
-                s.truncate(end);
-                s.push_str(&format!("... ({len} bytes)"));
+            let width = |c: char| match c {
+                '"' | '\\' => 2,
+                c if (c as u32) < 0x20 => 6,
+                c => c.len_utf8(),
+            };
+            if s.chars().map(width).sum::<usize>() <= max {
+                return;
             }
+            let mut used = 0;
+            let end = s
+                .char_indices()
+                .find(|(_, c)| {
+                    used += width(*c);
+                    used > max
+                })
+                .map_or(s.len(), |(i, _)| i);
+            let len = s.len();
+            s.truncate(end);
+            s.push_str(&format!("... ({len} bytes)"));
         }
         cut(&mut self.request_id, 96);
         cut(&mut self.principal, 256);
@@ -397,6 +416,9 @@ impl AuditLog {
     ) -> Result<Self, KmsError> {
         let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
         use std::os::unix::fs::OpenOptionsExt;
+        // A rotation cut short by a crash may leave its new file unused.
+        let _ = std::fs::remove_file(next_path(path));
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .mode(0o600)
             .create(true)
@@ -404,6 +426,9 @@ impl AuditLog {
             .append(true)
             .open(path)
             .map_err(io)?;
+        if created && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
         // A line without its newline was never acknowledged (the response waits
         // for the fsync); drop it and say so in the startup record.
         let len = file.metadata().map_err(io)?.len();
@@ -643,27 +668,51 @@ impl Writer {
         }
         self.file_len += out.len() as u64;
         if self.file_len >= self.rotate_bytes {
-            self.rotate().map_err(io)?;
+            self.rotate()?;
         }
         Ok(first_seq.unwrap_or(self.next_seq))
     }
 
-    /// Renames the live file (all of it synced) to its segment name and starts
-    /// a new one; the chain goes on in it. A crash between the two steps
-    /// leaves no live file, which `open` creates, finding the chain's end in
-    /// the newest segment.
-    fn rotate(&mut self) -> std::io::Result<()> {
+    /// Renames the live file (all of it synced) to its segment name and puts a
+    /// new, empty one in its place; the chain goes on in it. The new file is
+    /// made first (`<name>.next`), so that running out of file descriptors or
+    /// space only postpones the rotation (to the next batch) and fails no
+    /// request. A crash between the renames leaves no live file, which `open`
+    /// creates, finding the chain's end in the newest segment.
+    fn rotate(&mut self) -> Result<(), KmsError> {
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::rename(&self.path, segment_path(&self.path, self.first_seq_of_file))?;
-        self.file = OpenOptions::new()
+        let next = next_path(&self.path);
+        let _ = std::fs::remove_file(&next);
+        let made = OpenOptions::new()
             .mode(0o600)
             .create_new(true)
             .read(true)
             .append(true)
-            .open(&self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+            .open(&next)
+            .and_then(|f| {
+                std::fs::rename(&self.path, segment_path(&self.path, self.first_seq_of_file))?;
+                Ok(f)
+            });
+        let new_file = match made {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&next);
+                eprintln!(
+                    "cloister kms: the audit log {} was not rotated ({e}); retrying after the next batch",
+                    self.path.display()
+                );
+                return Ok(());
+            }
+        };
+        // The live name must come back: without it the log's end is in a
+        // file no reader looks at, so a failure here stops the log.
+        std::fs::rename(&next, &self.path)
+            .and_then(|()| match self.path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+                _ => Ok(()),
+            })
+            .map_err(|e| error::internal(format!("audit log rotation: {e}")))?;
+        self.file = new_file;
         self.file_len = 0;
         self.first_seq_of_file = self.next_seq;
         Ok(())
@@ -1061,6 +1110,23 @@ mod tests {
     }
 
     #[test]
+    fn records_are_bounded_as_json_writes_them() {
+        let control = "\u{1}".repeat(256);
+        let r = RequestRecord {
+            principal: control.clone(),
+            request_id: "\"".repeat(96),
+            reason: format!("unknown principal {control:?}"),
+            key_id: Some("\\".repeat(300)),
+            ..Default::default()
+        }
+        .bounded();
+        let line = serde_json::to_string(&r).unwrap();
+        // Each text is cut to its cap as escaped: 96 + 256 + 1024 + 256 bytes.
+        assert!(line.len() < 1800, "{} bytes: {line}", line.len());
+        assert!(r.principal.ends_with("... (256 bytes)"), "{}", r.principal);
+    }
+
+    #[test]
     fn the_log_rotates_and_verifies_across_its_segments() {
         let f = Fixture::new();
         let open = || AuditLog::open_rotating(&f.log(), &f.head(), f.key.clone(), 4096);
@@ -1114,6 +1180,21 @@ mod tests {
             assert!(e.problem.contains("a line was deleted"), "{e}");
             std::fs::write(victim, saved).unwrap();
         }
+        f.verify().unwrap();
+        // A rotation that cannot make its next file is postponed: requests
+        // are still recorded, and the next batch rotates once it can.
+        let blocker = f.dir.path().join("audit.log.next");
+        std::fs::create_dir(&blocker).unwrap();
+        let before = log_files(&live).unwrap().len();
+        let log = open().unwrap();
+        for i in 0..40 {
+            log.record(record(2000 + i)).unwrap();
+        }
+        assert_eq!(log_files(&live).unwrap().len(), before);
+        std::fs::remove_dir(&blocker).unwrap();
+        log.record(record(3000)).unwrap();
+        drop(log);
+        assert!(log_files(&live).unwrap().len() > before);
         f.verify().unwrap();
     }
 

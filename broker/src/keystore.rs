@@ -317,7 +317,9 @@ impl Keystore {
             .map_err(|_| error::internal("keystore state poisoned"))
     }
 
-    /// Runs `f` with a key, found by id, ARN, alias name or alias ARN.
+    /// Runs `f` with a key, found by id, ARN, alias name or alias ARN, under
+    /// the state's read lock: `f` must not call the keystore (a second read
+    /// lock waits behind a queued writer that waits for the first: deadlock).
     pub fn with_key<T>(
         &self,
         key_ref: &str,
@@ -332,7 +334,8 @@ impl Keystore {
         f(key)
     }
 
-    /// Runs `f` with the key a blob names (by its id).
+    /// Runs `f` with the key a blob names (by its id); as [`Keystore::with_key`],
+    /// `f` must not call the keystore.
     pub fn with_key_id<T>(
         &self,
         id: KeyId,

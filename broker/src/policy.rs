@@ -554,20 +554,24 @@ impl Policy {
                 .filter(|s| s.effect == Effect::Allow && action_matches(&s.action, action))
                 .collect()
         };
-        // An Allow that requires an attestation document (a positive
-        // attestation condition without IfExists).
+        // An Allow that requires an attestation document (a positive string
+        // condition on an attestation key, without IfExists; `Null` is not one).
         let pins = |s: &Statement| {
-            s.conditions
-                .iter()
-                .any(|c| is_attestation_key(&c.canonical) && !c.if_exists && !c.operator.negated())
+            s.conditions.iter().any(|c| {
+                is_attestation_key(&c.canonical)
+                    && !c.if_exists
+                    && !c.operator.negated()
+                    && c.operator != Operator::Null
+            })
         };
-        // A Deny of `action` for `s`'s principals that holds whenever a
-        // request carries no attestation document.
+        // A Deny of `action`, on any key, for every principal `s` names, that
+        // holds whenever a request carries no attestation document.
         let denied_unattested = |action: &str, s: &Statement| {
             self.statements.iter().any(|d| {
                 d.effect == Effect::Deny
                     && action_matches(&d.action, action)
-                    && principals_overlap(d, s)
+                    && resource_matches(&d.resource, "arn:cloister:kms:local:key/any")
+                    && principals_cover(d, s)
                     && d.conditions.iter().all(|c| {
                         is_attestation_key(&c.canonical)
                             && (c.if_exists
@@ -705,6 +709,15 @@ fn principals_overlap(a: &Statement, b: &Statement) -> bool {
     match (&a.principals, &b.principals) {
         (Some(x), Some(y)) => x.iter().any(|n| y.contains(n)),
         _ => true,
+    }
+}
+
+/// Whether every principal `b` names is named by `a`.
+fn principals_cover(a: &Statement, b: &Statement) -> bool {
+    match (&a.principals, &b.principals) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(x), Some(y)) => y.iter().all(|n| x.contains(n)),
     }
 }
 

@@ -23,8 +23,9 @@ pub struct ServerLimits {
     /// the newcomer is refused.
     pub max_connections: usize,
     /// Connections one peer may hold at once (the peer is the uid on a Unix
-    /// socket, the IP address on TCP, the CID on vsock); past it, the peer's
-    /// own longest-idle connection is closed, or the newcomer refused.
+    /// socket, the CID on vsock, the IPv4 address or IPv6 /64 on TCP, with all
+    /// of loopback one peer); past it, the peer's own longest-idle connection
+    /// (or TLS handshake in progress) is closed, or the newcomer refused.
     pub max_connections_per_peer: usize,
     /// Requests from one peer that fail before their sender is authenticated
     /// (malformed, unknown principal, bad signature, expired, replayed), per
@@ -196,7 +197,7 @@ impl Slots {
             None
         };
         if let Some(id) = displaced {
-            t.remove(id);
+            t.remove(id, limits.unauthenticated_per_peer_per_sec);
         }
         let id = t.next_id;
         t.next_id += 1;
@@ -241,15 +242,15 @@ impl SlotTable {
             .map(|(_, id)| id)
     }
 
-    /// Frees a slot (closing its connection, if it still runs).
-    fn remove(&mut self, id: u64) {
+    /// Frees a slot (closing its connection, if it still runs). A peer is
+    /// forgotten once it has no connection and its allowance is full again
+    /// (so reconnecting does not refill it).
+    fn remove(&mut self, id: u64, rate: f64) {
         if let Some(slot) = self.open.remove(&id) {
             slot.close.notify_one();
             if let Some(p) = self.per_peer.get_mut(&slot.peer) {
                 p.connections -= 1;
-                // A peer is forgotten once it has no connection and its
-                // allowance is full again.
-                if p.connections == 0 && p.failures >= 1.0 {
+                if p.connections == 0 && p.refill(Instant::now(), rate) >= 2.0 * rate {
                     self.per_peer.remove(&slot.peer);
                 }
             }
@@ -280,7 +281,8 @@ impl SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.slots.lock().remove(self.id);
+        let rate = self.slots.limits.unauthenticated_per_peer_per_sec;
+        self.slots.lock().remove(self.id, rate);
     }
 }
 
@@ -328,10 +330,21 @@ async fn accept_loop(
         connections.spawn(async move {
             match (stream, tls) {
                 (Stream::Tcp(tcp), Some(acceptor)) => {
-                    let handshake =
-                        tokio::time::timeout(limits.frame_timeout, acceptor.accept(tcp)).await;
-                    if let Ok(Ok(tls_stream)) = handshake {
-                        connection(broker, tls_stream, slot, limits, stop).await;
+                    // A handshake in progress may be displaced (as an idle
+                    // connection), and one that fails or stalls counts against
+                    // the peer's allowance: slots cannot be held by silence.
+                    slot.set_idle(true);
+                    let handshake = tokio::select! {
+                        h = tokio::time::timeout(limits.frame_timeout, acceptor.accept(tcp)) => h,
+                        _ = slot.close.notified() => return,
+                    };
+                    match handshake {
+                        Ok(Ok(tls_stream)) => {
+                            connection(broker, tls_stream, slot, limits, stop).await;
+                        }
+                        _ => {
+                            let _ = slot.failed_unauthenticated();
+                        }
                     }
                 }
                 (stream, _) => connection(broker, stream, slot, limits, stop).await,

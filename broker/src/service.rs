@@ -721,11 +721,12 @@ impl Broker {
                 })?;
                 Ok((Output::KeyMetadata(self.metadata(id)?), reason))
             }
-            Operation::DescribeKey { key_id } => ks.with_key(&key_id, |k| {
-                call.set_key(k);
-                let reason = call.authorize("kms:DescribeKey", Some(k), &none, None)?;
-                Ok((Output::KeyMetadata(self.metadata(k.id)?), reason))
-            }),
+            Operation::DescribeKey { key_id } => {
+                // The metadata is read after `with_key` returns: a read lock
+                // taken again while one is held deadlocks once a writer waits.
+                let (id, reason) = self.authorized_key(call, &key_id, "kms:DescribeKey")?;
+                Ok((Output::KeyMetadata(self.metadata(id)?), reason))
+            }
             Operation::ListKeys => {
                 let reason = call.authorize("kms:ListKeys", None, &none, None)?;
                 let keys = ks
@@ -1108,8 +1109,8 @@ impl Broker {
         }
     }
 
-    /// A key and the reason `action` on it is allowed (the state change
-    /// itself checks the key's state, in its transaction).
+    /// A key and the reason `action` on it is allowed (a state change checks
+    /// the key's state itself, in its transaction).
     fn authorized_key(
         &self,
         call: &mut Call<'_>,

@@ -617,6 +617,19 @@ fn lint_warns_on_pitfalls_and_only_on_them() {
             vec![],
         ),
         (
+            "a Deny for one principal or one other key covers nothing of an Allow for everyone",
+            vec![
+                pin("Enclave", "app", r#""kms:Decrypt""#),
+                r#"{"Sid":"Everyone","Effect":"Allow","Principal":"*","Action":"kms:Decrypt","Resource":"*"}"#.into(),
+                r#"{"Sid":"NotAlice","Effect":"Deny","Principal":{"AWS":"alice"},"Action":"kms:Decrypt","Resource":"*"}"#.into(),
+                r#"{"Sid":"OtherKey","Effect":"Deny","Principal":"*","Action":"kms:Decrypt","Resource":"arn:cloister:kms:local:key/other"}"#.into(),
+            ],
+            vec![
+                "statement \"Everyone\" allows kms:Decrypt without attestation conditions",
+                "statement \"Everyone\" allows every principal with no condition",
+            ],
+        ),
+        (
             "only negated attestation conditions",
             vec![format!(
                 r#"{{"Sid":"NotTheOldImage","Effect":"Allow","Principal":{{"AWS":"app"}},"Action":"kms:Decrypt","Resource":"*","Condition":{{"StringNotEquals":{{"kms:RecipientAttestation:PCR0":"{B}"}}}}}}"#

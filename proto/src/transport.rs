@@ -232,15 +232,25 @@ macro_rules! each_stream {
 
 impl Stream {
     /// Who is at the other end, for per-peer limits: the uid on a Unix socket
-    /// (from the kernel), the IP address on TCP, the CID on vsock.
+    /// (from the kernel), the CID on vsock; on TCP the IPv4 address, the IPv6
+    /// /64 (one host's share), and every loopback address as one peer (any
+    /// local user can bind 127.0.0.2, 127.0.0.3...).
     pub fn peer_identity(&self) -> String {
         match self {
             Stream::Unix(s) => s
                 .peer_cred()
                 .map_or_else(|_| "uid:unknown".into(), |c| format!("uid:{}", c.uid())),
-            Stream::Tcp(s) => s
-                .peer_addr()
-                .map_or_else(|_| "ip:unknown".into(), |a| format!("ip:{}", a.ip())),
+            Stream::Tcp(s) => s.peer_addr().map_or_else(
+                |_| "ip:unknown".into(),
+                |a| match a.ip().to_canonical() {
+                    ip if ip.is_loopback() => "ip:loopback".into(),
+                    std::net::IpAddr::V4(v4) => format!("ip:{v4}"),
+                    std::net::IpAddr::V6(v6) => {
+                        let s = v6.segments();
+                        format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                    }
+                },
+            ),
             Stream::Vsock(s) => s
                 .peer_addr()
                 .map_or_else(|_| "cid:unknown".into(), |a| format!("cid:{}", a.cid())),

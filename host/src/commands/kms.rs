@@ -488,7 +488,7 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                     .collect();
                 super::print_json(&json!({ "Listening": bound }))?;
                 let limits = ServerLimits {
-                    max_connections,
+                    max_connections: fit_descriptors(max_connections),
                     max_connections_per_peer,
                     ..Default::default()
                 };
@@ -816,6 +816,30 @@ fn add_secret(v: &mut Value, plaintext: Option<Secret>, cfr: Option<CiphertextFo
         v["RecipientInfo"] = info;
         v["RecipientAad"] = aad;
     }
+}
+
+/// Connections the process can hold: the soft limit on open files is raised
+/// to the hard one, and connections are capped below it, so that the audit
+/// log and keystore (which open files as they go) never meet EMFILE.
+fn fit_descriptors(wanted: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const RESERVED: u64 = 64;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return wanted;
+    };
+    let soft = if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let fits = usize::try_from(soft.saturating_sub(RESERVED)).unwrap_or(usize::MAX);
+    if wanted > fits {
+        eprintln!(
+            "cloister kms: --max-connections {wanted} lowered to {fits}: this process may open {soft} files"
+        );
+        return fits.max(1);
+    }
+    wanted
 }
 
 async fn shutdown_signal() {
