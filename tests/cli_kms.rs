@@ -427,17 +427,31 @@ fn sha384(b: &[u8]) -> Vec<u8> {
 
 #[test]
 fn key_lifecycle_through_the_cli() {
-    let kms = Kms::start();
+    let mut kms = Kms::start();
     // The keystore (and SQLite's files beside it), the audit log and its head
-    // are readable by the broker's user alone.
+    // are readable by the broker's user alone; files an older version made
+    // 0644 are made so when the broker opens its data directory.
     use std::os::unix::fs::PermissionsExt;
-    for file in ["keystore.db", "keystore.db-wal", "audit.log", "audit.head"] {
-        let mode = std::fs::metadata(kms.data().join(file))
-            .unwrap_or_else(|e| panic!("{file}: {e}"))
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600, "{file} is {:o}", mode & 0o777);
+    let owner_only = |kms: &Kms| {
+        for file in ["keystore.db", "keystore.db-wal", "audit.log", "audit.head"] {
+            let mode = std::fs::metadata(kms.data().join(file))
+                .unwrap_or_else(|e| panic!("{file}: {e}"))
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file} is {:o}", mode & 0o777);
+        }
+    };
+    owner_only(&kms);
+    kms.stop();
+    for file in ["keystore.db", "audit.log", "audit.head"] {
+        std::fs::set_permissions(
+            kms.data().join(file),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
     }
+    kms.serve();
+    owner_only(&kms);
     let app = kms.add_principal("app", ALLOW_ALL);
     let run = |args: &[&str]| kms.run_as("app", &app, args);
     let key = json_of(&run(&["kms", "create-key"]), "create")["KeyMetadata"]["KeyId"]

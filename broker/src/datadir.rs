@@ -126,6 +126,7 @@ impl DataDir {
         passphrase: Option<Zeroizing<String>>,
         config: BrokerConfig,
     ) -> Result<Broker, KmsError> {
+        self.restrict_modes()?;
         let root = self.root(passphrase)?;
         let keystore = Keystore::open(&self.keystore(), root)?;
         let broker_key = keyfile::read_signing_key(&self.broker_key())
@@ -136,6 +137,30 @@ impl DataDir {
         let since = now_ms().saturating_sub(broker.replay_window().as_millis() as u64);
         broker.remember_used_ids(crate::audit::used_request_ids(&self.audit_log(), since)?);
         Ok(broker)
+    }
+
+    /// Files that hold keys or audit data and that others may read (made by
+    /// a version that created them 0644) become owner-only.
+    fn restrict_modes(&self) -> Result<(), KmsError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut files = crate::audit::log_files(&self.audit_log())?;
+        let db = self.keystore();
+        files.extend([
+            self.audit_head(),
+            db.clone(),
+            db.with_extension("db-wal"),
+            db.with_extension("db-shm"),
+        ]);
+        for file in files {
+            if let Ok(meta) = std::fs::metadata(&file)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |e| error::internal(format!("cannot make {} owner-only: {e}", file.display())),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn root(&self, passphrase: Option<Zeroizing<String>>) -> Result<RootKey, KmsError> {
