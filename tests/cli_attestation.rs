@@ -448,6 +448,17 @@ fn explain_knows_every_code_it_prints() {
     fails_with(&["explain", "E-NOT-A-CODE"], "E-CLI-USAGE");
 }
 
+/// The standard output of a tool that must succeed.
+fn stdout_of(out: std::io::Result<Output>) -> String {
+    let out = out.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn keygen_writes_keys_that_openssl_and_python_cryptography_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -479,14 +490,8 @@ fn keygen_writes_keys_that_openssl_and_python_cryptography_read() {
     if Command::new("openssl").arg("version").output().is_ok() {
         let out = Command::new("openssl")
             .args(["pkey", "-pubout", "-in", s(&key)])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), public_pem);
+            .output();
+        assert_eq!(stdout_of(out), public_pem);
     } else {
         eprintln!("openssl not installed: skipping its check");
     }
@@ -497,15 +502,7 @@ from cryptography.hazmat.primitives import serialization as s
 key = s.load_pem_private_key(open(sys.argv[1], "rb").read(), password=None)
 sys.stdout.write(key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo).decode())
 "#;
-        let out = Command::new(python)
-            .args(["-c", script, s(&key)])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), public_pem);
+        let out = Command::new(python).args(["-c", script, s(&key)]).output();
+        assert_eq!(stdout_of(out), public_pem);
     }
 }

@@ -473,6 +473,27 @@ fn broker_client(spec: &Path) {
     println!("{count}");
 }
 
+/// The file that tells `--broker-client` processes what to do: attested
+/// Decrypts of `blob` as admin from `start` until `end` (Unix ms).
+fn client_spec(w: &World, blob: &[u8], start: u64, end: u64) -> PathBuf {
+    let spec = w.h.path("client.json");
+    std::fs::write(
+        &spec,
+        json!({
+            "platform": s(&w.h.path("platform")),
+            "address": format!("unix:{}", s(&w.broker.sock)),
+            "principal": "admin",
+            "key": s(&w.broker.data.join("admin.key")),
+            "blob": hex::encode(blob),
+            "start": start,
+            "end": end,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    spec
+}
+
 /// An attestation document of the platform's NSM over 16 PCRs and a fresh
 /// X25519 recipient key, as an enclave sends with each attested request.
 fn recipient_document(nsm: &cloister_attestation::nsm::Nsm) -> Vec<u8> {
@@ -612,21 +633,7 @@ fn broker() -> Vec<Figure> {
                 .as_millis() as u64;
             // Time for every client process to start and connect.
             let start = now + 1500 + 20 * clients as u64;
-            let spec = w.h.path("client.json");
-            std::fs::write(
-                &spec,
-                json!({
-                    "platform": s(&w.h.path("platform")),
-                    "address": format!("unix:{}", s(&w.broker.sock)),
-                    "principal": "admin",
-                    "key": s(&w.broker.data.join("admin.key")),
-                    "blob": hex::encode(&blob),
-                    "start": start,
-                    "end": start + seconds * 1000,
-                })
-                .to_string(),
-            )
-            .unwrap();
+            let spec = client_spec(&w, &blob, start, start + seconds * 1000);
             let children: Vec<_> = (0..clients)
                 .map(|_| {
                     Command::new(&me)
@@ -796,21 +803,7 @@ fn flood() -> Vec<Figure> {
                 .as_millis() as u64;
             let start = now + 1500;
             let end = start + seconds * 1000;
-            let spec = w.h.path("flood.json");
-            std::fs::write(
-                &spec,
-                json!({
-                    "platform": s(&w.h.path("platform")),
-                    "address": format!("unix:{}", s(&w.broker.sock)),
-                    "principal": "admin",
-                    "key": s(&w.broker.data.join("admin.key")),
-                    "blob": hex::encode(&blob),
-                    "start": start,
-                    "end": end,
-                })
-                .to_string(),
-            )
-            .unwrap();
+            let spec = client_spec(&w, &blob, start, end);
             let spawn = |args: &[&str]| {
                 Command::new(args[0])
                     .args(&args[1..])
