@@ -294,6 +294,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    let mut refusals = HashMap::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -307,11 +308,18 @@ async fn accept_loop(
         let slot = match slots.acquire(stream.peer_identity()) {
             Ok(slot) => slot,
             Err(why) => {
-                let refusal = broker.sign(&Response {
-                    request_id: String::new(),
-                    request_digest: Vec::new(),
-                    result: Err(error::limit_exceeded(why)),
-                });
+                // A refusal names no request, so each reason is signed once:
+                // refusing a flood of connections costs no signatures.
+                let refusal = refusals
+                    .entry(why)
+                    .or_insert_with(|| {
+                        broker.sign(&Response {
+                            request_id: String::new(),
+                            request_digest: Vec::new(),
+                            result: Err(error::limit_exceeded(why)),
+                        })
+                    })
+                    .clone();
                 let timeout = slots.limits.frame_timeout;
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(
