@@ -629,15 +629,9 @@ impl Keystore {
     ) -> Result<(), KmsError> {
         self.write(
             |tx| {
-                let removed = tx
-                    .execute("DELETE FROM principals WHERE name = ?1", params![name])
-                    .map_err(db_err)?;
-                if removed == 0 {
-                    return Err(error::not_found(format!(
-                        "principal {name:?} does not exist"
-                    )));
-                }
-                Ok(())
+                delete_one(tx, "DELETE FROM principals WHERE name = ?1", name, || {
+                    format!("principal {name:?} does not exist")
+                })
             },
             |_| before_commit(),
             |state, _| {
@@ -698,15 +692,12 @@ impl Keystore {
     ) -> Result<(), KmsError> {
         self.write(
             |tx| {
-                let removed = tx
-                    .execute("DELETE FROM trust_roots WHERE label = ?1", params![label])
-                    .map_err(db_err)?;
-                if removed == 0 {
-                    return Err(error::not_found(format!(
-                        "trust root {label:?} does not exist"
-                    )));
-                }
-                Ok(())
+                delete_one(
+                    tx,
+                    "DELETE FROM trust_roots WHERE label = ?1",
+                    label,
+                    || format!("trust root {label:?} does not exist"),
+                )
             },
             |_| before_commit(),
             |state, _| {
@@ -788,6 +779,19 @@ fn stored_state(tx: &rusqlite::Transaction<'_>, id: KeyId) -> Result<KeyState, K
     let state = state.ok_or_else(|| error::not_found(format!("key {id} does not exist")))?;
     KeyState::parse(&state)
         .ok_or_else(|| error::internal(format!("key {id} has an unknown state {state:?}")))
+}
+
+/// Deletes the one row `sql` names by `key`; NotFound when there is none.
+fn delete_one(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    key: &str,
+    missing: impl FnOnce() -> String,
+) -> Result<(), KmsError> {
+    match tx.execute(sql, params![key]).map_err(db_err)? {
+        0 => Err(error::not_found(missing())),
+        _ => Ok(()),
+    }
 }
 
 fn exists(

@@ -14,7 +14,7 @@ use cloister_proto::{Listener, Stream};
 
 use crate::error::{self, KmsError};
 use crate::protocol::{MAX_MESSAGE, MAX_REQUEST, Response};
-use crate::service::{Broker, Prepared, now_ms};
+use crate::service::{Broker, Bucket, Prepared, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
@@ -146,8 +146,8 @@ struct Slot {
 /// failures): how many are open, and its allowance of unauthenticated failures.
 struct Peer {
     connections: usize,
-    failures: f64,
-    failures_at: Instant,
+    /// Refills at `unauthenticated_per_peer_per_sec`, up to twice that.
+    allowance: Bucket,
 }
 
 /// A connection's slot; dropping it frees the slot.
@@ -167,20 +167,19 @@ impl Slots {
     /// connection (the peer's own when it is at its limit) if need be.
     fn acquire(self: &Arc<Self>, peer: String) -> Result<SlotGuard, &'static str> {
         let mut t = self.lock();
-        let now = Instant::now();
+        let now = now_ms();
         let limits = &self.limits;
+        let rate = limits.unauthenticated_per_peer_per_sec;
         if t.per_peer.len() > 4 * limits.max_connections {
             // Forget peers that have gone and are owed nothing.
-            let rate = limits.unauthenticated_per_peer_per_sec;
             t.per_peer
-                .retain(|_, p| p.connections > 0 || p.refill(now, rate) < 2.0 * rate);
+                .retain(|_, p| p.connections > 0 || !p.allowance_full(now, rate));
         }
         let p = t.per_peer.entry(peer.clone()).or_insert(Peer {
             connections: 0,
-            failures: 2.0 * limits.unauthenticated_per_peer_per_sec,
-            failures_at: now,
+            allowance: Bucket::full(2.0 * rate, now),
         });
-        if p.refill(now, limits.unauthenticated_per_peer_per_sec) < 1.0 {
+        if p.allowance.refill(now, rate, 2.0 * rate) < 1.0 {
             return Err("too many unauthenticated requests from this peer; retry later");
         }
         let connections = p.connections;
@@ -223,12 +222,8 @@ impl Slots {
 }
 
 impl Peer {
-    /// The failure allowance now (it refills at `rate` per second up to twice that).
-    fn refill(&mut self, now: Instant, rate: f64) -> f64 {
-        let elapsed = now.duration_since(self.failures_at).as_secs_f64();
-        self.failures = (self.failures + elapsed * rate).min(2.0 * rate);
-        self.failures_at = now;
-        self.failures
+    fn allowance_full(&mut self, now: u64, rate: f64) -> bool {
+        self.allowance.refill(now, rate, 2.0 * rate) >= 2.0 * rate
     }
 }
 
@@ -250,7 +245,7 @@ impl SlotTable {
             slot.close.notify_one();
             if let Some(p) = self.per_peer.get_mut(&slot.peer) {
                 p.connections -= 1;
-                if p.connections == 0 && p.refill(Instant::now(), rate) >= 2.0 * rate {
+                if p.connections == 0 && p.allowance_full(now_ms(), rate) {
                     self.per_peer.remove(&slot.peer);
                 }
             }
@@ -273,9 +268,8 @@ impl SlotGuard {
         let Some(p) = t.per_peer.get_mut(&self.peer) else {
             return false;
         };
-        let left = p.refill(Instant::now(), rate);
-        p.failures = (left - 1.0).max(0.0);
-        left >= 2.0
+        let now = now_ms();
+        p.allowance.take(now, rate, 2.0 * rate) && p.allowance.refill(now, rate, 2.0 * rate) >= 1.0
     }
 }
 

@@ -87,18 +87,31 @@ impl ReplayCache {
     }
 }
 
-struct Bucket {
+/// A token bucket: `rate` tokens a second accrue, up to `burst`.
+pub(crate) struct Bucket {
     tokens: f64,
     last_ms: u64,
 }
 
 impl Bucket {
-    /// Takes a token if one has accrued at `rate` per second up to `burst`.
-    fn take(&mut self, now: u64, rate: f64, burst: f64) -> bool {
+    pub(crate) fn full(burst: f64, now: u64) -> Self {
+        Bucket {
+            tokens: burst,
+            last_ms: now,
+        }
+    }
+
+    /// The tokens available now.
+    pub(crate) fn refill(&mut self, now: u64, rate: f64, burst: f64) -> f64 {
         let elapsed = now.saturating_sub(self.last_ms) as f64 / 1000.0;
         self.tokens = (self.tokens + elapsed * rate).min(burst);
         self.last_ms = now;
-        if self.tokens < 1.0 {
+        self.tokens
+    }
+
+    /// Takes a token if one is available.
+    pub(crate) fn take(&mut self, now: u64, rate: f64, burst: f64) -> bool {
+        if self.refill(now, rate, burst) < 1.0 {
             return false;
         }
         self.tokens -= 1.0;
@@ -295,10 +308,7 @@ impl Broker {
             config,
             replay: Mutex::new(ReplayCache::default()),
             unauthenticated: Mutex::new(Unauthenticated {
-                bucket: Bucket {
-                    tokens: unauthenticated_burst,
-                    last_ms: now_ms(),
-                },
+                bucket: Bucket::full(unauthenticated_burst, now_ms()),
                 uncounted: 0,
                 since_ms: now_ms(),
             }),
@@ -639,10 +649,9 @@ impl Broker {
             .buckets
             .lock()
             .map_err(|_| error::internal("rate limiter poisoned"))?;
-        let b = buckets.entry(principal.to_owned()).or_insert(Bucket {
-            tokens: self.config.burst,
-            last_ms: now,
-        });
+        let b = buckets
+            .entry(principal.to_owned())
+            .or_insert_with(|| Bucket::full(self.config.burst, now));
         if !b.take(now, self.config.rate_per_sec, self.config.burst) {
             return Err(error::limit_exceeded(format!(
                 "principal {principal:?} exceeded {} requests per second",
