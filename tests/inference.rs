@@ -131,6 +131,29 @@ fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_ne
         }
     }
 
+    // These images do not take records in the clear, over the channel or not:
+    // the parent cannot query the model with records of its choosing.
+    let clear = w.h.path("clear.csv");
+    std::fs::write(
+        &clear,
+        format!("{}\n", heldout_text.lines().nth(1).unwrap()),
+    )
+    .unwrap();
+    let out = w.h.run(&[
+        "call",
+        "--enclave-name",
+        MODELS[0],
+        "--part",
+        &format!("model={}", s(&w.h.path(&format!("{}.sealed", MODELS[0])))),
+        "--part",
+        &format!("records={}", s(&clear)),
+    ]);
+    let e = failed_with(&out, "E-ENCLAVE-WORKLOAD");
+    assert!(
+        e.contains("E-INFERENCE-RECORD") && e.contains("clear-records=allow"),
+        "{e}"
+    );
+
     // The runtime keeps its broker connection between KMS calls and calls: one
     // more call (three attested releases) opens none. When the connection is
     // cut while idle (a proxy or broker closing it), the next call still
@@ -148,7 +171,9 @@ fn three_models_score_sealed_records_as_scikit_learn_does_and_the_parent_sees_ne
 #[test]
 fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
     let w = World::new();
-    let (image, pcr0) = w.image("logreg", &[]);
+    // This image also answers records sent in the clear (over the attested
+    // channel); the model owner's policy approves it knowing so (PCR0).
+    let (image, pcr0) = w.image("logreg", &["--config", "clear-records=allow"]);
     let (_, forest_pcr0) = w.image("forest", &[]);
     let [model_key, records_key, _] = w.create_keys(&[&pcr0]);
     // A key of the model owner's for another image (the forest's) only.
@@ -176,12 +201,54 @@ fn either_owner_revokes_the_other_is_untouched_and_other_models_are_refused() {
     let (summary, _, _) = w.score("inference", &model, &records);
     assert_eq!(summary["scored"], 143);
 
+    // One record over the attested channel (the client verified the image
+    // first): its prediction in the clear to the client alone, as scikit-learn's.
+    let heldout = std::fs::read_to_string(example("data/heldout.csv")).unwrap();
+    let one = w.h.path("one-record.csv");
+    std::fs::write(&one, format!("{}\n", heldout.lines().nth(1).unwrap())).unwrap();
+    let attested = |model: &std::path::Path| {
+        w.h.run(&[
+            "call",
+            "--enclave-name",
+            "inference",
+            "--part",
+            &format!("model={}", s(model)),
+            "--part",
+            &format!("records={}", s(&one)),
+            "--attested",
+            "--root",
+            s(&w.h.path("platform/root.pem")),
+            "--expect-image",
+            s(&image),
+        ])
+    };
+    let out = attested(&model);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, got) = table(&String::from_utf8(out.stdout).unwrap());
+    let expected = std::fs::read_to_string(example("data/expected-logreg.csv")).unwrap();
+    let (_, want) = table(&expected);
+    let want = want
+        .iter()
+        .find(|(id, _)| *id == got[0].0)
+        .expect("a held-out id");
+    assert_eq!(got.len(), 1);
+    for (g, e) in got[0].1.iter().zip(&want.1) {
+        assert!((g - e).abs() <= TOLERANCE, "{g} vs scikit-learn's {e}");
+    }
+
     // The model owner disables their key: the next run is denied, and says why.
     w.owner_ok(
         "model-owner",
         &["kms", "disable-key", "--key-id", &model_key],
     );
     let e = failed_with(&w.call("inference", &model, &records), "E-ENCLAVE-WORKLOAD");
+    assert!(e.contains("E-KMS-DISABLED"), "{e}");
+    // ... over the channel too (the refusal reaches the client encrypted).
+    let e = failed_with(&attested(&model), "E-CHANNEL-REFUSED");
     assert!(e.contains("E-KMS-DISABLED"), "{e}");
     // The data owner's key is untouched: they still open their own file.
     w.owner_ok(

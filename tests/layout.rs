@@ -123,6 +123,22 @@ fn dependencies_follow_the_trust_boundaries() {
             ],
         ),
         ("cloister-kms", &["wasmtime", "cloister-runtime", "clap"]),
+        // The attested channel's client library: usable without the rest of
+        // Cloister (no runtime, broker, supervisor, CLI, HTTP stack).
+        (
+            "cloister-channel",
+            &[
+                "wasmtime",
+                "cloister-runtime",
+                "cloister-kms",
+                "cloister-kms-api",
+                "cloister-supervisor",
+                "cloister-host",
+                "rusqlite",
+                "clap",
+                "hyper",
+            ],
+        ),
     ];
     for (krate, banned) in forbidden {
         let have = deps

@@ -243,12 +243,13 @@ fn the_parent_cannot_choose_where_results_are_sealed() {
     w.launch("scorer", &w.broker.proxy_sock, &[]);
     let sealed = std::fs::read(w.sealed_input()).unwrap();
 
-    // The old request form, naming the parent's key: not a sealed file, refused.
+    // The old request form, naming the parent's key: not a sealed file (so read
+    // as records in the clear, and refused as no patient row); no key is used.
     let mut request =
         format!("{{\"output_key_id\":\"{own}\",\"output_context\":{{}}}}\n").into_bytes();
     request.extend_from_slice(&sealed);
     let e = failed_with(&w.call("scorer", &request), "E-ENCLAVE-WORKLOAD");
-    assert!(e.contains("E-SEALED"), "{e}");
+    assert!(e.contains("E-PHI-RECORD"), "{e}");
 
     // A well-formed request: the results are sealed under alias/phi-results.
     let out = w.call("scorer", &sealed);

@@ -44,6 +44,8 @@ codes! {
     "The enclave's measurement differs from the one expected: another image, runtime, parent role or instance, or a debug-mode enclave (all zeros).";
     "E-ATTEST-NONCE" => "the document answers another challenge",
     "A verifier that sent a nonce accepts only a document carrying that nonce; any other is a replay of an older document or an answer to someone else's challenge.";
+    "E-ATTEST-DEBUG-ENCLAVE" => "the document is a debug-mode enclave's",
+    "A debug-mode enclave's PCR0, PCR1 and PCR2 read as zeros and its parent can read its console: a client that sends it data hands the data to the parent. The attested channel refuses it unless the client allows debug enclaves.";
     "E-PLATFORM-EXISTS" => "the platform directory already has a root",
     "`platform init` never replaces a platform root: every verifier that trusts it would break. Use another directory, or `platform renew` to issue a new NSM certificate.";
     "E-PLATFORM-MISSING" => "not a platform directory",

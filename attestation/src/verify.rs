@@ -78,6 +78,10 @@ pub enum VerifyError {
         expected: String,
         actual: String,
     },
+    #[error(
+        "the document is a debug-mode enclave's (PCR0, PCR1 and PCR2 are zero): its memory and console are open to the parent"
+    )]
+    DebugEnclave,
     #[error("PCR{0} is expected but the document does not include it")]
     PcrMissing(usize),
     #[error("the document's nonce is {actual}, expected {expected}: it answers another challenge")]
@@ -98,6 +102,7 @@ impl ErrorCode for VerifyError {
             VerifyError::TooOld { .. } | VerifyError::FromTheFuture { .. } => "E-ATTEST-STALE",
             VerifyError::PcrMismatch { .. } | VerifyError::PcrMissing(_) => "E-ATTEST-PCR-MISMATCH",
             VerifyError::NonceMismatch { .. } => "E-ATTEST-NONCE",
+            VerifyError::DebugEnclave => "E-ATTEST-DEBUG-ENCLAVE",
         }
     }
 }
@@ -165,6 +170,9 @@ pub struct VerifyOptions {
     pub expected_nonce: Option<Vec<u8>>,
     /// Reuse chain validations across documents of the same NSM.
     pub chain_cache: Option<std::sync::Arc<ChainCache>>,
+    /// Refuse a debug-mode enclave's document (PCR0..2 all zero) before the
+    /// PCRs are compared, so that the refusal says so.
+    pub refuse_debug: bool,
 }
 
 /// A document whose signature, chain and freshness have been checked.
@@ -272,6 +280,11 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifiedDocument, Ve
         }
     }
 
+    let zero = [0u8; PCR_LEN];
+    let debug = (0..3).all(|i| doc.pcrs.get(&i).is_some_and(|v| v.as_slice() == zero));
+    if debug && opts.refuse_debug {
+        return Err(VerifyError::DebugEnclave);
+    }
     for (index, expected) in &opts.expected_pcrs {
         let actual = doc.pcrs.get(index).ok_or(VerifyError::PcrMissing(*index))?;
         if actual != expected {
@@ -292,8 +305,6 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifiedDocument, Ve
         });
     }
 
-    let zero = [0u8; PCR_LEN];
-    let debug = (0..3).all(|i| doc.pcrs.get(&i).is_some_and(|v| v.as_slice() == zero));
     let chain_subjects = chain.subjects;
     let doc = unverified.document;
     Ok(VerifiedDocument {

@@ -20,6 +20,10 @@
 //!   PSS per runtime process, from /proc/PID/smaps_rollup.
 //! - `inference`: examples/inference through `cloister call --part` against
 //!   `inference-native score`, as processes, paired.
+//! - `channel`: one PHI record through the attested channel (encapsulate,
+//!   supervisor, runtime, workload, encapsulated answer, open) against the same
+//!   record sent in the clear, interleaved request by request from one client
+//!   over the supervisor's socket; and a fresh document fetched and verified.
 //!
 //! Run: `cargo bench -p cloister-host --bench targets` (all; or name sections
 //! after `--`). It prints the table and writes `bench/results.json` (figures of
@@ -45,7 +49,7 @@ use common::s;
 type Section = fn() -> Vec<Figure>;
 
 /// The sections, in the order they run.
-const SECTIONS: [(&str, Section); 7] = [
+const SECTIONS: [(&str, Section); 8] = [
     ("key-release", key_release),
     ("broker", broker),
     ("flood", flood),
@@ -53,6 +57,7 @@ const SECTIONS: [(&str, Section); 7] = [
     ("start", start),
     ("density", density),
     ("inference", inference),
+    ("channel", channel),
 ];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -1211,4 +1216,110 @@ fn inference() -> Vec<Figure> {
         figures.push(f);
     }
     figures
+}
+
+fn channel() -> Vec<Figure> {
+    use cloister_proto::call::CallKind;
+    use cloister_supervisor::protocol::{Which, call_enclave};
+    let runs = env_or("RUNS", 5usize);
+    let per_run = 200;
+    let h = common::Host::new();
+    let (image, built) = h.build_guest(
+        "phi_scorer",
+        "phi-scorer",
+        "scorer.cimg",
+        &["--config", "output-key-id=alias/phi-results"],
+    );
+    h.ok(&[
+        "run-enclave",
+        "--image",
+        s(&image),
+        "--enclave-name",
+        "scorer",
+    ]);
+    let pcr0 = hex::decode(built["Measurements"]["PCR0"].as_str().unwrap()).unwrap();
+    let expect = cloister_channel::Expectations::from_root_pem(
+        &std::fs::read(h.path("platform/root.pem")).unwrap(),
+    )
+    .unwrap()
+    .pcr(0, pcr0);
+    let supervisor: cloister_proto::Address = format!("unix:{}", s(&h.path("supervisor.sock")))
+        .parse()
+        .unwrap();
+    let which = Which {
+        name: Some("scorer".into()),
+        ..Default::default()
+    };
+    let record = b"patient-1,F,61,212,47,141,1,0,1\n";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let send = |kind: CallKind, body: &[u8]| {
+        rt.block_on(call_enclave(&supervisor, which.clone(), &kind, body))
+            .unwrap()
+    };
+    let attest = || {
+        let t = Instant::now();
+        let nonce = cloister_channel::new_nonce();
+        let doc = send(
+            CallKind::ChannelAttestation {
+                nonce: Some(serde_bytes::ByteBuf::from(nonce.to_vec())),
+            },
+            &[],
+        );
+        let enclave = cloister_channel::verify(&doc, &nonce, &expect).unwrap();
+        (enclave, t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (enclave, _) = attest();
+    let plain = || {
+        let t = Instant::now();
+        let out = send(CallKind::Workload, record);
+        assert!(out.starts_with(b"patient_id"));
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    let attested = || {
+        let t = Instant::now();
+        let (request, pending) = enclave.seal(record).unwrap();
+        let out = pending.open(&send(CallKind::Channel, &request)).unwrap();
+        assert!(out.starts_with(b"patient_id"));
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    plain();
+    attested();
+    let (mut plain_p50, mut attested_p50, mut ratios, mut overheads, mut attestations) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (mut p, mut a) = (Vec::new(), Vec::new());
+        for i in 0..per_run {
+            if i % 2 == 0 {
+                p.push(plain());
+                a.push(attested());
+            } else {
+                a.push(attested());
+                p.push(plain());
+            }
+        }
+        p.sort_by(f64::total_cmp);
+        a.sort_by(f64::total_cmp);
+        let (p50, a50) = (percentile(&p, 0.5), percentile(&a, 0.5));
+        plain_p50.push(p50);
+        attested_p50.push(a50);
+        ratios.push(p50 / a50);
+        overheads.push(a50 - p50);
+        attestations.push(attest().1);
+    }
+    let (plain_ms, ..) = median_and_range(plain_p50);
+    let (ratio, ..) = median_and_range(ratios);
+    vec![
+        Figure::new("channel_request_p50", "ms", &attested_p50)
+            .baseline(plain_ms, ratio)
+            .note(format!(
+                "one PHI record, sealed to the enclave's channel key and opened by the client, vs the same record in the clear (baseline), interleaved; {per_run} of each per run, client -> supervisor -> runtime over Unix sockets"
+            )),
+        Figure::new("channel_overhead_p50", "ms", &overheads)
+            .note("p50 with the channel minus p50 without, per run: HPKE, AES-256-GCM and Binary HTTP both ways"),
+        Figure::new("channel_attestation", "ms", &attestations)
+            .note("a fresh document over the client's nonce, fetched and verified (once per session, not per request)"),
+    ]
 }

@@ -3,6 +3,7 @@
 
 use cloister_attestation::keyfile::KeyFileError;
 use cloister_attestation::{DocumentError, NsmError, PcrError, VerifyError};
+use cloister_channel::ChannelError;
 use cloister_image::ImageError;
 use cloister_kms::audit::AuditError;
 use cloister_kms_api::KmsError;
@@ -102,6 +103,23 @@ pub const WORKLOAD_CODES: &[cloister_proto::CodeInfo] = &[
             caller's challenge: send 1 to 1024 random bytes as the request.",
     },
     cloister_proto::CodeInfo {
+        code: "E-PHI-RECORD",
+        summary: "a single record sent to the PHI scorer is not a patient row",
+        explanation: "Sent in the clear (through the attested channel), the PHI scorer takes CSV \
+            rows patient_id,sex,age,total_cholesterol,hdl,systolic_bp,bp_treated,smoker,diabetes \
+            (at most 10,000, the header optional) with values in the model's validated ranges; \
+            the message names the row and the field.",
+    },
+    cloister_proto::CodeInfo {
+        code: "E-INFERENCE-RECORD",
+        summary: "a single record sent to the inference workload is not a record of the model",
+        explanation: "Records sent in the clear (through the attested channel) are taken only \
+            by an image whose measured configuration has clear-records=allow (then anyone who \
+            can call the enclave can query the model, and PCR0 says so). The records part is \
+            CSV rows record_id,f1,..,fN with as many features as the model takes (at most \
+            10,000); the message says how many were malformed.",
+    },
+    cloister_proto::CodeInfo {
         code: "E-INFERENCE-MODEL",
         summary: "the inference workload could not load the model",
         explanation: "The opened model is not an ONNX graph the engine (tract) can run, or its \
@@ -117,8 +135,9 @@ pub const WORKLOAD_CODES: &[cloister_proto::CodeInfo] = &[
 ];
 
 /// Every code table, for `cloister explain`.
-pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 9] {
+pub fn tables() -> [&'static [cloister_proto::CodeInfo]; 10] {
     [
+        cloister_channel::CODES,
         cloister_host::sealing::CODES,
         cloister_proto::codes::CODES,
         cloister_attestation::codes::CODES,
@@ -162,7 +181,8 @@ pub fn code_of(err: &anyhow::Error) -> Option<&'static str> {
             VerifyError,
             NsmError,
             KeyFileError,
-            PcrError
+            PcrError,
+            ChannelError
         );
     }
     None

@@ -59,6 +59,9 @@ enum Command {
     Call(commands::enclave::CallArgs),
     /// Relay an enclave's connections to the key broker (the vsock-proxy analog).
     Proxy(commands::enclave::ProxyArgs),
+    /// Serve an enclave's attested channel over HTTP (Oblivious HTTP relay):
+    /// key configuration, attestation document, encapsulated requests.
+    Relay(commands::relay::RelayArgs),
     /// The supervisor daemon (the hypervisor + NSM analog): holds the NSM key and
     /// the code cache, launches enclave runtimes for the parent's commands.
     Supervisor(commands::enclave::SupervisorArgs),
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Console { which } => commands::enclave::console(which),
         Command::Call(args) => commands::enclave::call(args),
         Command::Proxy(args) => commands::enclave::proxy(args),
+        Command::Relay(args) => commands::relay::relay(args),
         Command::Supervisor(args) => commands::enclave::supervisor_daemon(args),
     };
     match result {

@@ -1,9 +1,11 @@
 //! The call protocol between a caller (through the supervisor's relay) and an
-//! enclave runtime: the request as data frames (each at most [`CHUNK`]) ended
-//! by an empty frame; the answer as one CBOR status frame ([`CallStatus`]),
-//! then, on success, the response as data frames ended by an empty frame.
+//! enclave runtime: one CBOR frame saying what is asked ([`CallKind`]), the
+//! request as data frames (each at most [`CHUNK`]) ended by an empty frame; the
+//! answer as one CBOR status frame ([`CallStatus`]), then, on success, the
+//! response as data frames ended by an empty frame.
 
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::codes::ErrorCode;
@@ -15,6 +17,32 @@ pub const CHUNK: usize = 1 << 20;
 pub const MAX_REQUEST: usize = 64 << 20;
 /// The largest response a call may return.
 pub const MAX_RESPONSE: usize = 16 << 20;
+
+/// Responses carry at most this much: the workload's response, or its
+/// encapsulation in the attested channel (a few hundred bytes more).
+pub const MAX_ANSWER: usize = MAX_RESPONSE + (64 << 10);
+/// The longest nonce a client may ask the channel's attestation document to hold.
+pub const MAX_NONCE: usize = 512;
+/// The shortest: a channel document always answers a client's challenge.
+pub const MIN_NONCE: usize = 16;
+
+/// What a connection to an enclave asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallKind {
+    /// The workload's handler: the request and response as they are (what the
+    /// parent relays, it can read).
+    Workload,
+    /// The attested channel: the request is an Oblivious HTTP encapsulated
+    /// request (RFC 9458, `message/ohttp-req`) to one of the enclave's channel
+    /// keys, the response an encapsulated response (`message/ohttp-res`).
+    Channel,
+    /// The channel's current key configuration (`application/ohttp-keys`).
+    ChannelKeys,
+    /// An attestation document of the enclave whose `public_key` is the
+    /// channel's current key and whose `user_data` is its key configuration,
+    /// over the caller's nonce ([`MIN_NONCE`] to [`MAX_NONCE`] bytes).
+    ChannelAttestation { nonce: Option<ByteBuf> },
+}
 
 /// The status frame of a call's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,14 +106,16 @@ pub async fn write_chunks<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Resu
 /// Sends one request over a connection to an enclave and returns its response.
 pub async fn call<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
+    kind: &CallKind,
     request: &[u8],
 ) -> Result<Vec<u8>, CallError> {
+    frame::send(stream, kind, CHUNK as u32).await?;
     write_chunks(stream, request).await?;
     let status: CallStatus = frame::recv(stream, CHUNK as u32)
         .await?
         .ok_or(CallError::Closed)?;
     match status {
-        CallStatus::Ok => read_chunks(stream, MAX_RESPONSE).await,
+        CallStatus::Ok => read_chunks(stream, MAX_ANSWER).await,
         CallStatus::Err { code, message } => Err(CallError::Refused { code, message }),
     }
 }

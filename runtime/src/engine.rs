@@ -32,6 +32,7 @@ use cloister_proto::{Address, ErrorCode};
 use cloister_sealed::{Aead, DataKey};
 
 use crate::channel::{NsmRequest, NsmResponse};
+use crate::gateway::{self, Gateway, GatewayError};
 
 wasmtime::component::bindgen!({
     world: "workload",
@@ -706,6 +707,8 @@ pub struct Enclave {
     max_calls: u32,
     in_flight: AtomicU32,
     stop_ticker: Arc<std::sync::atomic::AtomicBool>,
+    /// The attested channel's keys.
+    gateway: Gateway,
 }
 
 impl Drop for Enclave {
@@ -766,6 +769,9 @@ impl Enclave {
             .map_err(start_err)?;
 
         let manifest = &config.image.manifest;
+        let (rotate, grace) =
+            gateway::schedule(|k| manifest.config.get(k).cloned()).map_err(EnclaveError::Start)?;
+        let gateway = Gateway::new(rotate, grace).map_err(start_err)?;
         let stop_ticker = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
             let engine = engine.clone();
@@ -788,6 +794,7 @@ impl Enclave {
             max_calls: manifest.max_concurrent_calls,
             in_flight: AtomicU32::new(0),
             stop_ticker,
+            gateway,
             shared: Arc::new(Shared {
                 nsm: config.nsm,
                 debug: config.debug,
@@ -880,6 +887,58 @@ impl Enclave {
     }
 }
 
+/// The attested channel (see [`gateway`]).
+impl Enclave {
+    /// The channel's key configuration list (`application/ohttp-keys`).
+    pub fn channel_keys(&self) -> Result<Vec<u8>, GatewayError> {
+        self.gateway.key_configs()
+    }
+
+    /// An attestation document over the caller's nonce whose `public_key` is
+    /// the channel's current X25519 key and whose `user_data` is that key's
+    /// RFC 9458 configuration. Blocks on the supervisor's NSM.
+    pub fn channel_document(&self, nonce: Option<Vec<u8>>) -> Result<Vec<u8>, GatewayError> {
+        let current = self.gateway.current()?;
+        self.shared
+            .attest(
+                Some(current.config),
+                nonce,
+                Some(current.public_key.to_vec()),
+            )
+            .map_err(|e| GatewayError::Attestation(format!("[{}] {}", e.code, e.message)))
+    }
+
+    /// Opens an encapsulated request, runs the workload on its content and
+    /// encapsulates the answer (the workload's refusals included) to the
+    /// client. Only a request that cannot be opened is refused in the clear.
+    pub async fn channel_call(&self, encapsulated: &[u8]) -> Result<Vec<u8>, GatewayError> {
+        let opened = self.gateway.open(encapsulated)?;
+        let answer = match gateway::request_body(&opened.request) {
+            Ok(body) => match self.call(body).await {
+                Ok(response) => gateway::ok(&response),
+                Err(e) => {
+                    let status = match e {
+                        EnclaveError::Busy(_) => 503,
+                        EnclaveError::Workload { .. } => 422,
+                        _ => 500,
+                    };
+                    let code = match &e {
+                        EnclaveError::Workload { code, .. } => code.clone(),
+                        other => other.code().to_owned(),
+                    };
+                    gateway::refusal(status, &code, &e.to_string())
+                }
+            },
+            Err(refusal) => refusal,
+        };
+        let answer = Zeroizing::new(answer);
+        opened
+            .response
+            .seal(&answer)
+            .map_err(|e| GatewayError::Internal(e.to_string()))
+    }
+}
+
 struct InFlight<'a>(&'a AtomicU32);
 
 impl Drop for InFlight<'_> {
@@ -938,6 +997,16 @@ codes! {
     "The ciphertext, nonce or additional data differ from what was sealed.";
     "E-ENCLAVE-INTERNAL" => "the runtime failed internally",
     "The runtime lost its channel to the supervisor, or a lock was poisoned by an earlier failure; restart the enclave.";
+    "E-CHANNEL-MALFORMED" => "not a request of the attested channel",
+    "The enclave's attested channel takes Oblivious HTTP encapsulated requests (RFC 9458) to its X25519/HKDF-SHA256/AES-256-GCM key, carrying a Binary HTTP POST (RFC 9292). Answered in the clear when the request did not open; inside the channel when the opened message was not a POST.";
+    "E-CHANNEL-KEY-UNKNOWN" => "the request names no live channel key",
+    "Channel keys rotate (cloister.channel.rotate-secs in the image's measured configuration) and are honoured a grace period after (cloister.channel.grace-secs); a key that opened 100,000 requests is retired. Fetch the attestation document (and key configuration) again.";
+    "E-CHANNEL-DECRYPT" => "the encapsulated request does not open",
+    "HPKE refused it: altered in transit, or sealed to another key with the same id.";
+    "E-CHANNEL-REPLAYED" => "the encapsulated request was already answered",
+    "Each encapsulated request is answered at most once per key; a copy replayed by the relay (or anyone) is refused. Clients encapsulate every request afresh.";
+    "E-CHANNEL-ATTESTATION" => "the enclave could not get an attestation document for its channel key",
+    "The supervisor's NSM refused (for example its certificate expired) or the nonce was missing or not 16 to 512 bytes. The message carries the NSM's code.";
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 
 pub mod channel;
 pub mod engine;
+pub mod gateway;
 pub mod hardening;
 pub mod serve;
 

@@ -9,7 +9,7 @@ use anyhow::Context;
 use ed25519_dalek::SigningKey;
 
 use cloister_image::Image;
-use cloister_proto::call::{self, CallStatus, MAX_REQUEST};
+use cloister_proto::call::{self, CallKind, CallStatus, MAX_REQUEST};
 use cloister_proto::{Address, ErrorCode, frame};
 
 use crate::channel::{Boot, FromRuntime, RuntimeEnd, Start};
@@ -139,6 +139,19 @@ async fn serve_call(enclave: Arc<Enclave>, mut stream: cloister_proto::Stream) {
         code: code.to_owned(),
         message,
     };
+    let kind = match frame::recv::<_, CallKind>(&mut stream, call::CHUNK as u32).await {
+        Ok(Some(kind)) => kind,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = frame::send(
+                &mut stream,
+                &status(e.code(), e.to_string()),
+                call::CHUNK as u32,
+            )
+            .await;
+            return;
+        }
+    };
     let request = match call::read_chunks(&mut stream, MAX_REQUEST).await {
         Ok(r) => r,
         Err(e) => {
@@ -152,12 +165,39 @@ async fn serve_call(enclave: Arc<Enclave>, mut stream: cloister_proto::Stream) {
         }
     };
     // The call runs on a thread of its own (a busy guest must not hold up the
-    // I/O threads); its imports' I/O and its deadline use this runtime's timers.
+    // I/O threads, an NSM request blocks); its imports' I/O and its deadline
+    // use this runtime's timers.
     let handle = tokio::runtime::Handle::current();
-    let result = tokio::task::spawn_blocking(move || handle.block_on(enclave.call(request))).await;
+    let result = tokio::task::spawn_blocking(move || {
+        let coded = |e: &dyn ErrorCode, text: String| (e.code(), text);
+        match kind {
+            CallKind::Workload => handle
+                .block_on(enclave.call(request))
+                .map_err(|e| coded(&e, e.to_string())),
+            CallKind::Channel => handle
+                .block_on(enclave.channel_call(&request))
+                .map_err(|e| coded(&e, e.to_string())),
+            CallKind::ChannelKeys => enclave.channel_keys().map_err(|e| coded(&e, e.to_string())),
+            CallKind::ChannelAttestation { nonce } => match nonce {
+                Some(n) if (call::MIN_NONCE..=call::MAX_NONCE).contains(&n.len()) => enclave
+                    .channel_document(Some(n.into_vec()))
+                    .map_err(|e| coded(&e, e.to_string())),
+                other => Err((
+                    "E-CHANNEL-ATTESTATION",
+                    format!(
+                        "the nonce is {} bytes: a channel document answers a client's challenge of {} to {} bytes",
+                        other.map_or(0, |n| n.len()),
+                        call::MIN_NONCE,
+                        call::MAX_NONCE
+                    ),
+                )),
+            },
+        }
+    })
+    .await;
     let answer = match &result {
         Ok(Ok(_)) => CallStatus::Ok,
-        Ok(Err(e)) => status(e.code(), e.to_string()),
+        Ok(Err((code, message))) => status(code, message.clone()),
         Err(e) => status("E-ENCLAVE-TRAP", format!("the call's thread failed: {e}")),
     };
     if frame::send(&mut stream, &answer, call::CHUNK as u32)

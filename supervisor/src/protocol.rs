@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use cloister_proto::call::{self, CallError};
+use cloister_proto::call::{self, CallError, CallKind};
 use cloister_proto::{Address, ErrorCode, FrameError, TransportError, frame};
 use cloister_runtime::channel::KmsRoute;
 use cloister_runtime::hardening::Report;
@@ -195,11 +195,12 @@ pub async fn request(address: &Address, request: Request) -> Result<Reply, Super
 pub async fn call_enclave(
     address: &Address,
     which: Which,
+    kind: &CallKind,
     request: &[u8],
 ) -> Result<Vec<u8>, SupervisorError> {
     let (mut stream, reply) = open(address, &Request::Call(which)).await?;
     let Reply::Relaying = reply else {
         return Err(SupervisorError::Unexpected);
     };
-    Ok(call::call(&mut stream, request).await?)
+    Ok(call::call(&mut stream, kind, request).await?)
 }

@@ -24,6 +24,16 @@
 //!   and encryption context the predictions are sealed under.
 //! - `class-names` (optional, `a,b`): the output's column names (default the
 //!   class indices).
+//!
+//! Single records: when the image's measured configuration has
+//! `clear-records=allow` and the `records` part is not a sealed file, the part
+//! is CSV rows in the clear (at most 10,000 besides a header) and the response
+//! their predictions in the clear (the header, then `record_id,p_<class>,...`),
+//! nothing sealed. Send them over the attested channel so that only the client
+//! and this enclave read them; the model still comes sealed by its owner and
+//! pinned by its hash. Whoever can call the enclave — the parent included —
+//! can then query the model: the model owner decides that by approving (in
+//! their key policy) an image whose PCR0 includes `clear-records=allow`.
 
 use cloister_guest::{Error, Handler, error, sealed};
 use inference_engine::Model;
@@ -56,12 +66,50 @@ fn load_model(sealed_model: &[u8]) -> Result<(Model, String), Error> {
     Ok((model, actual))
 }
 
+/// Rows one single-record request may hold.
+const MAX_ROWS: usize = 10_000;
+
+/// Predictions for rows sent in the clear (through the attested channel).
+fn predict_rows(model: &Model, header: &str, records: &[u8]) -> Result<Vec<u8>, Error> {
+    let refuse = |m: String| error("E-INFERENCE-RECORD", m);
+    let model_error = |e: inference_engine::ModelError| error("E-INFERENCE-MODEL", e.to_string());
+    let mut scorer = model.scorer().map_err(model_error)?;
+    let mut out = String::from(header);
+    for (n, line) in records.split_inclusive(|b| *b == b'\n').enumerate() {
+        if n > MAX_ROWS {
+            return Err(refuse(format!(
+                "more than {MAX_ROWS} rows: seal a batch instead"
+            )));
+        }
+        scorer.push(line, &mut out).map_err(model_error)?;
+    }
+    let counts = scorer.finish(&mut out).map_err(model_error)?;
+    if counts.malformed > 0 || counts.scored == 0 {
+        return Err(refuse(format!(
+            "{} of the rows are not records of this model ({} features: record_id,f1,..,f{})",
+            counts.malformed,
+            model.features(),
+            model.features()
+        )));
+    }
+    Ok(out.into_bytes())
+}
+
 impl Handler for Inference {
     fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
         let output_key = cloister_guest::required_config("output-key-id")?;
         let output_context = cloister_guest::config_context("output-context")?;
         let records_context = required_context("records-context")?;
         let parts = cloister_guest::request_parts(&request)?;
+        let records = parts.required("records")?;
+        let clear = !records.starts_with(sealed::MAGIC);
+        // Refused before the model is opened: no key is asked for.
+        if clear && cloister_guest::config::get("clear-records").as_deref() != Some("allow") {
+            return Err(error(
+                "E-INFERENCE-RECORD",
+                "the records part is not a sealed file, and this image does not take records in the clear (its measured configuration lacks clear-records=allow)",
+            ));
+        }
         let (model, model_sha256) = load_model(parts.required("model")?)?;
         let class_names: Vec<String> = match cloister_guest::config::get("class-names") {
             Some(names) => names.split(',').map(|n| n.trim().to_owned()).collect(),
@@ -71,8 +119,11 @@ impl Handler for Inference {
             .header(&class_names)
             .map_err(|e| error("E-INFERENCE-MODEL", format!("class-names: {e}")))?;
 
+        if clear {
+            return predict_rows(&model, &header, records);
+        }
         let (records_key, records_header, body) =
-            cloister_guest::open_sealed(parts.required("records")?, &records_context)?;
+            cloister_guest::open_sealed(records, &records_context)?;
         let mut reader = sealed::Reader::new(records_header, body, &records_key)?;
         let model_error =
             |e: inference_engine::ModelError| error("E-INFERENCE-MODEL", e.to_string());

@@ -16,6 +16,7 @@ use cloister_attestation::nsm::read_pem_certificates;
 use cloister_attestation::pcr::Pcr;
 use cloister_image::{BrokerTrust, Image, ImageSigner, Manifest};
 use cloister_proto::Address;
+use cloister_proto::call::CallKind;
 use cloister_supervisor::protocol::{self as control, EnclaveInfo, Reply, Request, RunSpec};
 
 use crate::errors::UsageError;
@@ -329,7 +330,7 @@ pub struct Which {
 }
 
 impl Which {
-    fn to_control(&self) -> control::Which {
+    pub(crate) fn to_control(&self) -> control::Which {
         control::Which {
             id: self.enclave_id.clone(),
             name: self.enclave_name.clone(),
@@ -395,6 +396,55 @@ pub struct CallArgs {
     /// (where the kernel has vsock loopback).
     #[arg(long)]
     vsock: bool,
+    #[command(flatten)]
+    attested: AttestedArgs,
+}
+
+/// Verify the enclave before sending, and send only what it can open.
+#[derive(Args)]
+pub struct AttestedArgs {
+    /// Verify the enclave first (chain to --root, the expected PCRs, a fresh
+    /// document over a nonce of this call's), then send the request encrypted to
+    /// the channel key its document binds (Oblivious HTTP, RFC 9458): the parent
+    /// relays ciphertext both ways (docs/attested-channel.md).
+    #[arg(long, requires = "root")]
+    attested: bool,
+    /// The platform root certificate(s) to trust (PEM): an emulated platform's root.pem.
+    #[arg(long, requires = "attested")]
+    root: Option<PathBuf>,
+    /// A PCR the enclave must have, N=HEX (repeatable).
+    #[arg(long = "expect-pcr", value_name = "N=HEX", requires = "attested")]
+    expect_pcr: Vec<String>,
+    /// The image the enclave must run: its PCR0 and PCR2.
+    #[arg(long, value_name = "IMAGE.cimg", requires = "attested")]
+    expect_image: Option<PathBuf>,
+    /// Refuse documents older than this many seconds.
+    #[arg(long, default_value_t = 300, requires = "attested")]
+    max_age: u64,
+    /// Accept a debug-mode enclave (its PCRs are zeros and its console is the
+    /// parent's): for development only.
+    #[arg(long, requires = "attested")]
+    allow_debug: bool,
+}
+
+impl AttestedArgs {
+    fn expectations(&self) -> anyhow::Result<cloister_channel::Expectations> {
+        let root = self
+            .root
+            .as_deref()
+            .ok_or_else(|| UsageError("--attested needs --root ROOT.pem".into()))?;
+        let mut expect = cloister_channel::Expectations::from_root_pem(&super::read_file(root)?)?
+            .max_age(std::time::Duration::from_secs(self.max_age))
+            .allow_debug(self.allow_debug);
+        if let Some(image) = &self.expect_image {
+            expect = expect.image(&super::read_file(image)?)?;
+        }
+        for arg in &self.expect_pcr {
+            let (index, value) = super::parse_pcr_arg(arg)?;
+            expect = expect.pcr(index, value);
+        }
+        Ok(expect)
+    }
 }
 
 pub fn call(args: CallArgs) -> anyhow::Result<()> {
@@ -420,7 +470,7 @@ pub fn call(args: CallArgs) -> anyhow::Result<()> {
         }
         Some(p) => super::read_file(std::path::Path::new(p))?,
     };
-    let response = if args.vsock {
+    let vsock = if args.vsock {
         let Reply::Enclaves(list) = ask(Request::DescribeEnclaves)? else {
             bail!(cloister_supervisor::SupervisorError::Unexpected);
         };
@@ -434,18 +484,48 @@ pub fn call(args: CallArgs) -> anyhow::Result<()> {
                 "--vsock: this enclave does not listen on vsock (no vsock loopback here)".into()
             ));
         };
-        let address: Address = v.parse()?;
-        block_on(async {
-            let mut s = cloister_proto::connect(&address).await?;
-            Ok::<_, anyhow::Error>(cloister_proto::call::call(&mut s, &request).await?)
-        })??
+        Some(v.parse::<Address>()?)
     } else {
-        let address = supervisor()?;
-        block_on(control::call_enclave(
-            &address,
-            args.which.to_control(),
-            &request,
-        ))??
+        None
+    };
+    let address = supervisor()?;
+    let send = |kind: CallKind, request: &[u8]| -> anyhow::Result<Vec<u8>> {
+        match &vsock {
+            Some(v) => block_on(async {
+                let mut s = cloister_proto::connect(v).await?;
+                Ok::<_, anyhow::Error>(cloister_proto::call::call(&mut s, &kind, request).await?)
+            })?,
+            None => Ok(block_on(control::call_enclave(
+                &address,
+                args.which.to_control(),
+                &kind,
+                request,
+            ))??),
+        }
+    };
+    let response = if args.attested.attested {
+        let expect = args.attested.expectations()?;
+        let nonce = cloister_channel::new_nonce();
+        let document = send(
+            CallKind::ChannelAttestation {
+                nonce: Some(serde_bytes::ByteBuf::from(nonce.to_vec())),
+            },
+            &[],
+        )?;
+        let enclave = cloister_channel::verify(&document, &nonce, &expect)?;
+        let verified = enclave.document();
+        eprintln!(
+            "verified enclave {} (PCR0 {}), document signed {}, via {}; sending encrypted to its channel key",
+            verified.module_id,
+            verified.image_sha384().map(hex::encode).unwrap_or_default(),
+            cloister_attestation::verify::rfc3339_ms(verified.timestamp_ms),
+            verified.trust_anchor,
+        );
+        let (sealed, pending) = enclave.seal(&request)?;
+        let answer = send(CallKind::Channel, &sealed)?;
+        pending.open(&answer)?
+    } else {
+        zeroize::Zeroizing::new(send(CallKind::Workload, &request)?)
     };
     match args.output.as_deref() {
         None | Some("-") => std::io::stdout().write_all(&response)?,

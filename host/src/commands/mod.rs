@@ -6,6 +6,7 @@ pub mod explain;
 pub mod kms;
 pub mod pcr;
 pub mod platform;
+pub mod relay;
 
 use std::path::Path;
 
