@@ -771,7 +771,7 @@ impl Enclave {
         let manifest = &config.image.manifest;
         let (rotate, grace) =
             gateway::schedule(|k| manifest.config.get(k).cloned()).map_err(EnclaveError::Start)?;
-        let gateway = Gateway::new(rotate, grace).map_err(start_err)?;
+        let gateway = Gateway::new(rotate, grace);
         let stop_ticker = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
             let engine = engine.clone();

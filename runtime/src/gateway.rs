@@ -161,8 +161,8 @@ fn lock(keys: &Mutex<Keys>) -> std::sync::MutexGuard<'_, Keys> {
 }
 
 impl Gateway {
-    pub fn new(rotate: Duration, grace: Duration) -> Result<Gateway, GatewayError> {
-        Ok(Gateway {
+    pub fn new(rotate: Duration, grace: Duration) -> Gateway {
+        Gateway {
             keys: Mutex::new(Keys {
                 current: ChannelKey::new(0, Instant::now()),
                 retired: Vec::new(),
@@ -171,7 +171,7 @@ impl Gateway {
             grace,
             max_requests: MAX_REQUESTS_PER_KEY,
             max_remembered: MAX_REMEMBERED,
-        })
+        }
     }
 
     /// Retires the current key for a new one whose id no live key uses. When
@@ -366,7 +366,7 @@ mod tests {
     }
 
     fn gateway() -> Gateway {
-        Gateway::new(DEFAULT_ROTATE, DEFAULT_GRACE).expect("gateway")
+        Gateway::new(DEFAULT_ROTATE, DEFAULT_GRACE)
     }
 
     #[test]
@@ -462,7 +462,7 @@ mod tests {
     fn keys_rotate_and_are_honoured_through_their_grace_only() {
         let (p, g) = (
             platform(),
-            Gateway::new(Duration::from_secs(60), Duration::from_secs(10)).expect("gateway"),
+            Gateway::new(Duration::from_secs(60), Duration::from_secs(10)),
         );
         let t0 = Instant::now();
         let old = client(&p, &g);
@@ -511,8 +511,7 @@ mod tests {
     #[test]
     fn key_ids_never_run_out_and_remembered_requests_are_bounded() {
         let p = platform();
-        let mut g =
-            Gateway::new(Duration::from_secs(1), Duration::from_secs(3600)).expect("gateway");
+        let mut g = Gateway::new(Duration::from_secs(1), Duration::from_secs(3600));
         g.max_requests = 1;
         g.max_remembered = 5;
         let t0 = Instant::now();
