@@ -227,6 +227,214 @@ fn pcr_of(data: &[u8], kms: &Kms, name: &str) -> String {
 }
 
 #[test]
+fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
+    let kms = Kms::start();
+    ok_json(&["platform", "init", "--dir", s(&kms.path("platform"))]);
+    kms.admin(&[
+        "kms",
+        "trust",
+        "add",
+        "--root",
+        s(&kms.path("platform/root.pem")),
+        "--label",
+        "lab",
+    ]);
+    // The enclave's RSA key pair, as the AWS Nitro Enclaves SDK makes one.
+    let key = kms.path("enclave-rsa.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .output();
+    if !made.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping: openssl is not installed");
+        return;
+    }
+    let spki = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap()
+        .stdout;
+    let role = "arn:aws:iam::123456789012:role/Enclave";
+    let parent = kms.add_principal(role, ALLOW_ALL);
+    let image = pcr_of(b"enclave image", &kms, "image.bin");
+    let policy = format!(
+        r#"{{"Version":"2012-10-17","Statement":[
+          {{"Effect":"Allow","Principal":{{"AWS":"{role}"}},"Action":["kms:CreateKey","kms:Encrypt"],"Resource":"*"}},
+          {{"Effect":"Allow","Principal":{{"AWS":"{role}"}},"Action":["kms:Decrypt","kms:GenerateDataKey"],"Resource":"*",
+            "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{image}"}}}}}}]}}"#
+    );
+    std::fs::write(kms.path("policy.json"), &policy).unwrap();
+    let created = json_of(
+        &kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "create-key",
+                "--policy",
+                &format!("file://{}", s(&kms.path("policy.json"))),
+            ],
+        ),
+        "create-key",
+    );
+    let key_id = created["KeyMetadata"]["KeyId"].as_str().unwrap().to_owned();
+    std::fs::write(kms.path("secret"), b"the data key").unwrap();
+    let enc = json_of(
+        &kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "encrypt",
+                "--key-id",
+                &key_id,
+                "--plaintext",
+                &format!("fileb://{}", s(&kms.path("secret"))),
+            ],
+        ),
+        "encrypt",
+    );
+    std::fs::write(kms.path("blob"), b64d(&enc["CiphertextBlob"])).unwrap();
+    let blob = format!("fileb://{}", s(&kms.path("blob")));
+    let rsa_doc = attest(&kms, "rsa", &[(0, image.clone())], &spki, false);
+    let recipient = |algorithm: &str, doc: &Path| {
+        format!(
+            "KeyEncryptionAlgorithm={algorithm},AttestationDocument=fileb://{}",
+            s(doc)
+        )
+    };
+    let open = |cms: &[u8]| {
+        let ct = kms.path("cms.ber");
+        std::fs::write(&ct, cms).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["cms", "-decrypt", "-binary", "-inform", "DER", "-in"])
+            .arg(&ct)
+            .arg("-inkey")
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+
+    let out = json_of(
+        &kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                &blob,
+                "--recipient",
+                &recipient("RSAES_OAEP_SHA_256", &rsa_doc),
+            ],
+        ),
+        "decrypt for an RSA recipient",
+    );
+    assert!(out.get("Plaintext").is_none(), "{out}");
+    assert!(
+        out.get("RecipientInfo").is_none(),
+        "AWS's form has no HPKE info: {out}"
+    );
+    assert_eq!(open(&b64d(&out["CiphertextForRecipient"])), b"the data key");
+    let generated = json_of(
+        &kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "generate-data-key",
+                "--key-id",
+                &key_id,
+                "--recipient",
+                &recipient("RSAES_OAEP_SHA_256", &rsa_doc),
+            ],
+        ),
+        "generate-data-key for an RSA recipient",
+    );
+    assert_eq!(open(&b64d(&generated["CiphertextForRecipient"])).len(), 32);
+
+    // The policy still decides (another image), and each algorithm wants its key.
+    let other = attest(&kms, "other", &[(0, "ab".repeat(48))], &spki, false);
+    failed_with(
+        &kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                &blob,
+                "--recipient",
+                &recipient("RSAES_OAEP_SHA_256", &other),
+            ],
+        ),
+        "E-KMS-ACCESS-DENIED",
+    );
+    let x25519_doc = attest(&kms, "x25519", &[(0, image.clone())], &[0x42; 32], false);
+    let e = failed_with(
+        &kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                &blob,
+                "--recipient",
+                &recipient("RSAES_OAEP_SHA_256", &x25519_doc),
+            ],
+        ),
+        "E-KMS-VALIDATION",
+    );
+    assert!(e.contains("RSA SubjectPublicKeyInfo"), "{e}");
+    failed_with(
+        &kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                &blob,
+                "--recipient",
+                &recipient("HPKE-Base-X25519-SHA256-AES256GCM", &rsa_doc),
+            ],
+        ),
+        "E-KMS-VALIDATION",
+    );
+    let e = failed_with(
+        &kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                &blob,
+                "--recipient",
+                &recipient("RSAES_OAEP_SHA_1", &rsa_doc),
+            ],
+        ),
+        "E-KMS-VALIDATION",
+    );
+    assert!(e.contains("RSAES_OAEP_SHA_256"), "{e}");
+}
+
+#[test]
 fn a_key_pinned_to_an_image_is_released_only_to_that_enclave() {
     let mut kms = Kms::start();
     ok_json(&["platform", "init", "--dir", s(&kms.path("platform"))]);

@@ -806,4 +806,45 @@ fn after_a_call_the_runtime_holds_no_key_and_no_record() {
             "a record is still in the runtime: {record}"
         );
     }
+
+    // A record a client sent over the attested channel (here the parent itself,
+    // as `nobody`, verifying the image first) does not stay in the runtime
+    // either: the opened request, its Binary HTTP copies and the answer are
+    // zeroed when the call ends.
+    let root = w.parent.join("root.pem");
+    std::fs::copy(w.h.path("platform/root.pem"), &root).unwrap();
+    chown_nobody(&root);
+    let request = w.parent.join("record.csv");
+    std::fs::write(&request, "channel-7731,F,61,212,47,141,1,0,1\n").unwrap();
+    chown_nobody(&request);
+    let out = w.parent(
+        &[
+            "call",
+            "--enclave-name",
+            "scorer",
+            "--input",
+            s(&request),
+            "--attested",
+            "--root",
+            s(&root),
+            "--expect-image",
+            s(&w.image),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("channel-7731,"));
+    let memory = process_memory(pid);
+    assert!(
+        holds(&memory, b"alias/phi-results"),
+        "the scan finds nothing at all"
+    );
+    assert!(
+        !holds(&memory, b"channel-7731"),
+        "a record sent over the attested channel is still in the runtime"
+    );
 }

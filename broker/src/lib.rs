@@ -3,10 +3,12 @@
 //!
 //! - [`policy`]: AWS-style identity and key policies and the two-factor check.
 //! - [`crypto`]: the root key, the ciphertext blob format, encryption contexts.
+//! - [`cms`]: `CiphertextForRecipient` in AWS's CMS form (RSA recipients).
 //! - [`keystore`], [`audit`], [`service`], [`server`]: storage, the audit log,
 //!   the operations, the listeners.
 
 pub mod audit;
+pub mod cms;
 pub mod crypto;
 pub mod datadir;
 pub mod keystore;

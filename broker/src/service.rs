@@ -146,6 +146,8 @@ type AnchorCache = (Vec<(String, Vec<u8>)>, Vec<TrustAnchor>);
 
 /// The parts of a verified Recipient that the request needs.
 struct AttestedRecipient {
+    /// Cloister's HPKE form, or AWS's CMS form (`RSAES_OAEP_SHA_256`).
+    cms: bool,
     document: Vec<u8>,
     public_key: Vec<u8>,
     pcrs: std::collections::BTreeMap<usize, Vec<u8>>,
@@ -220,13 +222,18 @@ impl Call<'_> {
         r: &Option<Recipient>,
     ) -> Result<Option<AttestedRecipient>, KmsError> {
         let Some(r) = r else { return Ok(None) };
-        if r.key_encryption_algorithm != recipient::ALGORITHM {
-            return Err(error::validation(format!(
-                "Recipient KeyEncryptionAlgorithm {:?} is not supported; use {}",
-                r.key_encryption_algorithm,
-                recipient::ALGORITHM
-            )));
-        }
+        let cms = match r.key_encryption_algorithm.as_str() {
+            recipient::ALGORITHM => false,
+            crate::cms::ALGORITHM => true,
+            other => {
+                return Err(error::validation(format!(
+                    "Recipient KeyEncryptionAlgorithm {:?} is not supported; use {} (AWS's, an RSA public_key) or {} (Cloister's, an X25519 public_key)",
+                    other.chars().take(64).collect::<String>(),
+                    crate::cms::ALGORITHM,
+                    recipient::ALGORITHM
+                )));
+            }
+        };
         let opts = VerifyOptions {
             anchors: self.broker.trust_anchors()?,
             max_age: Some(self.broker.config.max_document_age),
@@ -248,6 +255,7 @@ impl Call<'_> {
             )
         })?;
         Ok(Some(AttestedRecipient {
+            cms,
             document: r.attestation_document.clone(),
             public_key,
             pcrs: v.pcrs,
@@ -261,6 +269,15 @@ impl Call<'_> {
         operation: &str,
         plaintext: &[u8],
     ) -> Result<CiphertextForRecipient, KmsError> {
+        if r.cms {
+            // AWS's form binds no key, operation or request: the response that
+            // carries it is signed by the broker and names the request.
+            return Ok(CiphertextForRecipient {
+                ciphertext: crate::cms::seal(&r.public_key, plaintext)?,
+                info: Vec::new(),
+                aad: Vec::new(),
+            });
+        }
         let sealed = recipient::seal(
             &r.public_key,
             recipient::info(key_arn, operation, &self.request_id),

@@ -813,8 +813,11 @@ fn add_secret(v: &mut Value, plaintext: Option<Secret>, cfr: Option<CiphertextFo
     if let Some(c) = cfr {
         let (ct, info, aad) = recipient_json(&c);
         v["CiphertextForRecipient"] = ct;
-        v["RecipientInfo"] = info;
-        v["RecipientAad"] = aad;
+        // AWS's CMS form (RSAES_OAEP_SHA_256) has no HPKE info or aad.
+        if !c.info.is_empty() || !c.aad.is_empty() {
+            v["RecipientInfo"] = info;
+            v["RecipientAad"] = aad;
+        }
     }
 }
 
