@@ -77,65 +77,91 @@ fn oaep_sha256() -> Vec<u8> {
     tlv(0x30, &[oid(&RSAES_OAEP), params].concat())
 }
 
-/// Encrypts `plaintext` to the RSA key of a SubjectPublicKeyInfo (DER).
-pub fn seal(spki_der: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KmsError> {
-    let not_rsa = |why: String| {
-        error::validation(format!(
-            "the Recipient's attestation document must carry an RSA SubjectPublicKeyInfo (DER, {MIN_BITS} to {MAX_BITS} bits) as its public_key for {ALGORITHM}: {why}"
-        ))
-    };
-    let key = RsaPublicKey::from_public_key_der(spki_der).map_err(|e| not_rsa(e.to_string()))?;
-    let bits = key.n().bits();
-    if !(MIN_BITS..=MAX_BITS).contains(&bits) {
-        return Err(not_rsa(format!("this key has {bits} bits")));
+/// A Recipient's RSA key, checked when its document is (before any key is used).
+#[derive(Debug, Clone)]
+pub struct RsaRecipient {
+    key: RsaPublicKey,
+    /// RFC 7093 method 1: the leftmost 160 bits of SHA-256(subjectPublicKey).
+    ski: [u8; 20],
+}
+
+impl RsaRecipient {
+    /// The RSA key of a SubjectPublicKeyInfo (DER) of 2048 to 4096 bits.
+    pub fn from_spki(spki_der: &[u8]) -> Result<RsaRecipient, KmsError> {
+        let not_rsa = |why: String| {
+            error::validation(format!(
+                "the Recipient's attestation document must carry an RSA SubjectPublicKeyInfo (DER, {MIN_BITS} to {MAX_BITS} bits) as its public_key for {ALGORITHM}: {why}"
+            ))
+        };
+        let key =
+            RsaPublicKey::from_public_key_der(spki_der).map_err(|e| not_rsa(e.to_string()))?;
+        let bits = key.n().bits();
+        if !(MIN_BITS..=MAX_BITS).contains(&bits) {
+            return Err(not_rsa(format!("this key has {bits} bits")));
+        }
+        let spki = spki::SubjectPublicKeyInfoRef::try_from(spki_der)
+            .map_err(|e| not_rsa(e.to_string()))?;
+        let mut ski = [0u8; 20];
+        ski.copy_from_slice(&Sha256::digest(spki.subject_public_key.raw_bytes())[..20]);
+        Ok(RsaRecipient { key, ski })
     }
-    let spki =
-        spki::SubjectPublicKeyInfoRef::try_from(spki_der).map_err(|e| not_rsa(e.to_string()))?;
-    let ski = &Sha256::digest(spki.subject_public_key.raw_bytes())[..20];
 
-    let mut cek = Zeroizing::new([0u8; 32]);
-    let mut iv = [0u8; 16];
-    OsRng.fill_bytes(&mut *cek);
-    OsRng.fill_bytes(&mut iv);
-    let content = cbc::Encryptor::<aes::Aes256>::new(cek.as_ref().into(), &iv.into())
-        .encrypt_padded_vec_mut::<Pkcs7>(plaintext);
-    let encrypted_key = key
-        .encrypt(&mut OsRng, Oaep::new::<Sha256>(), cek.as_ref())
-        .map_err(|e| error::internal(format!("RSAES-OAEP failed: {e}")))?;
+    /// `plaintext` as a CMS EnvelopedData to this key.
+    pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, KmsError> {
+        let random = |buf: &mut [u8]| {
+            OsRng
+                .try_fill_bytes(buf)
+                .map_err(|e| error::internal(format!("no randomness: {e}")))
+        };
+        let mut cek = Zeroizing::new([0u8; 32]);
+        let mut iv = [0u8; 16];
+        random(&mut *cek)?;
+        random(&mut iv)?;
+        let content = cbc::Encryptor::<aes::Aes256>::new(cek.as_ref().into(), &iv.into())
+            .encrypt_padded_vec_mut::<Pkcs7>(plaintext);
+        let encrypted_key = self
+            .key
+            .encrypt(&mut OsRng, Oaep::new::<Sha256>(), cek.as_ref())
+            .map_err(|e| error::internal(format!("RSAES-OAEP failed: {e}")))?;
 
-    let recipient_info = tlv(
-        0x30,
-        &[
-            tlv(0x02, &[2]),
-            tlv(0x80, ski),
-            oaep_sha256(),
-            tlv(0x04, &encrypted_key),
-        ]
-        .concat(),
-    );
-    let content_algorithm = tlv(0x30, &[oid(&AES256_CBC), tlv(0x04, &iv)].concat());
-    let encrypted_content_info = indefinite(
-        0x30,
-        &[&oid(&DATA), &content_algorithm, &tlv(0x80, &content)],
-    );
-    let enveloped_data = indefinite(
-        0x30,
-        &[
-            &tlv(0x02, &[2]),
-            &tlv(0x31, &recipient_info),
-            &encrypted_content_info,
-        ],
-    );
-    Ok(indefinite(
-        0x30,
-        &[&oid(&ENVELOPED_DATA), &indefinite(0xa0, &[&enveloped_data])],
-    ))
+        let recipient_info = tlv(
+            0x30,
+            &[
+                tlv(0x02, &[2]),
+                tlv(0x80, &self.ski),
+                oaep_sha256(),
+                tlv(0x04, &encrypted_key),
+            ]
+            .concat(),
+        );
+        let content_algorithm = tlv(0x30, &[oid(&AES256_CBC), tlv(0x04, &iv)].concat());
+        let encrypted_content_info = indefinite(
+            0x30,
+            &[&oid(&DATA), &content_algorithm, &tlv(0x80, &content)],
+        );
+        let enveloped_data = indefinite(
+            0x30,
+            &[
+                &tlv(0x02, &[2]),
+                &tlv(0x31, &recipient_info),
+                &encrypted_content_info,
+            ],
+        );
+        Ok(indefinite(
+            0x30,
+            &[&oid(&ENVELOPED_DATA), &indefinite(0xa0, &[&enveloped_data])],
+        ))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::process::Command;
+
+    fn seal(spki_der: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KmsError> {
+        RsaRecipient::from_spki(spki_der)?.seal(plaintext)
+    }
 
     /// An RSA key made by openssl: (private PEM path, SPKI DER); `None` where
     /// openssl is not installed.

@@ -146,8 +146,8 @@ type AnchorCache = (Vec<(String, Vec<u8>)>, Vec<TrustAnchor>);
 
 /// The parts of a verified Recipient that the request needs.
 struct AttestedRecipient {
-    /// Cloister's HPKE form, or AWS's CMS form (`RSAES_OAEP_SHA_256`).
-    cms: bool,
+    /// AWS's CMS form (`RSAES_OAEP_SHA_256`) to this RSA key, or Cloister's HPKE form.
+    rsa: Option<crate::cms::RsaRecipient>,
     document: Vec<u8>,
     public_key: Vec<u8>,
     pcrs: std::collections::BTreeMap<usize, Vec<u8>>,
@@ -254,8 +254,12 @@ impl Call<'_> {
                 "the Recipient's attestation document has no public_key to encrypt to",
             )
         })?;
+        // The RSA key is checked now, before any key is used.
+        let rsa = cms
+            .then(|| crate::cms::RsaRecipient::from_spki(&public_key))
+            .transpose()?;
         Ok(Some(AttestedRecipient {
-            cms,
+            rsa,
             document: r.attestation_document.clone(),
             public_key,
             pcrs: v.pcrs,
@@ -269,11 +273,11 @@ impl Call<'_> {
         operation: &str,
         plaintext: &[u8],
     ) -> Result<CiphertextForRecipient, KmsError> {
-        if r.cms {
+        if let Some(rsa) = &r.rsa {
             // AWS's form binds no key, operation or request: the response that
             // carries it is signed by the broker and names the request.
             return Ok(CiphertextForRecipient {
-                ciphertext: crate::cms::seal(&r.public_key, plaintext)?,
+                ciphertext: rsa.seal(plaintext)?,
                 info: Vec::new(),
                 aad: Vec::new(),
             });
