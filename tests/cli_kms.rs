@@ -311,6 +311,21 @@ fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
             s(doc)
         )
     };
+    // kms decrypt of the blob for a Recipient.
+    let decrypt = |algorithm: &str, doc: &Path| {
+        kms.run_as(
+            role,
+            &parent,
+            &[
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                &blob,
+                "--recipient",
+                &recipient(algorithm, doc),
+            ],
+        )
+    };
     let open = |cms: &[u8]| {
         let ct = kms.path("cms.ber");
         std::fs::write(&ct, cms).unwrap();
@@ -330,18 +345,7 @@ fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
     };
 
     let out = json_of(
-        &kms.run_as(
-            role,
-            &parent,
-            &[
-                "kms",
-                "decrypt",
-                "--ciphertext-blob",
-                &blob,
-                "--recipient",
-                &recipient("RSAES_OAEP_SHA_256", &rsa_doc),
-            ],
-        ),
+        &decrypt("RSAES_OAEP_SHA_256", &rsa_doc),
         "decrypt for an RSA recipient",
     );
     assert!(out.get("Plaintext").is_none(), "{out}");
@@ -370,67 +374,20 @@ fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
     // The policy still decides (another image), and each algorithm wants its key.
     let other = attest(&kms, "other", &[(0, "ab".repeat(48))], &spki, false);
     failed_with(
-        &kms.run_as(
-            role,
-            &parent,
-            &[
-                "kms",
-                "decrypt",
-                "--ciphertext-blob",
-                &blob,
-                "--recipient",
-                &recipient("RSAES_OAEP_SHA_256", &other),
-            ],
-        ),
+        &decrypt("RSAES_OAEP_SHA_256", &other),
         "E-KMS-ACCESS-DENIED",
     );
     let x25519_doc = attest(&kms, "x25519", &[(0, image.clone())], &[0x42; 32], false);
     let e = failed_with(
-        &kms.run_as(
-            role,
-            &parent,
-            &[
-                "kms",
-                "decrypt",
-                "--ciphertext-blob",
-                &blob,
-                "--recipient",
-                &recipient("RSAES_OAEP_SHA_256", &x25519_doc),
-            ],
-        ),
+        &decrypt("RSAES_OAEP_SHA_256", &x25519_doc),
         "E-KMS-VALIDATION",
     );
     assert!(e.contains("RSA SubjectPublicKeyInfo"), "{e}");
     failed_with(
-        &kms.run_as(
-            role,
-            &parent,
-            &[
-                "kms",
-                "decrypt",
-                "--ciphertext-blob",
-                &blob,
-                "--recipient",
-                &recipient("HPKE-Base-X25519-SHA256-AES256GCM", &rsa_doc),
-            ],
-        ),
+        &decrypt("HPKE-Base-X25519-SHA256-AES256GCM", &rsa_doc),
         "E-KMS-VALIDATION",
     );
-    let e = failed_with(
-        &kms.run_as(
-            role,
-            &parent,
-            &[
-                "kms",
-                "decrypt",
-                "--ciphertext-blob",
-                &blob,
-                "--recipient",
-                &recipient("RSAES_OAEP_SHA_1", &rsa_doc),
-            ],
-        ),
-        "E-KMS-VALIDATION",
-    );
+    let e = failed_with(&decrypt("RSAES_OAEP_SHA_1", &rsa_doc), "E-KMS-VALIDATION");
     assert!(e.contains("RSAES_OAEP_SHA_256"), "{e}");
 }
 

@@ -139,21 +139,16 @@ async fn serve_call(enclave: Arc<Enclave>, mut stream: cloister_proto::Stream) {
         code: code.to_owned(),
         message,
     };
-    let kind = match frame::recv::<_, CallKind>(&mut stream, call::CHUNK as u32).await {
-        Ok(Some(kind)) => kind,
-        Ok(None) => return,
-        Err(e) => {
-            let _ = frame::send(
-                &mut stream,
-                &status(e.code(), e.to_string()),
-                call::CHUNK as u32,
-            )
-            .await;
-            return;
-        }
+    let read = async {
+        let Some(kind) = frame::recv::<_, CallKind>(&mut stream, call::CHUNK as u32).await? else {
+            return Ok(None);
+        };
+        let request = call::read_chunks(&mut stream, MAX_REQUEST).await?;
+        Ok::<_, call::CallError>(Some((kind, request)))
     };
-    let request = match call::read_chunks(&mut stream, MAX_REQUEST).await {
-        Ok(r) => r,
+    let (kind, request) = match read.await {
+        Ok(Some(read)) => read,
+        Ok(None) => return,
         Err(e) => {
             let _ = frame::send(
                 &mut stream,
