@@ -3,7 +3,7 @@
 //! the supervisor's control socket, anything between) relays ciphertext.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -131,22 +131,7 @@ fn capturing_tcp(to: &str, captured: Arc<Mutex<Vec<u8>>>) -> String {
             let Ok(outbound) = std::net::TcpStream::connect(&to) else {
                 continue;
             };
-            for (mut from, mut into) in [
-                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                (outbound, inbound),
-            ] {
-                let captured = captured.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 16384];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 || into.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        captured.lock().unwrap().extend_from_slice(&buf[..n]);
-                    }
-                    let _ = into.shutdown(std::net::Shutdown::Write);
-                });
-            }
+            common::splice_capturing(inbound, outbound, captured.clone());
         }
     });
     format!("http://{addr}")

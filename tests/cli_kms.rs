@@ -82,6 +82,20 @@ impl Kms {
         )
     }
     /// Makes a key pair (with openssl where it exists, to prove compatibility) and registers it.
+    /// An emulated platform in `platform/`, its root trusted as `lab`.
+    fn trust_a_platform(&self) {
+        ok_json(&["platform", "init", "--dir", s(&self.path("platform"))]);
+        self.admin(&[
+            "kms",
+            "trust",
+            "add",
+            "--root",
+            s(&self.path("platform/root.pem")),
+            "--label",
+            "lab",
+        ]);
+    }
+
     fn add_principal(&self, name: &str, policy: &str) -> PathBuf {
         let file: String = name
             .chars()
@@ -229,16 +243,7 @@ fn pcr_of(data: &[u8], kms: &Kms, name: &str) -> String {
 #[test]
 fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
     let kms = Kms::start();
-    ok_json(&["platform", "init", "--dir", s(&kms.path("platform"))]);
-    kms.admin(&[
-        "kms",
-        "trust",
-        "add",
-        "--root",
-        s(&kms.path("platform/root.pem")),
-        "--label",
-        "lab",
-    ]);
+    kms.trust_a_platform();
     // The enclave's RSA key pair, as the AWS Nitro Enclaves SDK makes one.
     let key = kms.path("enclave-rsa.pem");
     let made = std::process::Command::new("openssl")
@@ -1240,16 +1245,7 @@ fn a_principal_over_its_rate_is_refused() {
 #[test]
 fn trust_roots_and_principals_can_be_removed() {
     let kms = Kms::start();
-    ok_json(&["platform", "init", "--dir", s(&kms.path("platform"))]);
-    kms.admin(&[
-        "kms",
-        "trust",
-        "add",
-        "--root",
-        s(&kms.path("platform/root.pem")),
-        "--label",
-        "lab",
-    ]);
+    kms.trust_a_platform();
     kms.admin(&["kms", "trust", "add", "--aws-nitro-root"]);
     let dup = kms.run_as(
         "admin",

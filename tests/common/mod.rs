@@ -577,25 +577,56 @@ pub fn capturing_relay(
                 .lock()
                 .unwrap()
                 .push(inbound.try_clone().unwrap());
-            for (mut from, mut into) in [
-                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                (outbound, inbound),
-            ] {
-                let captured = captured.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 16384];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 || into.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        captured.lock().unwrap().extend_from_slice(&buf[..n]);
-                    }
-                    let _ = into.shutdown(std::net::Shutdown::Write);
-                });
-            }
+            splice_capturing(inbound, outbound, captured.clone());
         }
     });
     connections
+}
+
+/// A connected socket the capturing relays can splice.
+pub trait Duplex: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> std::io::Result<Self>;
+    fn shutdown_write(&self);
+}
+
+impl Duplex for std::os::unix::net::UnixStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        std::os::unix::net::UnixStream::try_clone(self)
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Duplex for std::net::TcpStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        std::net::TcpStream::try_clone(self)
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Copies both ways between two sockets on threads of their own, keeping
+/// every byte that crosses in `captured`.
+pub fn splice_capturing<S: Duplex>(inbound: S, outbound: S, captured: Arc<Mutex<Vec<u8>>>) {
+    for (mut from, into) in [
+        (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+        (outbound, inbound),
+    ] {
+        let captured = captured.clone();
+        std::thread::spawn(move || {
+            let mut into = into;
+            let mut buf = [0u8; 16384];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 || into.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                captured.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+            into.shutdown_write();
+        });
+    }
 }
 
 /// The connections a [`capturing_relay`] accepted, and a way to cut them.
