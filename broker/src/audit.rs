@@ -73,6 +73,10 @@ pub struct RequestRecord {
     pub recipient_pcr0: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub recipient_module_id: Option<String>,
+    /// The SigV4 access key a request of the AWS API was signed with (none:
+    /// Cloister's own protocol, signed with the principal's Ed25519 key).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub access_key_id: Option<String>,
 }
 
 /// A request id the log shows a principal used.
@@ -1096,6 +1100,7 @@ mod tests {
             reason: "because".into(),
             recipient_pcr0: None,
             recipient_module_id: None,
+            access_key_id: None,
         }
     }
 

@@ -41,6 +41,27 @@ pub fn random_key() -> KeyMaterial {
     k
 }
 
+/// A new SigV4 access key id: `AKCL` and 16 random base-32 characters (80
+/// bits), 20 characters in all like AWS's, and told apart from them by the prefix.
+pub fn random_access_key_id() -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut b = [0u8; 16];
+    OsRng.fill_bytes(&mut b);
+    let tail: String = b
+        .iter()
+        .map(|x| ALPHABET[usize::from(x % 32)] as char)
+        .collect();
+    format!("AKCL{tail}")
+}
+
+/// A new SigV4 secret access key: 30 random bytes in base64 (40 characters, as AWS's).
+pub fn random_secret_access_key() -> Zeroizing<String> {
+    use base64::Engine;
+    let mut b = Zeroizing::new([0u8; 30]);
+    OsRng.fill_bytes(b.as_mut());
+    Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(b.as_ref()))
+}
+
 /// A 16-byte key id, printed like a UUID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyId(pub [u8; 16]);

@@ -23,42 +23,15 @@ use crate::error::{self, KmsError};
 use crate::policy::{Policy, PolicyKind};
 use crate::protocol::EncryptionContext;
 
-const SCHEMA_VERSION: i64 = 1;
+/// The schema's migrations, in order: the keystore's schema version is the
+/// number of them applied (`meta.schema_version`).
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_initial.sql"),
+    include_str!("../migrations/sqlite/0002_access_keys_rotation.sql"),
+];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const ROOT_CHECK_AAD: &[u8] = b"cloister-kms-root-check-v1";
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS keys (
-    key_id BLOB PRIMARY KEY,
-    description TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('Enabled', 'Disabled', 'PendingDeletion')),
-    created_ms INTEGER NOT NULL,
-    deletion_ms INTEGER,
-    policy TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS key_versions (
-    key_id BLOB NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
-    version INTEGER NOT NULL,
-    material BLOB NOT NULL,
-    created_ms INTEGER NOT NULL,
-    PRIMARY KEY (key_id, version)
-);
-CREATE TABLE IF NOT EXISTS aliases (
-    alias TEXT PRIMARY KEY,
-    key_id BLOB NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS principals (
-    name TEXT PRIMARY KEY,
-    public_key BLOB NOT NULL,
-    policy TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS trust_roots (
-    label TEXT PRIMARY KEY,
-    der BLOB NOT NULL,
-    added_ms INTEGER NOT NULL
-);
-";
+const ACCESS_KEY_AAD: &[u8] = b"cloister-kms-access-key-v1\0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyState {
@@ -96,6 +69,28 @@ pub struct KeyRecord {
     pub policy: Policy,
     /// Version n's material is `versions[n - 1]`.
     pub versions: Vec<KeyMaterial>,
+    /// Automatic rotation: every this many days, next at `next_rotation_ms`.
+    pub rotation: Option<Rotation>,
+}
+
+/// A key's automatic rotation schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    pub period_days: u32,
+    pub next_ms: u64,
+}
+
+/// The days between automatic rotations that AWS KMS allows, and its default.
+pub const ROTATION_DAYS: std::ops::RangeInclusive<u32> = 90..=2560;
+pub const DEFAULT_ROTATION_DAYS: u32 = 365;
+
+/// A SigV4 access key: the principal it stands for and its secret.
+#[derive(Clone)]
+pub struct AccessKeyRecord {
+    pub access_key_id: String,
+    pub principal: String,
+    pub secret: Zeroizing<String>,
+    pub created_ms: u64,
 }
 
 impl KeyRecord {
@@ -147,6 +142,7 @@ struct State {
     aliases: BTreeMap<String, KeyId>,
     principals: BTreeMap<String, PrincipalRecord>,
     trust_roots: BTreeMap<String, Vec<u8>>,
+    access_keys: BTreeMap<String, AccessKeyRecord>,
 }
 
 pub struct Keystore {
@@ -166,6 +162,10 @@ fn material_aad(id: KeyId, version: u32) -> Vec<u8> {
         &version.to_be_bytes(),
     ]
     .concat()
+}
+
+fn access_key_aad(access_key_id: &str) -> Vec<u8> {
+    [ACCESS_KEY_AAD, access_key_id.as_bytes()].concat()
 }
 
 fn open_connection(path: &Path) -> Result<Connection, KmsError> {
@@ -206,7 +206,9 @@ impl Keystore {
         }
         let mut conn = open_connection(path)?;
         let tx = conn.transaction().map_err(db_err)?;
-        tx.execute_batch(SCHEMA).map_err(db_err)?;
+        for migration in MIGRATIONS {
+            tx.execute_batch(migration).map_err(db_err)?;
+        }
         tx.execute(
             "INSERT INTO meta VALUES ('schema_version', ?1)",
             params![SCHEMA_VERSION],
@@ -249,7 +251,7 @@ impl Keystore {
                 path.display()
             )));
         }
-        let conn = open_connection(path)?;
+        let mut conn = open_connection(path)?;
         let version: i64 = conn
             .query_row(
                 "SELECT value FROM meta WHERE name = 'schema_version'",
@@ -257,10 +259,24 @@ impl Keystore {
                 |r| r.get(0),
             )
             .map_err(db_err)?;
-        if version != SCHEMA_VERSION {
+        if !(1..=SCHEMA_VERSION).contains(&version) {
             return Err(error::internal(format!(
-                "keystore schema {version} is not supported (expected {SCHEMA_VERSION})"
+                "keystore schema {version} is not supported (this broker knows 1 to {SCHEMA_VERSION}; a newer broker wrote it?)"
             )));
+        }
+        if version < SCHEMA_VERSION {
+            // The migrations after the stored version, and the new version, in
+            // one transaction: a keystore is at one version or the next.
+            let tx = conn.transaction().map_err(db_err)?;
+            for migration in &MIGRATIONS[version as usize..] {
+                tx.execute_batch(migration).map_err(db_err)?;
+            }
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE name = 'schema_version'",
+                params![SCHEMA_VERSION],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
         }
         let check: Vec<u8> = conn
             .query_row(
@@ -427,6 +443,7 @@ impl Keystore {
                         policy_json: policy_json.to_owned(),
                         policy,
                         versions: vec![material],
+                        rotation: None,
                     },
                 );
             },
@@ -434,18 +451,48 @@ impl Keystore {
     }
 
     /// Adds a version of fresh material to an Enabled key; it becomes the one
-    /// Encrypt uses.
+    /// Encrypt uses. `Rotate::OnDemand` leaves the automatic schedule as it
+    /// is (as AWS KMS does); `Rotate::Due` rotates only if, in the same
+    /// transaction, the key's automatic rotation is due, and schedules the
+    /// next (returns `None` when it was not due).
     pub fn rotate_key(
         &self,
         id: KeyId,
         now_ms: u64,
+        how: Rotate,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
-    ) -> Result<u32, KmsError> {
+    ) -> Result<Option<u32>, KmsError> {
         let material = crate::crypto::random_key();
         let stored = material.clone();
         self.write(
             |tx| {
                 usable(id, stored_state(tx, id)?, None)?;
+                let next = match how {
+                    Rotate::OnDemand => None,
+                    Rotate::Due => {
+                        let (days, next): (Option<u32>, Option<i64>) = tx
+                            .query_row(
+                                "SELECT rotation_days, next_rotation_ms FROM keys WHERE key_id = ?1",
+                                params![id.0],
+                                |r| Ok((r.get(0)?, r.get(1)?)),
+                            )
+                            .map_err(db_err)?;
+                        match days.zip(next) {
+                            Some((days, next)) if next as u64 <= now_ms => Some(Rotation {
+                                period_days: days,
+                                next_ms: now_ms + u64::from(days) * 86_400_000,
+                            }),
+                            _ => return Ok(None),
+                        }
+                    }
+                };
+                if let Some(r) = next {
+                    tx.execute(
+                        "UPDATE keys SET next_rotation_ms = ?2 WHERE key_id = ?1",
+                        params![id.0, r.next_ms as i64],
+                    )
+                    .map_err(db_err)?;
+                }
                 let version: u32 = tx
                     .query_row(
                         "SELECT MAX(version) + 1 FROM key_versions WHERE key_id = ?1",
@@ -461,13 +508,170 @@ impl Keystore {
                     params![id.0, version, sealed, now_ms as i64],
                 )
                 .map_err(db_err)?;
-                Ok(version)
+                Ok(Some((version, next)))
+            },
+            |rotated| match rotated {
+                Some(_) => before_commit(),
+                None => Ok(()),
+            },
+            |state, rotated| {
+                if let (Some((_, next)), Some(key)) = (rotated, state.keys.get_mut(&id)) {
+                    key.versions.push(material);
+                    if next.is_some() {
+                        key.rotation = *next;
+                    }
+                }
+            },
+        )
+        .map(|rotated| rotated.map(|(version, _)| version))
+    }
+
+    /// Turns a key's automatic rotation on (every `period_days`, the first
+    /// one that many days from now) or off. The key must be usable.
+    pub fn set_rotation(
+        &self,
+        id: KeyId,
+        period_days: Option<u32>,
+        now_ms: u64,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<Option<Rotation>, KmsError> {
+        let rotation = period_days.map(|days| Rotation {
+            period_days: days,
+            next_ms: now_ms + u64::from(days) * 86_400_000,
+        });
+        self.write(
+            |tx| {
+                usable(id, stored_state(tx, id)?, None)?;
+                tx.execute(
+                    "UPDATE keys SET rotation_days = ?2, next_rotation_ms = ?3 WHERE key_id = ?1",
+                    params![
+                        id.0,
+                        rotation.map(|r| r.period_days),
+                        rotation.map(|r| r.next_ms as i64)
+                    ],
+                )
+                .map_err(db_err)?;
+                Ok(rotation)
             },
             |_| before_commit(),
             |state, _| {
                 if let Some(key) = state.keys.get_mut(&id) {
-                    key.versions.push(material);
+                    key.rotation = rotation;
                 }
+            },
+        )
+    }
+
+    /// Enabled keys whose automatic rotation is due.
+    pub fn due_for_rotation(&self, now_ms: u64) -> Result<Vec<KeyId>, KmsError> {
+        Ok(self
+            .read_state()?
+            .keys
+            .values()
+            .filter(|k| {
+                k.state == KeyState::Enabled && k.rotation.is_some_and(|r| r.next_ms <= now_ms)
+            })
+            .map(|k| k.id)
+            .collect())
+    }
+
+    /// A new access key for a principal: a random id and secret, the secret
+    /// stored encrypted under the root key (bound to the id).
+    pub fn create_access_key(
+        &self,
+        principal: &str,
+        now_ms: u64,
+        before_commit: impl FnOnce(&str) -> Result<(), KmsError>,
+    ) -> Result<AccessKeyRecord, KmsError> {
+        let record = AccessKeyRecord {
+            access_key_id: crypto::random_access_key_id(),
+            principal: principal.to_owned(),
+            secret: crypto::random_secret_access_key(),
+            created_ms: now_ms,
+        };
+        let sealed = self.root.seal(
+            &access_key_aad(&record.access_key_id),
+            record.secret.as_bytes(),
+        )?;
+        self.write(
+            |tx| {
+                if !exists(
+                    tx,
+                    "SELECT 1 FROM principals WHERE name = ?1",
+                    params![principal],
+                )? {
+                    return Err(error::not_found(format!(
+                        "principal {principal:?} does not exist"
+                    )));
+                }
+                tx.execute(
+                    "INSERT INTO access_keys VALUES (?1, ?2, ?3, ?4)",
+                    params![record.access_key_id, principal, sealed, now_ms as i64],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            },
+            |_| before_commit(&record.access_key_id),
+            |state, _| {
+                state
+                    .access_keys
+                    .insert(record.access_key_id.clone(), record.clone());
+            },
+        )?;
+        Ok(record)
+    }
+
+    pub fn delete_access_key(
+        &self,
+        access_key_id: &str,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
+        self.write(
+            |tx| {
+                delete_one(
+                    tx,
+                    "DELETE FROM access_keys WHERE access_key_id = ?1",
+                    access_key_id,
+                    || format!("access key {access_key_id} does not exist"),
+                )
+            },
+            |_| before_commit(),
+            |state, _| {
+                state.access_keys.remove(access_key_id);
+            },
+        )
+    }
+
+    /// An access key and the principal it stands for.
+    pub fn access_key(
+        &self,
+        access_key_id: &str,
+    ) -> Result<Option<(AccessKeyRecord, PrincipalRecord)>, KmsError> {
+        let state = self.read_state()?;
+        Ok(state.access_keys.get(access_key_id).and_then(|k| {
+            let principal = state.principals.get(&k.principal)?;
+            Some((k.clone(), principal.clone()))
+        }))
+    }
+
+    pub fn list_access_keys(&self) -> Result<Vec<AccessKeyRecord>, KmsError> {
+        Ok(self.read_state()?.access_keys.values().cloned().collect())
+    }
+
+    pub fn delete_alias(
+        &self,
+        alias: &str,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+    ) -> Result<(), KmsError> {
+        self.write(
+            |tx| {
+                delete_one(tx, "DELETE FROM aliases WHERE alias = ?1", alias, || {
+                    format!("alias {alias} does not exist")
+                })
+            },
+            |_| before_commit(),
+            |state, _| {
+                state.aliases.remove(alias);
             },
         )
     }
@@ -636,6 +840,8 @@ impl Keystore {
             |_| before_commit(),
             |state, _| {
                 state.principals.remove(name);
+                // Its access keys went with it (ON DELETE CASCADE).
+                state.access_keys.retain(|_, k| k.principal != name);
             },
         )
     }
@@ -820,6 +1026,15 @@ pub fn usable(id: KeyId, state: KeyState, deletion_ms: Option<u64>) -> Result<()
     }
 }
 
+/// How [`Keystore::rotate_key`] rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotate {
+    /// Now, as asked (RotateKeyOnDemand).
+    OnDemand,
+    /// If the key's automatic rotation is due.
+    Due,
+}
+
 /// The changes of a key's state that requests make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
@@ -883,22 +1098,28 @@ fn resolve(state: &State, key_ref: &str) -> Result<KeyId, KmsError> {
 fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
     let mut state = State::default();
     let mut stmt = conn
-        .prepare("SELECT key_id, description, state, created_ms, deletion_ms, policy FROM keys")
+        .prepare("SELECT key_id, description, state, created_ms, deletion_ms, policy, rotation_days, next_rotation_ms FROM keys")
         .map_err(db_err)?;
     let rows = stmt
         .query_map([], |r| {
             Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, String>(5)?,
+                (
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, String>(5)?,
+                ),
+                (r.get::<_, Option<u32>>(6)?, r.get::<_, Option<i64>>(7)?),
             ))
         })
         .map_err(db_err)?;
     for row in rows {
-        let (id, description, key_state, created, deletion, policy_json) = row.map_err(db_err)?;
+        let (
+            (id, description, key_state, created, deletion, policy_json),
+            (rotation_days, next_rotation),
+        ) = row.map_err(db_err)?;
         let id = KeyId(
             id.try_into()
                 .map_err(|_| error::internal("keystore: malformed key id"))?,
@@ -919,6 +1140,10 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
                 policy_json,
                 policy,
                 versions: Vec::new(),
+                rotation: rotation_days.zip(next_rotation).map(|(d, n)| Rotation {
+                    period_days: d,
+                    next_ms: n as u64,
+                }),
             },
         );
     }
@@ -1030,6 +1255,39 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
     for row in rows {
         let (label, der) = row.map_err(db_err)?;
         state.trust_roots.insert(label, der);
+    }
+    let mut stmt = conn
+        .prepare("SELECT access_key_id, principal, secret, created_ms FROM access_keys")
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .map_err(db_err)?;
+    for row in rows {
+        let (access_key_id, principal, sealed, created) = row.map_err(db_err)?;
+        let secret = root
+            .open(&access_key_aad(&access_key_id), &sealed)
+            .and_then(|plain| String::from_utf8(plain.to_vec()).ok())
+            .ok_or_else(|| {
+                error::internal(format!(
+                    "keystore: the secret of access key {access_key_id} does not decrypt"
+                ))
+            })?;
+        state.access_keys.insert(
+            access_key_id.clone(),
+            AccessKeyRecord {
+                access_key_id,
+                principal,
+                secret: Zeroizing::new(secret),
+                created_ms: created as u64,
+            },
+        );
     }
     Ok(state)
 }

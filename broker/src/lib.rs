@@ -3,11 +3,13 @@
 //!
 //! - [`policy`]: AWS-style identity and key policies and the two-factor check.
 //! - [`crypto`]: the root key, the ciphertext blob format, encryption contexts.
+//! - [`aws`]: the AWS KMS JSON API with SigV4, a second front end.
 //! - [`cms`]: `CiphertextForRecipient` in AWS's CMS form (RSA recipients).
 //! - [`keystore`], [`audit`], [`service`], [`server`]: storage, the audit log,
 //!   the operations, the listeners.
 
 pub mod audit;
+pub mod aws;
 pub mod cms;
 pub mod crypto;
 pub mod datadir;

@@ -15,7 +15,11 @@
 //! `StringLike`, `StringNotLike` (each also `...IfExists`) and `Null`.
 //! Condition keys: `kms:RecipientAttestation:ImageSha384`,
 //! `kms:RecipientAttestation:PCR0`..`PCR31`, `kms:EncryptionContext:<key>`,
+//! `kms:CallerAccount` (the account of a principal named by its IAM ARN),
 //! `kms:CallerPrincipal`; the prefix `cloister:` is an alias of `kms:`.
+//! A key policy's `Principal` names principals by name; as in AWS,
+//! `arn:aws:iam::ACCOUNT:root` (or `ACCOUNT`) names every principal whose
+//! name is an IAM ARN of that account.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -195,7 +199,7 @@ pub fn canonical_condition_key(key: &str) -> Option<String> {
     }
     let rest = rest.to_ascii_lowercase();
     let known = match rest.as_str() {
-        "callerprincipal" | "recipientattestation:imagesha384" => true,
+        "callerprincipal" | "calleraccount" | "recipientattestation:imagesha384" => true,
         r => r
             .strip_prefix("recipientattestation:pcr")
             .is_some_and(|n| n.parse::<u8>().is_ok_and(|i| i < 32 && i.to_string() == n)),
@@ -478,7 +482,7 @@ impl Policy {
                             at(format!(
                                 "condition key {key:?} is not known (kms:RecipientAttestation:ImageSha384, \
                                  kms:RecipientAttestation:PCR0..PCR31, kms:EncryptionContext:<key>, \
-                                 kms:CallerPrincipal)"
+                                 kms:CallerAccount, kms:CallerPrincipal)"
                             ))
                         })?;
                         let values = strings(kind, &format!("{op_name} {key}"), values)
@@ -741,11 +745,46 @@ fn resource_matches(m: &Matcher, resource: &str) -> bool {
     }
 }
 
+/// The AWS account of a principal named by its IAM or STS ARN
+/// (`arn:aws:iam::111122223333:role/x`), if it is so named.
+pub fn account_of(principal: &str) -> Option<&str> {
+    let mut parts = principal.splitn(6, ':');
+    let (Some("arn"), Some(_partition), Some("iam" | "sts"), Some(""), Some(account)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
+}
+
+/// Whether a policy's `Principal` entry names a principal: by its name, or,
+/// as AWS reads `arn:aws:iam::ACCOUNT:root` and a bare `ACCOUNT`, as any
+/// principal of that account (whose own identity policy must allow too).
+fn principal_named(entry: &str, principal: &str) -> bool {
+    if entry == principal {
+        return true;
+    }
+    let Some(account) = account_of(principal) else {
+        return false;
+    };
+    entry == account
+        || entry
+            .strip_suffix(":root")
+            .and_then(|e| e.rsplit_once(':'))
+            .is_some_and(|(head, a)| {
+                a == account && head.starts_with("arn:") && head.ends_with(":iam:")
+            })
+}
+
 /// `Ok` when the statement applies; otherwise how far it got (for choosing the
 /// most useful explanation) and why it stopped.
 fn statement_matches(s: &Statement, ctx: &RequestContext) -> Result<(), (u8, String)> {
     if let Some(names) = &s.principals
-        && !names.iter().any(|n| n == &ctx.principal)
+        && !names.iter().any(|n| principal_named(n, &ctx.principal))
     {
         return Err((0, format!("does not name principal {:?}", ctx.principal)));
     }
@@ -945,5 +984,44 @@ mod tests {
         }
         let took = started.elapsed();
         assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
+    }
+
+    #[test]
+    fn account_principals_name_the_account_s_principals_only() {
+        assert_eq!(
+            account_of("arn:aws:iam::111122223333:role/app"),
+            Some("111122223333")
+        );
+        assert_eq!(
+            account_of("arn:aws:sts::111122223333:assumed-role/r/s"),
+            Some("111122223333")
+        );
+        for not in [
+            "app",
+            "arn:aws:iam::1111:role/app",
+            "arn:aws:s3:::bucket",
+            "arn:aws:iam:us-east-1:111122223333:role/app",
+            "arn:aws:iam::11112222333x:role/app",
+        ] {
+            assert_eq!(account_of(not), None, "{not}");
+        }
+        let role = "arn:aws:iam::111122223333:role/app";
+        assert!(principal_named(role, role));
+        assert!(principal_named("arn:aws:iam::111122223333:root", role));
+        assert!(principal_named("111122223333", role));
+        assert!(!principal_named("arn:aws:iam::999999999999:root", role));
+        assert!(!principal_named("999999999999", role));
+        assert!(!principal_named(
+            "arn:aws:iam::111122223333:role/other",
+            role
+        ));
+        assert!(!principal_named("arn:aws:s3::111122223333:root", role));
+        // A principal named without an ARN belongs to no account.
+        assert!(!principal_named("111122223333", "app"));
+        assert!(!principal_named("arn:aws:iam::111122223333:root", "app"));
+        assert_eq!(
+            canonical_condition_key("kms:CallerAccount").as_deref(),
+            Some("kms:calleraccount")
+        );
     }
 }

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use cloister_proto::frame::{self, FrameError};
 use cloister_proto::{Listener, Stream};
 
+use crate::aws;
 use crate::error::{self, KmsError};
 use crate::protocol::{MAX_MESSAGE, MAX_REQUEST, Response};
 use crate::service::{Broker, Bucket, Prepared, now_ms};
@@ -55,20 +56,57 @@ impl Default for ServerLimits {
     }
 }
 
+/// The AWS KMS JSON API (SigV4) on a TCP listener: HTTPS, or plain HTTP on
+/// a loopback address when asked.
+pub struct AwsApi {
+    pub listener: Listener,
+    /// Plain HTTP instead of TLS (refused unless the listener is on loopback).
+    pub plain_http: bool,
+    /// The region SigV4 credential scopes must name.
+    pub region: String,
+}
+
+/// What a listener speaks.
+#[derive(Clone)]
+enum Protocol {
+    /// Cloister's framed, signed requests and responses.
+    Cloister,
+    /// The AWS KMS JSON API, answering for this region.
+    Aws(Arc<str>),
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in
 /// flight finish, and writes the audit log's shutdown checkpoint. TCP listeners
 /// speak TLS (`tls` is required for them); Unix and vsock listeners do not.
+/// The AWS API listeners speak TLS with the same certificate unless plain
+/// HTTP was asked for on loopback.
 pub async fn serve(
     broker: Arc<Broker>,
     listeners: Vec<Listener>,
+    aws: Vec<AwsApi>,
     limits: ServerLimits,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), KmsError> {
-    if tls.is_none() && listeners.iter().any(|l| matches!(l, Listener::Tcp(_))) {
+    if tls.is_none()
+        && (listeners.iter().any(|l| matches!(l, Listener::Tcp(_)))
+            || aws.iter().any(|a| !a.plain_http))
+    {
         return Err(error::validation(
             "a TCP listener needs a TLS certificate and key",
         ));
+    }
+    for a in &aws {
+        let Listener::Tcp(l) = &a.listener else {
+            return Err(error::validation(
+                "the AWS API listens on TCP (tcp:HOST:PORT)",
+            ));
+        };
+        if a.plain_http && !l.local_addr().is_ok_and(|addr| addr.ip().is_loopback()) {
+            return Err(error::validation(
+                "plain HTTP for the AWS API is allowed on a loopback address only (127.0.0.1 or ::1); elsewhere it is HTTPS",
+            ));
+        }
     }
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -82,8 +120,19 @@ pub async fn serve(
         tasks.spawn(accept_loop(
             broker.clone(),
             listener,
+            Protocol::Cloister,
             slots.clone(),
             tls.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    for a in aws {
+        tasks.spawn(accept_loop(
+            broker.clone(),
+            a.listener,
+            Protocol::Aws(a.region.into()),
+            slots.clone(),
+            if a.plain_http { None } else { tls.clone() },
             stop_rx.clone(),
         ));
     }
@@ -112,6 +161,7 @@ async fn purge_loop(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
         let b = broker.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let _ = b.record_uncounted();
+            let _ = b.rotate_due_keys(now_ms());
             b.purge_due_keys(now_ms())
         })
         .await;
@@ -254,6 +304,16 @@ impl SlotTable {
 }
 
 impl SlotGuard {
+    /// How long the connection has been idle, if it is.
+    fn idle_for(&self) -> Option<Duration> {
+        self.slots
+            .lock()
+            .open
+            .get(&self.id)
+            .and_then(|s| s.idle_since)
+            .map(|t| t.elapsed())
+    }
+
     fn set_idle(&self, idle: bool) {
         if let Some(slot) = self.slots.lock().open.get_mut(&self.id) {
             slot.idle_since = idle.then(Instant::now);
@@ -283,6 +343,7 @@ impl Drop for SlotGuard {
 async fn accept_loop(
     broker: Arc<Broker>,
     listener: Listener,
+    protocol: Protocol,
     slots: Arc<Slots>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
@@ -301,6 +362,9 @@ async fn accept_loop(
         };
         let slot = match slots.acquire(stream.peer_identity()) {
             Ok(slot) => slot,
+            // An HTTP client is refused by closing: nothing else is said
+            // before a TLS handshake.
+            Err(_) if matches!(protocol, Protocol::Aws(_)) => continue,
             Err(why) => {
                 // A refusal names no request, so each reason is signed once:
                 // refusing a flood of connections costs no signatures.
@@ -329,6 +393,7 @@ async fn accept_loop(
         let limits = slots.limits.clone();
         let stop = stop.clone();
         let tls = tls.clone();
+        let protocol = protocol.clone();
         connections.spawn(async move {
             match (stream, tls) {
                 (Stream::Tcp(tcp), Some(acceptor)) => {
@@ -342,19 +407,168 @@ async fn accept_loop(
                     };
                     match handshake {
                         Ok(Ok(tls_stream)) => {
-                            connection(broker, tls_stream, slot, limits, stop).await;
+                            speak(protocol, broker, tls_stream, slot, limits, stop).await;
                         }
                         _ => {
                             let _ = slot.failed_unauthenticated();
                         }
                     }
                 }
-                (stream, _) => connection(broker, stream, slot, limits, stop).await,
+                (stream, _) => speak(protocol, broker, stream, slot, limits, stop).await,
             }
         });
         while connections.try_join_next().is_some() {}
     }
     while connections.join_next().await.is_some() {}
+}
+
+async fn speak<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    protocol: Protocol,
+    broker: Arc<Broker>,
+    stream: S,
+    slot: SlotGuard,
+    limits: ServerLimits,
+    stop: watch::Receiver<bool>,
+) {
+    match protocol {
+        Protocol::Cloister => connection(broker, stream, slot, limits, stop).await,
+        Protocol::Aws(region) => aws_connection(broker, stream, slot, limits, region, stop).await,
+    }
+}
+
+/// An HTTP/1.1 connection of the AWS API. The slot is idle (displaceable)
+/// between requests; the connection closes when idle too long, when its
+/// slot is taken, or (after the request in flight) at shutdown.
+async fn aws_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    broker: Arc<Broker>,
+    stream: S,
+    slot: SlotGuard,
+    limits: ServerLimits,
+    region: Arc<str>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slot = Arc::new(slot);
+    slot.set_idle(true);
+    let service = {
+        let slot = slot.clone();
+        let limits = limits.clone();
+        hyper::service::service_fn(move |req| {
+            let (broker, slot, limits, region) =
+                (broker.clone(), slot.clone(), limits.clone(), region.clone());
+            async move {
+                slot.set_idle(false);
+                let response = aws_request(&broker, &slot, &limits, &region, req).await;
+                slot.set_idle(true);
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.frame_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = slot.close.notified() => return,
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(limits.idle_timeout) => {
+                if slot.idle_for().is_some_and(|d| d >= limits.idle_timeout) {
+                    return;
+                }
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.drain_timeout, conn).await;
+}
+
+/// One request of the AWS API: read (bounded in size and time), handled as
+/// [`Broker::prepare_aws`] says, audited, answered.
+async fn aws_request(
+    broker: &Arc<Broker>,
+    slot: &SlotGuard,
+    limits: &ServerLimits,
+    region: &Arc<str>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_REQUEST as usize);
+    let body = match tokio::time::timeout(limits.frame_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes().to_vec(),
+        Ok(Err(e)) => {
+            let _ = slot.failed_unauthenticated();
+            let e = if e.is::<http_body_util::LengthLimitError>() {
+                error::validation(format!(
+                    "the request body is larger than {MAX_REQUEST} bytes"
+                ))
+            } else {
+                error::serialization(format!("the request body could not be read: {e}"))
+            };
+            return http_response(aws::error_response(String::new(), &e), true);
+        }
+        Err(_) => {
+            let _ = slot.failed_unauthenticated();
+            let e = error::serialization("the request body did not arrive in time");
+            return http_response(aws::error_response(String::new(), &e), true);
+        }
+    };
+    let request = aws::HttpRequest {
+        method: parts.method.as_str().to_owned(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned()),
+        headers: parts
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        body,
+    };
+    let b = broker.clone();
+    let region = region.clone();
+    let handled = tokio::task::spawn_blocking(move || {
+        let call = b.prepare_aws(&request, &region);
+        (call, request.body)
+    })
+    .await;
+    let Ok((call, body)) = handled else {
+        let e = error::internal("the broker is shutting down; retry");
+        return http_response(aws::error_response(String::new(), &e), true);
+    };
+    let authenticated = call.prepared.authenticated();
+    let response = match call.prepared {
+        Prepared::Done { response, .. } => response,
+        Prepared::Audit { record, response } => {
+            Prepared::finish(broker.audit().record_async(record).await, response)
+        }
+    };
+    // A peer that keeps sending what no access key signed is cut off.
+    let close = !authenticated && !slot.failed_unauthenticated();
+    http_response(aws::respond(&body, response), close)
+}
+
+fn http_response(
+    r: aws::HttpResponse,
+    close: bool,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut builder = hyper::Response::builder()
+        .status(r.status)
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amzn-requestid", r.request_id);
+    if let Some(code) = r.error_code {
+        builder = builder.header("x-cloister-error-code", code);
+    }
+    if close {
+        builder = builder.header("connection", "close");
+    }
+    builder
+        .body(http_body_util::Full::new(bytes::Bytes::from(r.body)))
+        .unwrap_or_default()
 }
 
 /// Why a connection stopped reading requests.

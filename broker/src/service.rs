@@ -13,7 +13,9 @@ use cloister_attestation::verify::{ChainCache, TrustAnchor, VerifyOptions, rfc33
 use crate::audit::{AuditLog, Decision, RequestRecord};
 use crate::crypto::{self, KeyId};
 use crate::error::{self, ErrorKind, KmsError};
-use crate::keystore::{KeyRecord, Keystore, PrincipalRecord, Transition};
+use crate::keystore::{
+    DEFAULT_ROTATION_DAYS, KeyRecord, Keystore, PrincipalRecord, ROTATION_DAYS, Rotate, Transition,
+};
 use crate::policy::{self, RequestContext};
 use crate::protocol::*;
 use crate::recipient;
@@ -194,6 +196,9 @@ impl Call<'_> {
             ..Default::default()
         };
         ctx.set("kms:CallerPrincipal", self.principal.name.clone());
+        if let Some(account) = policy::account_of(&self.principal.name) {
+            ctx.set("kms:CallerAccount", account);
+        }
         for (k, v) in context {
             ctx.set(&format!("kms:EncryptionContext:{k}"), v.clone());
         }
@@ -293,6 +298,39 @@ impl Call<'_> {
             info: sealed.info,
             aad: sealed.aad,
         })
+    }
+}
+
+/// A data key's length: `NumberOfBytes` (1 to 1024), or the `KeySpec`.
+fn data_key_len(key_spec: &str, number_of_bytes: Option<u32>) -> Result<usize, KmsError> {
+    match (key_spec, number_of_bytes) {
+        ("", Some(n)) if (1..=1024).contains(&n) => Ok(n as usize),
+        ("", Some(n)) => Err(error::validation(format!(
+            "NumberOfBytes {n} must be 1 to 1024"
+        ))),
+        (_, Some(_)) => Err(error::validation("give KeySpec or NumberOfBytes, not both")),
+        ("AES_256", None) => Ok(32),
+        ("AES_128", None) => Ok(16),
+        ("", None) => Err(error::validation("give KeySpec or NumberOfBytes")),
+        (other, None) => Err(error::validation(format!(
+            "KeySpec {:?} must be AES_256 or AES_128",
+            other.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
+/// `len` random bytes from the operating system.
+fn random_bytes(len: usize) -> Secret {
+    let mut bytes = Secret::new(vec![0u8; len]);
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes.0);
+    bytes
+}
+
+fn access_key_info(k: &crate::keystore::AccessKeyRecord) -> AccessKeyInfo {
+    AccessKeyInfo {
+        access_key_id: k.access_key_id.clone(),
+        principal: k.principal.clone(),
+        create_date: rfc3339_ms(k.created_ms),
     }
 }
 
@@ -480,31 +518,46 @@ impl Broker {
             action: payload.operation.action().to_owned(),
             ..Default::default()
         };
-        let principal = match self.authenticate(&signed, &payload, now) {
-            Ok(principal) => principal,
+        let digest = request_digest(&signed.payload);
+        match self.authenticate(&signed, &payload, now) {
+            Ok(principal) => self.run(principal, payload.operation, record, digest, now),
             Err(e) => {
                 record.reason = e.to_string();
                 let response = Response {
                     request_id: payload.request_id,
-                    request_digest: request_digest(&signed.payload),
+                    request_digest: digest,
                     result: Err(e),
                 };
-                return self.unauthenticated_failure(record, response, now);
+                self.unauthenticated_failure(record, response, now)
             }
-        };
+        }
+    }
+
+    /// Runs an authenticated principal's operation (both front ends): the
+    /// rate limit, the two-factor authorization, the operation, and its audit
+    /// record (written inside the operation's transaction, or left to the caller).
+    pub(crate) fn run(
+        &self,
+        principal: PrincipalRecord,
+        operation: Operation,
+        mut record: RequestRecord,
+        digest: Vec<u8>,
+        now: u64,
+    ) -> Prepared {
         record.authenticated = true;
+        let request_id = record.request_id.clone();
         let result = match self.take_token(&principal.name, now) {
             Err(e) => Err(e),
             Ok(()) => {
                 let mut call = Call {
                     broker: self,
                     principal,
-                    request_id: payload.request_id.clone(),
+                    request_id: request_id.clone(),
                     record: record.clone(),
                     audited: false,
                     now_ms: now,
                 };
-                let result = self.execute(&mut call, payload.operation);
+                let result = self.execute(&mut call, operation);
                 if call.audited {
                     // The change was recorded inside its transaction. Should the
                     // commit itself have failed, say so in a second record.
@@ -517,8 +570,8 @@ impl Broker {
                     }
                     return Prepared::Done {
                         response: Response {
-                            request_id: payload.request_id,
-                            request_digest: request_digest(&signed.payload),
+                            request_id,
+                            request_digest: digest,
                             result: result.map(|(out, _)| out),
                         },
                         authenticated: true,
@@ -531,6 +584,17 @@ impl Broker {
                 })
             }
         };
+        Self::audited(record, request_id, digest, result)
+    }
+
+    /// A request's outcome and its audit record, to be written before the
+    /// response is sent.
+    pub(crate) fn audited(
+        mut record: RequestRecord,
+        request_id: String,
+        digest: Vec<u8>,
+        result: Result<Output, KmsError>,
+    ) -> Prepared {
         record.decision = match &result {
             Ok(_) => Decision::Allow,
             Err(e)
@@ -538,6 +602,8 @@ impl Broker {
                     e.kind,
                     ErrorKind::AccessDeniedException
                         | ErrorKind::InvalidSignatureException
+                        | ErrorKind::IncompleteSignatureException
+                        | ErrorKind::UnrecognizedClientException
                         | ErrorKind::RequestExpiredException
                         | ErrorKind::LimitExceededException
                 ) =>
@@ -552,8 +618,8 @@ impl Broker {
         Prepared::Audit {
             record,
             response: Response {
-                request_id: payload.request_id,
-                request_digest: request_digest(&signed.payload),
+                request_id,
+                request_digest: digest,
                 result,
             },
         }
@@ -561,7 +627,7 @@ impl Broker {
 
     /// A request that failed before its sender was authenticated: recorded
     /// within the recording rate, otherwise only counted (and answered).
-    fn unauthenticated_failure(
+    pub(crate) fn unauthenticated_failure(
         &self,
         mut record: RequestRecord,
         response: Response,
@@ -789,6 +855,21 @@ impl Broker {
                     .collect();
                 Ok((Output::Aliases(aliases), reason))
             }
+            Operation::DeleteAlias { alias_name } => {
+                // As AWS KMS: allowed on the alias's key by both policies.
+                let target = ks
+                    .list_aliases()?
+                    .into_iter()
+                    .find(|(a, _)| *a == alias_name)
+                    .map(|(_, id)| id)
+                    .ok_or_else(|| {
+                        error::not_found(format!("alias {alias_name} does not exist"))
+                    })?;
+                let (_, reason) =
+                    self.authorized_key(call, &target.to_string(), "kms:DeleteAlias")?;
+                ks.delete_alias(&alias_name, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
             Operation::Encrypt {
                 key_id,
                 plaintext,
@@ -921,19 +1002,12 @@ impl Broker {
             Operation::GenerateDataKey {
                 key_id,
                 key_spec,
+                number_of_bytes,
                 encryption_context,
                 recipient,
             } => {
                 crypto::check_context(&encryption_context)?;
-                let len = match key_spec.as_str() {
-                    "AES_256" => 32,
-                    "AES_128" => 16,
-                    other => {
-                        return Err(error::validation(format!(
-                            "KeySpec {other:?} must be AES_256 or AES_128"
-                        )));
-                    }
-                };
+                let len = data_key_len(&key_spec, number_of_bytes)?;
                 let attested = call.verify_recipient(&recipient)?;
                 ks.with_key(&key_id, |k| {
                     call.set_key(k);
@@ -944,8 +1018,8 @@ impl Broker {
                         attested.as_ref(),
                     )?;
                     usable(k)?;
-                    let data_key = crypto::random_key();
-                    let data_key = &data_key[..len];
+                    let data_key = random_bytes(len);
+                    let data_key = data_key.as_bytes();
                     let blob = k.seal(data_key, &encryption_context)?;
                     let (plaintext, cfr) = match &attested {
                         Some(r) => (
@@ -965,6 +1039,35 @@ impl Broker {
                     ))
                 })
             }
+            Operation::GenerateDataKeyWithoutPlaintext {
+                key_id,
+                key_spec,
+                number_of_bytes,
+                encryption_context,
+            } => {
+                crypto::check_context(&encryption_context)?;
+                let len = data_key_len(&key_spec, number_of_bytes)?;
+                ks.with_key(&key_id, |k| {
+                    call.set_key(k);
+                    let reason = call.authorize(
+                        "kms:GenerateDataKeyWithoutPlaintext",
+                        Some(k),
+                        &encryption_context,
+                        None,
+                    )?;
+                    usable(k)?;
+                    let blob = k.seal(random_bytes(len).as_bytes(), &encryption_context)?;
+                    Ok((
+                        Output::DataKey {
+                            key_id: k.id.arn(),
+                            ciphertext_blob: blob,
+                            plaintext: None,
+                            ciphertext_for_recipient: None,
+                        },
+                        reason,
+                    ))
+                })
+            }
             Operation::GenerateRandom {
                 number_of_bytes,
                 recipient,
@@ -975,9 +1078,7 @@ impl Broker {
                 let attested = call.verify_recipient(&recipient)?;
                 let reason =
                     call.authorize("kms:GenerateRandom", None, &none, attested.as_ref())?;
-                let mut bytes = vec![0u8; number_of_bytes as usize];
-                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-                let bytes = Secret::new(bytes);
+                let bytes = random_bytes(number_of_bytes as usize);
                 let out = match &attested {
                     Some(r) => Output::Plaintext {
                         key_id: None,
@@ -1026,7 +1127,9 @@ impl Broker {
             Operation::RotateKey { key_id } => {
                 let (id, reason) = self.authorized_key(call, &key_id, "kms:RotateKeyOnDemand")?;
                 let now = call.now_ms;
-                let version = ks.rotate_key(id, now, || call.commit(reason.clone()))?;
+                let version = ks
+                    .rotate_key(id, now, Rotate::OnDemand, || call.commit(reason.clone()))?
+                    .ok_or_else(|| error::internal("an on-demand rotation did not rotate"))?;
                 Ok((
                     Output::Rotated {
                         key_id: id.arn(),
@@ -1035,6 +1138,42 @@ impl Broker {
                     reason,
                 ))
             }
+            Operation::EnableKeyRotation {
+                key_id,
+                rotation_period_in_days,
+            } => {
+                let days = rotation_period_in_days.unwrap_or(DEFAULT_ROTATION_DAYS);
+                if !ROTATION_DAYS.contains(&days) {
+                    return Err(error::validation(format!(
+                        "RotationPeriodInDays {days} must be {} to {}",
+                        ROTATION_DAYS.start(),
+                        ROTATION_DAYS.end()
+                    )));
+                }
+                let (id, reason) = self.authorized_key(call, &key_id, "kms:EnableKeyRotation")?;
+                let now = call.now_ms;
+                ks.set_rotation(id, Some(days), now, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::DisableKeyRotation { key_id } => {
+                let (id, reason) = self.authorized_key(call, &key_id, "kms:DisableKeyRotation")?;
+                let now = call.now_ms;
+                ks.set_rotation(id, None, now, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::GetKeyRotationStatus { key_id } => ks.with_key(&key_id, |k| {
+                call.set_key(k);
+                let reason = call.authorize("kms:GetKeyRotationStatus", Some(k), &none, None)?;
+                Ok((
+                    Output::RotationStatus {
+                        key_id: k.id.arn(),
+                        enabled: k.rotation.is_some(),
+                        period_in_days: k.rotation.map(|r| r.period_days),
+                        next_rotation_date: k.rotation.map(|r| rfc3339_ms(r.next_ms)),
+                    },
+                    reason,
+                ))
+            }),
             Operation::ScheduleKeyDeletion {
                 key_id,
                 pending_window_in_days,
@@ -1096,6 +1235,35 @@ impl Broker {
             Operation::PrincipalRemove { name } => {
                 let reason = call.authorize("cloister:PrincipalRemove", None, &none, None)?;
                 ks.remove_principal(&name, || call.commit(reason.clone()))?;
+                Ok((Output::Done, reason))
+            }
+            Operation::AccessKeyCreate { principal } => {
+                let reason = call.authorize("cloister:AccessKeyCreate", None, &none, None)?;
+                let now = call.now_ms;
+                let key = ks.create_access_key(&principal, now, |id| {
+                    call.commit(format!("{reason}; access key {id} for {principal:?}"))
+                })?;
+                Ok((
+                    Output::AccessKey {
+                        info: access_key_info(&key),
+                        secret_access_key: Secret::new(key.secret.as_bytes().to_vec()),
+                    },
+                    reason,
+                ))
+            }
+            Operation::AccessKeyList { principal } => {
+                let reason = call.authorize("cloister:AccessKeyList", None, &none, None)?;
+                let list = ks
+                    .list_access_keys()?
+                    .iter()
+                    .filter(|k| principal.as_ref().is_none_or(|p| *p == k.principal))
+                    .map(access_key_info)
+                    .collect();
+                Ok((Output::AccessKeys(list), reason))
+            }
+            Operation::AccessKeyDelete { access_key_id } => {
+                let reason = call.authorize("cloister:AccessKeyDelete", None, &none, None)?;
+                ks.delete_access_key(&access_key_id, || call.commit(reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::TrustAdd { label, root_der } => {
@@ -1174,6 +1342,29 @@ impl Broker {
                 aliases,
             })
         })
+    }
+
+    /// Rotates keys whose automatic rotation is due; each rotation is audited.
+    /// Returns how many were rotated.
+    pub fn rotate_due_keys(&self, now: u64) -> Result<usize, KmsError> {
+        let mut rotated = 0;
+        for id in &self.keystore.due_for_rotation(now)? {
+            let done = self.keystore.rotate_key(*id, now, Rotate::Due, || {
+                self.audit
+                    .record(RequestRecord {
+                        principal: "cloister-broker".into(),
+                        action: "kms:RotateKey".into(),
+                        key_id: Some(id.to_string()),
+                        decision: Decision::Allow,
+                        reason: "automatic rotation: the key's rotation period ended".into(),
+                        ..Default::default()
+                    })
+                    .map(|_| ())
+            });
+            // A key disabled or scheduled for deletion meanwhile is not rotated.
+            rotated += usize::from(matches!(done, Ok(Some(_))));
+        }
+        Ok(rotated)
     }
 
     /// Destroys keys whose deletion date has come; each destruction is audited.
@@ -1255,7 +1446,10 @@ fn changes_nothing_stored(op: &Operation) -> bool {
             | Operation::Encrypt { .. }
             | Operation::ReEncrypt { .. }
             | Operation::GenerateDataKey { .. }
+            | Operation::GenerateDataKeyWithoutPlaintext { .. }
             | Operation::GenerateRandom { .. }
+            | Operation::GetKeyRotationStatus { .. }
+            | Operation::AccessKeyList { .. }
             | Operation::DescribeKey { .. }
             | Operation::ListKeys
             | Operation::ListAliases

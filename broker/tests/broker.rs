@@ -73,7 +73,7 @@ impl Env {
         let listener = cloister_proto::listen(&addr).await.unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            serve(broker, vec![listener], limits, None, async {
+            serve(broker, vec![listener], Vec::new(), limits, None, async {
                 let _ = rx.await;
             })
             .await
@@ -459,6 +459,7 @@ async fn attested_decrypt_is_pinned_to_pcr0_and_wrapped_to_the_enclave() {
         .call(Operation::GenerateDataKey {
             key_id: key.clone(),
             key_spec: "AES_256".into(),
+            number_of_bytes: None,
             encryption_context: EncryptionContext::new(),
             recipient: Some(Recipient {
                 key_encryption_algorithm: recipient::ALGORITHM.into(),

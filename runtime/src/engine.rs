@@ -544,6 +544,7 @@ impl cloister::enclave::kms::Host for HostState {
             .kms_call("GenerateDataKey", |recipient| Operation::GenerateDataKey {
                 key_id,
                 key_spec: "AES_256".into(),
+                number_of_bytes: None,
                 encryption_context: encryption_context.into_iter().collect(),
                 recipient: Some(recipient),
             })

@@ -17,6 +17,14 @@ pub enum ErrorKind {
     RequestExpiredException,
     LimitExceededException,
     KMSInternalException,
+    /// The AWS API's: the access key id is not known.
+    UnrecognizedClientException,
+    /// The AWS API's: the SigV4 signature is missing or malformed.
+    IncompleteSignatureException,
+    /// The AWS API's: no such operation (or not `POST /`).
+    UnknownOperationException,
+    /// The AWS API's: the JSON body is malformed.
+    SerializationException,
 }
 
 impl ErrorKind {
@@ -34,6 +42,10 @@ impl ErrorKind {
             ErrorKind::RequestExpiredException => "RequestExpiredException",
             ErrorKind::LimitExceededException => "LimitExceededException",
             ErrorKind::KMSInternalException => "KMSInternalException",
+            ErrorKind::UnrecognizedClientException => "UnrecognizedClientException",
+            ErrorKind::IncompleteSignatureException => "IncompleteSignatureException",
+            ErrorKind::UnknownOperationException => "UnknownOperationException",
+            ErrorKind::SerializationException => "SerializationException",
         }
     }
 }
@@ -72,7 +84,11 @@ ctor!(
     invalid_signature => InvalidSignatureException,
     expired => RequestExpiredException,
     limit_exceeded => LimitExceededException,
-    internal => KMSInternalException
+    internal => KMSInternalException,
+    unrecognized_client => UnrecognizedClientException,
+    incomplete_signature => IncompleteSignatureException,
+    unknown_operation => UnknownOperationException,
+    serialization => SerializationException
 );
 
 impl ErrorCode for KmsError {
@@ -90,6 +106,10 @@ impl ErrorCode for KmsError {
             ErrorKind::RequestExpiredException => "E-KMS-REQUEST-EXPIRED",
             ErrorKind::LimitExceededException => "E-KMS-LIMIT-EXCEEDED",
             ErrorKind::KMSInternalException => "E-KMS-INTERNAL",
+            ErrorKind::UnrecognizedClientException => "E-KMS-UNRECOGNIZED-CLIENT",
+            ErrorKind::IncompleteSignatureException => "E-KMS-INCOMPLETE-SIGNATURE",
+            ErrorKind::UnknownOperationException => "E-KMS-UNKNOWN-OPERATION",
+            ErrorKind::SerializationException => "E-KMS-SERIALIZATION",
         }
     }
 }
@@ -155,6 +175,26 @@ pub const CODES: &[CodeInfo] = &[
         code: "E-KMS-INTERNAL",
         summary: "KMSInternalException: the broker could not complete the request",
         explanation: "The keystore or the audit log could not be written; nothing was released. The broker's log says more.",
+    },
+    CodeInfo {
+        code: "E-KMS-UNRECOGNIZED-CLIENT",
+        summary: "UnrecognizedClientException: the access key is not known",
+        explanation: "A request to the AWS API listener was signed with an access key id this broker did not issue, or one deleted since (or with temporary credentials, which Cloister does not issue). Create one with `cloister kms principal add-access-key` and configure the SDK with it.",
+    },
+    CodeInfo {
+        code: "E-KMS-INCOMPLETE-SIGNATURE",
+        summary: "IncompleteSignatureException: the SigV4 signature is missing or malformed",
+        explanation: "Requests to the AWS API listener carry an Authorization header AWS4-HMAC-SHA256 Credential=KEY/DATE/REGION/kms/aws4_request, SignedHeaders=... (at least host and x-amz-date), Signature=64 hex digits, and an X-Amz-Date header. Every signed header must be present. AWS SDKs and the aws CLI do this; check a hand-made client.",
+    },
+    CodeInfo {
+        code: "E-KMS-UNKNOWN-OPERATION",
+        summary: "UnknownOperationException: not an operation this broker serves",
+        explanation: "The AWS API listener serves POST / with X-Amz-Target: TrentService.<Operation> for the operations listed in docs/aws-api.md. Other paths, methods and operations are refused.",
+    },
+    CodeInfo {
+        code: "E-KMS-SERIALIZATION",
+        summary: "SerializationException: the request body is not the JSON the operation takes",
+        explanation: "The body must be a JSON object (Content-Type: application/x-amz-json-1.1) with the operation's members; blobs in base64. A member Cloister does not know for the operation is refused rather than ignored.",
     },
     CodeInfo {
         code: "E-KMS-UNAUTHENTICATED-RESPONSE",

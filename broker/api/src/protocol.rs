@@ -85,6 +85,9 @@ pub enum Operation {
         target_key_id: String,
     },
     ListAliases,
+    DeleteAlias {
+        alias_name: String,
+    },
     Encrypt {
         key_id: String,
         plaintext: Secret,
@@ -105,11 +108,22 @@ pub enum Operation {
         destination_key_id: String,
         destination_encryption_context: EncryptionContext,
     },
+    /// A data key of `key_spec` (AES_256, AES_128) or of `number_of_bytes`.
     GenerateDataKey {
         key_id: String,
         key_spec: String,
+        #[serde(default)]
+        number_of_bytes: Option<u32>,
         encryption_context: EncryptionContext,
         recipient: Option<Recipient>,
+    },
+    /// A data key returned only as its ciphertext blob.
+    GenerateDataKeyWithoutPlaintext {
+        key_id: String,
+        key_spec: String,
+        #[serde(default)]
+        number_of_bytes: Option<u32>,
+        encryption_context: EncryptionContext,
     },
     GenerateRandom {
         number_of_bytes: u32,
@@ -131,6 +145,17 @@ pub enum Operation {
     RotateKey {
         key_id: String,
     },
+    /// Automatic rotation every `rotation_period_in_days` (90 to 2560; 365 if none).
+    EnableKeyRotation {
+        key_id: String,
+        rotation_period_in_days: Option<u32>,
+    },
+    DisableKeyRotation {
+        key_id: String,
+    },
+    GetKeyRotationStatus {
+        key_id: String,
+    },
     ScheduleKeyDeletion {
         key_id: String,
         pending_window_in_days: u32,
@@ -147,6 +172,17 @@ pub enum Operation {
     PrincipalList,
     PrincipalRemove {
         name: String,
+    },
+    /// An access key id and secret (SigV4, the AWS API listener) for a principal.
+    AccessKeyCreate {
+        principal: String,
+    },
+    /// The access key ids (never the secrets), of one principal or all.
+    AccessKeyList {
+        principal: Option<String>,
+    },
+    AccessKeyDelete {
+        access_key_id: String,
     },
     TrustAdd {
         label: String,
@@ -168,21 +204,31 @@ impl Operation {
             Operation::ListKeys => "kms:ListKeys",
             Operation::CreateAlias { .. } => "kms:CreateAlias",
             Operation::ListAliases => "kms:ListAliases",
+            Operation::DeleteAlias { .. } => "kms:DeleteAlias",
             Operation::Encrypt { .. } => "kms:Encrypt",
             Operation::Decrypt { .. } => "kms:Decrypt",
             Operation::ReEncrypt { .. } => "kms:ReEncryptFrom",
             Operation::GenerateDataKey { .. } => "kms:GenerateDataKey",
+            Operation::GenerateDataKeyWithoutPlaintext { .. } => {
+                "kms:GenerateDataKeyWithoutPlaintext"
+            }
             Operation::GenerateRandom { .. } => "kms:GenerateRandom",
             Operation::PutKeyPolicy { .. } => "kms:PutKeyPolicy",
             Operation::GetKeyPolicy { .. } => "kms:GetKeyPolicy",
             Operation::EnableKey { .. } => "kms:EnableKey",
             Operation::DisableKey { .. } => "kms:DisableKey",
             Operation::RotateKey { .. } => "kms:RotateKeyOnDemand",
+            Operation::EnableKeyRotation { .. } => "kms:EnableKeyRotation",
+            Operation::DisableKeyRotation { .. } => "kms:DisableKeyRotation",
+            Operation::GetKeyRotationStatus { .. } => "kms:GetKeyRotationStatus",
             Operation::ScheduleKeyDeletion { .. } => "kms:ScheduleKeyDeletion",
             Operation::CancelKeyDeletion { .. } => "kms:CancelKeyDeletion",
             Operation::PrincipalAdd { .. } => "cloister:PrincipalAdd",
             Operation::PrincipalList => "cloister:PrincipalList",
             Operation::PrincipalRemove { .. } => "cloister:PrincipalRemove",
+            Operation::AccessKeyCreate { .. } => "cloister:AccessKeyCreate",
+            Operation::AccessKeyList { .. } => "cloister:AccessKeyList",
+            Operation::AccessKeyDelete { .. } => "cloister:AccessKeyDelete",
             Operation::TrustAdd { .. } => "cloister:TrustAdd",
             Operation::TrustList => "cloister:TrustList",
             Operation::TrustRemove { .. } => "cloister:TrustRemove",
@@ -251,6 +297,14 @@ pub struct PrincipalInfo {
     pub policy: String,
 }
 
+/// An access key as listed: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKeyInfo {
+    pub access_key_id: String,
+    pub principal: String,
+    pub create_date: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustRootInfo {
     pub label: String,
@@ -295,6 +349,18 @@ pub enum Output {
         key_id: String,
         deletion_date: String,
     },
+    RotationStatus {
+        key_id: String,
+        enabled: bool,
+        period_in_days: Option<u32>,
+        next_rotation_date: Option<String>,
+    },
+    /// A new access key; the secret is shown this once.
+    AccessKey {
+        info: AccessKeyInfo,
+        secret_access_key: Secret,
+    },
+    AccessKeys(Vec<AccessKeyInfo>),
     Principals(Vec<PrincipalInfo>),
     TrustRoots(Vec<TrustRootInfo>),
     Done,

@@ -21,7 +21,7 @@ use cloister_kms::policy::{Policy, PolicyKind};
 use cloister_kms::protocol::{
     CiphertextForRecipient, EncryptionContext, Operation, Output, Recipient, Secret,
 };
-use cloister_kms::server::{ServerLimits, serve};
+use cloister_kms::server::{AwsApi, ServerLimits, serve};
 use cloister_kms::service::BrokerConfig;
 use cloister_kms_api::client::{Credentials, KmsClient};
 use cloister_kms_api::tls::ClientTls;
@@ -71,6 +71,16 @@ pub enum KmsCommand {
         /// Oldest Recipient attestation document accepted, in seconds.
         #[arg(long, default_value_t = 300)]
         max_document_age: u64,
+        /// Also serve the AWS KMS JSON API (SigV4; boto3, the aws CLI) on
+        /// tcp:HOST:PORT, over HTTPS with the broker's certificate. Repeatable.
+        #[arg(long = "aws-api")]
+        aws_api: Vec<String>,
+        /// Serve the AWS API over plain HTTP instead (loopback addresses only).
+        #[arg(long, requires = "aws_api")]
+        aws_api_plain_http: bool,
+        /// The region that SigV4 credential scopes must name.
+        #[arg(long, default_value = cloister_kms::aws::DEFAULT_REGION)]
+        aws_region: String,
     },
     /// The audit log.
     #[command(subcommand)]
@@ -186,6 +196,28 @@ pub enum PrincipalCommand {
         #[arg(long)]
         name: String,
     },
+    /// Issue an access key (id and secret) with which the principal signs
+    /// requests to the AWS API (SigV4). The secret is shown this once.
+    AddAccessKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        name: String,
+    },
+    /// The access key ids (never the secrets), of one principal or all.
+    ListAccessKeys {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete an access key: requests signed with it are refused from now on.
+    DeleteAccessKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        access_key_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,6 +257,13 @@ pub enum KeyCommand {
     ListAliases {
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Remove an alias (the key stays).
+    DeleteAlias {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        alias_name: String,
     },
     /// Encrypt up to 4096 bytes under a key (larger data: generate-data-key, or cloister encrypt).
     Encrypt {
@@ -282,6 +321,17 @@ pub enum KeyCommand {
         #[arg(long)]
         recipient: Option<String>,
     },
+    /// Make a data key returned only as its blob (decrypt it where it is used).
+    GenerateDataKeyWithoutPlaintext {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long, default_value = "AES_256")]
+        key_spec: String,
+        #[arg(long)]
+        encryption_context: Option<String>,
+    },
     /// Random bytes from the broker (with --recipient, for an enclave only).
     GenerateRandom {
         #[command(flatten)]
@@ -323,6 +373,29 @@ pub enum KeyCommand {
     },
     /// Add new key material; old blobs still decrypt with the version they name.
     RotateKey {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+    },
+    /// Rotate a key automatically every N days (90 to 2560; default 365).
+    EnableKeyRotation {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long)]
+        rotation_period_in_days: Option<u32>,
+    },
+    /// Stop a key's automatic rotation.
+    DisableKeyRotation {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        key_id: String,
+    },
+    /// Whether a key rotates automatically, how often, and when next.
+    GetKeyRotationStatus {
         #[command(flatten)]
         client: ClientArgs,
         #[arg(long)]
@@ -456,13 +529,27 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             max_document_age,
             tls_cert,
             tls_key,
+            aws_api,
+            aws_api_plain_http,
+            aws_region,
         } => {
             let addrs = listen
                 .iter()
                 .map(|a| a.parse::<Address>())
                 .collect::<Result<Vec<_>, _>>()?;
+            let aws_addrs = aws_api
+                .iter()
+                .map(|a| match a.parse::<Address>()? {
+                    tcp @ Address::Tcp { .. } => Ok(tcp),
+                    other => bail!(UsageError(format!(
+                        "--aws-api {other}: the AWS API listens on tcp:HOST:PORT"
+                    ))),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let dir = DataDir::new(&data_dir);
-            let tls = if addrs.iter().any(|a| matches!(a, Address::Tcp { .. })) {
+            let needs_tls = addrs.iter().any(|a| matches!(a, Address::Tcp { .. }))
+                || (!aws_addrs.is_empty() && !aws_api_plain_http);
+            let tls = if needs_tls {
                 let files = dir.tls();
                 let cert = tls_cert.unwrap_or_else(|| files.server_cert());
                 let key = tls_key.unwrap_or_else(|| files.server_key());
@@ -482,17 +569,43 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                 for a in &addrs {
                     listeners.push(cloister_proto::listen(a).await?);
                 }
+                let mut aws = Vec::new();
+                for a in &aws_addrs {
+                    aws.push(AwsApi {
+                        listener: cloister_proto::listen(a).await?,
+                        plain_http: aws_api_plain_http,
+                        region: aws_region.clone(),
+                    });
+                }
                 let bound: Vec<String> = listeners
                     .iter()
                     .map(|l| l.local_address().map(|a| a.to_string()).unwrap_or_default())
                     .collect();
-                super::print_json(&json!({ "Listening": bound }))?;
+                let scheme = if aws_api_plain_http { "http" } else { "https" };
+                let endpoints: Vec<String> = aws
+                    .iter()
+                    .filter_map(|a| match a.listener.local_address() {
+                        Ok(Address::Tcp { host, port }) if host.contains(':') => {
+                            Some(format!("{scheme}://[{host}]:{port}"))
+                        }
+                        Ok(Address::Tcp { host, port }) => {
+                            Some(format!("{scheme}://{host}:{port}"))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let mut listening = json!({ "Listening": bound });
+                if !endpoints.is_empty() {
+                    listening["AwsApiEndpoints"] = json!(endpoints);
+                    listening["AwsRegion"] = json!(aws_region);
+                }
+                super::print_json(&listening)?;
                 let limits = ServerLimits {
                     max_connections: fit_descriptors(max_connections),
                     max_connections_per_peer,
                     ..Default::default()
                 };
-                serve(broker, listeners, limits, tls, shutdown_signal()).await?;
+                serve(broker, listeners, aws, limits, tls, shutdown_signal()).await?;
                 eprintln!("cloister kms: stopped; the audit log has its shutdown checkpoint");
                 Ok(())
             })
@@ -585,6 +698,16 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                 PrincipalCommand::Remove { client, name } => {
                     (client, Operation::PrincipalRemove { name })
                 }
+                PrincipalCommand::AddAccessKey { client, name } => {
+                    (client, Operation::AccessKeyCreate { principal: name })
+                }
+                PrincipalCommand::ListAccessKeys { client, name } => {
+                    (client, Operation::AccessKeyList { principal: name })
+                }
+                PrincipalCommand::DeleteAccessKey {
+                    client,
+                    access_key_id,
+                } => (client, Operation::AccessKeyDelete { access_key_id }),
             };
             call(&client, op)
         }
@@ -625,6 +748,9 @@ fn key_operation(cmd: KeyCommand) -> anyhow::Result<(ClientArgs, Operation)> {
             },
         ),
         KeyCommand::ListAliases { client } => (client, Operation::ListAliases),
+        KeyCommand::DeleteAlias { client, alias_name } => {
+            (client, Operation::DeleteAlias { alias_name })
+        }
         KeyCommand::Encrypt {
             client,
             key_id,
@@ -681,8 +807,23 @@ fn key_operation(cmd: KeyCommand) -> anyhow::Result<(ClientArgs, Operation)> {
             Operation::GenerateDataKey {
                 key_id,
                 key_spec,
+                number_of_bytes: None,
                 encryption_context: context(&encryption_context)?,
                 recipient: recipient(&r)?,
+            },
+        ),
+        KeyCommand::GenerateDataKeyWithoutPlaintext {
+            client,
+            key_id,
+            key_spec,
+            encryption_context,
+        } => (
+            client,
+            Operation::GenerateDataKeyWithoutPlaintext {
+                key_id,
+                key_spec,
+                number_of_bytes: None,
+                encryption_context: context(&encryption_context)?,
             },
         ),
         KeyCommand::GenerateRandom {
@@ -711,6 +852,23 @@ fn key_operation(cmd: KeyCommand) -> anyhow::Result<(ClientArgs, Operation)> {
         KeyCommand::EnableKey { client, key_id } => (client, Operation::EnableKey { key_id }),
         KeyCommand::DisableKey { client, key_id } => (client, Operation::DisableKey { key_id }),
         KeyCommand::RotateKey { client, key_id } => (client, Operation::RotateKey { key_id }),
+        KeyCommand::EnableKeyRotation {
+            client,
+            key_id,
+            rotation_period_in_days,
+        } => (
+            client,
+            Operation::EnableKeyRotation {
+                key_id,
+                rotation_period_in_days,
+            },
+        ),
+        KeyCommand::DisableKeyRotation { client, key_id } => {
+            (client, Operation::DisableKeyRotation { key_id })
+        }
+        KeyCommand::GetKeyRotationStatus { client, key_id } => {
+            (client, Operation::GetKeyRotationStatus { key_id })
+        }
         KeyCommand::ScheduleKeyDeletion {
             client,
             key_id,
@@ -801,6 +959,27 @@ fn render(output: Output) -> Value {
         }
         Output::TrustRoots(list) => {
             json!({ "TrustRoots": list.into_iter().map(|t| json!({"Label": t.label, "Subject": t.subject, "FingerprintSha256": t.fingerprint_sha256})).collect::<Vec<_>>() })
+        }
+        Output::RotationStatus {
+            key_id,
+            enabled,
+            period_in_days,
+            next_rotation_date,
+        } => json!({
+            "KeyId": key_id, "KeyRotationEnabled": enabled,
+            "RotationPeriodInDays": period_in_days, "NextRotationDate": next_rotation_date,
+        }),
+        Output::AccessKey {
+            info,
+            secret_access_key,
+        } => json!({ "AccessKey": {
+            "AccessKeyId": info.access_key_id,
+            "SecretAccessKey": String::from_utf8_lossy(secret_access_key.as_bytes()),
+            "Principal": info.principal,
+            "CreateDate": info.create_date,
+        }}),
+        Output::AccessKeys(list) => {
+            json!({ "AccessKeys": list.into_iter().map(|k| json!({"AccessKeyId": k.access_key_id, "Principal": k.principal, "CreateDate": k.create_date})).collect::<Vec<_>>() })
         }
         Output::Done => json!({}),
     }
@@ -928,6 +1107,7 @@ pub fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
         Operation::GenerateDataKey {
             key_id: args.key_id.clone(),
             key_spec: "AES_256".into(),
+            number_of_bytes: None,
             encryption_context: context.clone(),
             recipient: None,
         },
