@@ -25,32 +25,39 @@ fn b64d(v: &Value) -> Vec<u8> {
 struct Kms {
     dir: tempfile::TempDir,
     server: Option<Server>,
+    /// More options of `kms serve`.
+    serve_args: Vec<String>,
 }
 
 impl Kms {
     fn start() -> Kms {
+        Kms::start_with(&[])
+    }
+    fn start_with(serve_args: &[&str]) -> Kms {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("kms");
         let init = ok_json(&["kms", "init", "--data-dir", s(&data)]);
         assert_eq!(init["AdminPrincipal"], "admin");
-        let mut kms = Kms { dir, server: None };
+        let mut kms = Kms {
+            dir,
+            server: None,
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+        };
         kms.serve();
         kms
     }
     fn serve(&mut self) {
         let sock = self.sock();
-        self.server = Some(Server::start(
-            &[
-                "kms",
-                "serve",
-                "--data-dir",
-                s(&self.data()),
-                "--listen",
-                &format!("unix:{}", s(&sock)),
-            ],
-            &[],
-            &sock,
-        ));
+        let mut args = vec![
+            "kms".to_owned(),
+            "serve".into(),
+            "--data-dir".into(),
+            s(&self.data()).into(),
+            "--listen".into(),
+            format!("unix:{}", s(&sock)),
+        ];
+        args.extend(self.serve_args.iter().cloned());
+        self.server = Some(Server::start(&args, &[], &sock));
     }
     fn data(&self) -> PathBuf {
         self.dir.path().join("kms")
@@ -240,11 +247,10 @@ fn pcr_of(data: &[u8], kms: &Kms, name: &str) -> String {
         .to_owned()
 }
 
-#[test]
-fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
-    let kms = Kms::start();
-    kms.trust_a_platform();
-    // The enclave's RSA key pair, as the AWS Nitro Enclaves SDK makes one.
+/// An enclave's RSA key pair as the AWS Nitro Enclaves SDK makes one (PEM
+/// private key at the returned path, and the SubjectPublicKeyInfo DER);
+/// `None`, said, without openssl.
+fn enclave_rsa_key(kms: &Kms) -> Option<(PathBuf, Vec<u8>)> {
     let key = kms.path("enclave-rsa.pem");
     let made = std::process::Command::new("openssl")
         .args([
@@ -259,7 +265,7 @@ fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
         .output();
     if !made.is_ok_and(|o| o.status.success()) {
         eprintln!("skipping: openssl is not installed");
-        return;
+        return None;
     }
     let spki = std::process::Command::new("openssl")
         .args(["pkey", "-pubout", "-outform", "DER", "-in"])
@@ -267,6 +273,35 @@ fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
         .output()
         .unwrap()
         .stdout;
+    Some((key, spki))
+}
+
+/// `openssl cms -decrypt` of a CiphertextForRecipient with the enclave's key.
+fn open_cms(kms: &Kms, key: &Path, cms: &[u8]) -> Vec<u8> {
+    let ct = kms.path("cms.ber");
+    std::fs::write(&ct, cms).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["cms", "-decrypt", "-binary", "-inform", "DER", "-in"])
+        .arg(&ct)
+        .arg("-inkey")
+        .arg(key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
+    let kms = Kms::start();
+    kms.trust_a_platform();
+    let Some((key, spki)) = enclave_rsa_key(&kms) else {
+        return;
+    };
     let role = "arn:aws:iam::123456789012:role/Enclave";
     let parent = kms.add_principal(role, ALLOW_ALL);
     let image = pcr_of(b"enclave image", &kms, "image.bin");
@@ -331,23 +366,7 @@ fn an_rsa_recipient_gets_the_key_as_aws_cms_that_openssl_opens() {
             ],
         )
     };
-    let open = |cms: &[u8]| {
-        let ct = kms.path("cms.ber");
-        std::fs::write(&ct, cms).unwrap();
-        let out = std::process::Command::new("openssl")
-            .args(["cms", "-decrypt", "-binary", "-inform", "DER", "-in"])
-            .arg(&ct)
-            .arg("-inkey")
-            .arg(&key)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let open = |cms: &[u8]| open_cms(&kms, &key, cms);
 
     let out = json_of(
         &decrypt("RSAES_OAEP_SHA_256", &rsa_doc),
@@ -1425,4 +1444,266 @@ fn sealed_files_round_trip_and_every_kind_of_damage_is_refused_without_output() 
         "E-SEALED-RECORD-TOO-LARGE",
     );
     assert!(!long_out.exists());
+}
+
+/// A free TCP port on loopback (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The AWS SDKs, unchanged: boto3 and the aws CLI against `kms serve
+/// --aws-api` over HTTPS (the broker's own CA), with an access key of a
+/// principal named by its IAM role ARN, and the key policy of
+/// examples/aws-sdk/enclave-key-policy.json (which works at AWS as it is).
+#[test]
+fn boto3_and_the_aws_cli_use_the_broker_unchanged() {
+    let requirements = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/aws/requirements.txt"
+    ))
+    .unwrap();
+    let packages: Vec<&str> = requirements
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let Some(python) = common::python_with(&packages) else {
+        return;
+    };
+    let port = free_port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let kms = Kms::start_with(&["--aws-api", &format!("tcp:127.0.0.1:{port}")]);
+    kms.trust_a_platform();
+    let Some((rsa_key, spki)) = enclave_rsa_key(&kms) else {
+        return;
+    };
+    let role = "arn:aws:iam::111122223333:role/enclave-parent";
+    kms.add_principal(role, ALLOW_ALL);
+    let issued = kms.admin(&["kms", "principal", "add-access-key", "--name", role]);
+    let access_key_id = issued["AccessKey"]["AccessKeyId"].as_str().unwrap();
+    let secret = issued["AccessKey"]["SecretAccessKey"].as_str().unwrap();
+    assert!(access_key_id.starts_with("AKCL") && access_key_id.len() == 20);
+    assert_eq!(secret.len(), 40);
+    let listed = kms.admin(&["kms", "principal", "list-access-keys"]);
+    assert_eq!(listed["AccessKeys"][0]["AccessKeyId"], access_key_id);
+    assert!(
+        !listed.to_string().contains(secret),
+        "listing shows no secret"
+    );
+
+    let image = pcr_of(b"enclave image", &kms, "image.bin");
+    let policy = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/aws-sdk/enclave-key-policy.json"
+    ))
+    .unwrap()
+    .replace("EXAMPLE_PCR0_OF_THE_ENCLAVE_IMAGE", &image);
+    std::fs::write(kms.path("policy.json"), policy).unwrap();
+    let document = attest(&kms, "rsa", &[(0, image.clone())], &spki, false);
+    let ca = kms.data().join("tls/ca.pem");
+    let config = serde_json::json!({
+        "endpoint": endpoint,
+        "ca": s(&ca),
+        "region": "us-east-1",
+        "access_key_id": access_key_id,
+        "secret_access_key": secret,
+        "policy": s(&kms.path("policy.json")),
+        "attestation_document": s(&document),
+        "cms_generated": s(&kms.path("generated.cms")),
+        "cms_decrypted": s(&kms.path("decrypted.cms")),
+        "attested_blob": s(&kms.path("attested.blob")),
+    });
+    std::fs::write(kms.path("boto3.json"), config.to_string()).unwrap();
+    let run = std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/aws/boto3_client.py"
+        ))
+        .arg(kms.path("boto3.json"))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "boto3 client: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let key_id = seen["created"]["KeyId"].as_str().unwrap();
+    assert_eq!(seen["created"]["KeyState"], "Enabled");
+    assert_eq!(seen["created"]["KeySpec"], "SYMMETRIC_DEFAULT");
+    assert_eq!(seen["creation_date_type"], "datetime");
+    assert_eq!(seen["round_trip"], "hello from boto3");
+    assert!(seen["decrypt_key_id"].as_str().unwrap().ends_with(key_id));
+    assert_eq!(seen["wrong_context"][0], "InvalidCiphertextException");
+    assert_eq!(seen["re_encrypted"], "hello from boto3");
+    assert_eq!(seen["data_key_len"], 32);
+    assert_eq!(seen["data_key_opens"], true);
+    assert_eq!(
+        seen["without_plaintext"],
+        serde_json::json!(["CiphertextBlob", "KeyId"])
+    );
+    assert_eq!(seen["random_len"], 48);
+    assert!(
+        seen["listed_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k == key_id),
+        "{seen}"
+    );
+    assert_eq!(seen["aliases"], serde_json::json!(["alias/boto3"]));
+    assert_eq!(seen["rotation"], serde_json::json!([true, 180]));
+    assert_eq!(seen["disabled"][0], "DisabledException");
+    assert_eq!(seen["deletion_state"], "PendingDeletion");
+    assert_eq!(seen["after_cancel"], "Disabled");
+    assert_eq!(seen["not_found"][0], "NotFoundException");
+    assert_eq!(seen["policy_round_trip"], true);
+    // The data key reaches the enclave only, as AWS's CMS; openssl opens it.
+    assert_eq!(
+        seen["recipient_members"],
+        serde_json::json!(["CiphertextBlob", "CiphertextForRecipient", "KeyId"])
+    );
+    let generated = open_cms(
+        &kms,
+        &rsa_key,
+        &std::fs::read(kms.path("generated.cms")).unwrap(),
+    );
+    let decrypted = open_cms(
+        &kms,
+        &rsa_key,
+        &std::fs::read(kms.path("decrypted.cms")).unwrap(),
+    );
+    assert_eq!(generated.len(), 32);
+    assert_eq!(
+        generated, decrypted,
+        "Decrypt of the blob gives the same data key"
+    );
+    let denied = &seen["denied"];
+    assert_eq!(denied[0], "AccessDeniedException", "{denied}");
+    assert_eq!(denied[2], 400);
+    assert!(
+        denied[1].as_str().unwrap().contains("ImageSha384"),
+        "the reason names the condition: {denied}"
+    );
+    assert_eq!(seen["bad_signature"][0], "InvalidSignatureException");
+    assert_eq!(seen["unknown_key"][0], "UnrecognizedClientException");
+    assert_eq!(seen["untrusted_tls"], "SSLError");
+
+    // The aws CLI, pointed at the broker by --endpoint-url or AWS_ENDPOINT_URL_KMS.
+    let aws = python.parent().unwrap().join("aws");
+    let home = kms.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let aws_cli = |args: &[&str], secret: &str| {
+        std::process::Command::new(&aws)
+            .args(args)
+            .args(["--output", "json"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("AWS_CONFIG_FILE", home.join("none"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", home.join("none"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ACCESS_KEY_ID", access_key_id)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CA_BUNDLE", &ca)
+            .env("AWS_ENDPOINT_URL_KMS", &endpoint)
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .output()
+            .unwrap()
+    };
+    let ok = |out: std::process::Output| -> Value {
+        assert!(
+            out.status.success(),
+            "aws: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let created = ok(aws_cli(
+        &["kms", "create-key", "--description", "aws cli"],
+        secret,
+    ));
+    let cli_key = created["KeyMetadata"]["KeyId"].as_str().unwrap();
+    std::fs::write(kms.path("cli-secret"), b"from the aws cli").unwrap();
+    let plaintext = format!("fileb://{}", s(&kms.path("cli-secret")));
+    let enc = ok(aws_cli(
+        &[
+            "kms",
+            "encrypt",
+            "--endpoint-url",
+            &endpoint,
+            "--key-id",
+            cli_key,
+            "--plaintext",
+            &plaintext,
+            "--encryption-context",
+            "purpose=cli",
+        ],
+        secret,
+    ));
+    std::fs::write(kms.path("cli.blob"), b64d(&enc["CiphertextBlob"])).unwrap();
+    let blob = format!("fileb://{}", s(&kms.path("cli.blob")));
+    let dec = ok(aws_cli(
+        &[
+            "kms",
+            "decrypt",
+            "--ciphertext-blob",
+            &blob,
+            "--encryption-context",
+            "purpose=cli",
+        ],
+        secret,
+    ));
+    assert_eq!(b64d(&dec["Plaintext"]), b"from the aws cli");
+    // (aws CLI v1, the one on PyPI, cannot give a binary AttestationDocument
+    // inside --recipient: it sends a nested blob's text as is. boto3 above
+    // and aws CLI v2 (`AttestationDocument=fileb://doc`) can.)
+    let attested_key = format!("fileb://{}", s(&kms.path("attested.blob")));
+    let denied = aws_cli(
+        &["kms", "decrypt", "--ciphertext-blob", &attested_key],
+        secret,
+    );
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(!denied.status.success());
+    assert!(
+        stderr.contains("AccessDeniedException") && stderr.contains("ImageSha384"),
+        "{stderr}"
+    );
+    let forged = aws_cli(&["kms", "list-keys"], &format!("x{}", &secret[1..]));
+    let stderr = String::from_utf8_lossy(&forged.stderr);
+    assert!(!forged.status.success());
+    assert!(stderr.contains("InvalidSignatureException"), "{stderr}");
+
+    // One audit log for both front ends: every AWS request names its access
+    // key and principal, and the log verifies.
+    let lines: Vec<Value> = std::fs::read_to_string(kms.data().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let aws_lines: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["access_key_id"] == access_key_id)
+        .collect();
+    assert!(aws_lines.len() > 30, "{}", aws_lines.len());
+    assert!(aws_lines.iter().all(
+        |l| l["principal"] == role || l["reason"].as_str().unwrap().contains("does not match")
+    ));
+    assert!(aws_lines.iter().any(|l| l["action"] == "kms:Decrypt"
+        && l["decision"] == "Deny"
+        && l["reason"].as_str().unwrap().contains("ImageSha384")));
+    assert!(
+        aws_lines
+            .iter()
+            .any(|l| l["action"] == "kms:GenerateDataKey"
+                && l["decision"] == "Allow"
+                && l["recipient_pcr0"] == image.as_str())
+    );
+    let verified = ok_json(&["kms", "audit", "verify", "--data-dir", s(&kms.data())]);
+    assert_eq!(verified["Verified"], true);
 }
