@@ -1483,6 +1483,9 @@ fn boto3_and_the_aws_cli_use_the_broker_unchanged() {
     };
     let role = "arn:aws:iam::111122223333:role/enclave-parent";
     kms.add_principal(role, ALLOW_ALL);
+    let key_admin = "arn:aws:iam::111122223333:role/key-admin";
+    kms.add_principal(key_admin, ALLOW_ALL);
+    let admin_key = kms.admin(&["kms", "principal", "add-access-key", "--name", key_admin]);
     let issued = kms.admin(&["kms", "principal", "add-access-key", "--name", role]);
     let access_key_id = issued["AccessKey"]["AccessKeyId"].as_str().unwrap();
     let secret = issued["AccessKey"]["SecretAccessKey"].as_str().unwrap();
@@ -1503,6 +1506,16 @@ fn boto3_and_the_aws_cli_use_the_broker_unchanged() {
     .unwrap()
     .replace("EXAMPLE_PCR0_OF_THE_ENCLAVE_IMAGE", &image);
     std::fs::write(kms.path("policy.json"), policy).unwrap();
+    let lint = cloister(&[
+        "kms",
+        "lint-policy",
+        &format!("file://{}", s(&kms.path("policy.json"))),
+    ]);
+    assert!(
+        lint.status.success(),
+        "the example policy lints clean: {}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
     let document = attest(&kms, "rsa", &[(0, image.clone())], &spki, false);
     let ca = kms.data().join("tls/ca.pem");
     let config = serde_json::json!({
@@ -1511,6 +1524,8 @@ fn boto3_and_the_aws_cli_use_the_broker_unchanged() {
         "region": "us-east-1",
         "access_key_id": access_key_id,
         "secret_access_key": secret,
+        "admin_access_key_id": admin_key["AccessKey"]["AccessKeyId"],
+        "admin_secret_access_key": admin_key["AccessKey"]["SecretAccessKey"],
         "policy": s(&kms.path("policy.json")),
         "attestation_document": s(&document),
         "cms_generated": s(&kms.path("generated.cms")),
@@ -1562,6 +1577,7 @@ fn boto3_and_the_aws_cli_use_the_broker_unchanged() {
     assert_eq!(seen["after_cancel"], "Disabled");
     assert_eq!(seen["not_found"][0], "NotFoundException");
     assert_eq!(seen["policy_round_trip"], true);
+    assert_eq!(seen["parent_put_policy"][0], "AccessDeniedException");
     // The data key reaches the enclave only, as AWS's CMS; openssl opens it.
     assert_eq!(
         seen["recipient_members"],

@@ -37,6 +37,8 @@ pub const DEFAULT_REGION: &str = "us-east-1";
 const TARGET_PREFIX: &str = "TrentService.";
 const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
+/// The headers every request must have signed.
+const SIGNED_HEADERS: [&str; 4] = ["content-type", "host", "x-amz-date", "x-amz-target"];
 
 /// An HTTP request as the listener read it.
 #[derive(Debug, Clone)]
@@ -243,10 +245,13 @@ fn authenticate(
             "temporary credentials (X-Amz-Security-Token) are not issued by Cloister; sign with an access key from `kms principal add-access-key`",
         ));
     }
-    for required in ["host", "x-amz-date"] {
+    // What decides the operation and how its body is read is signed, not
+    // only where and when (the AWS SDKs sign all four).
+    for required in SIGNED_HEADERS {
         if !auth.signed_headers.contains(&required) {
             return Err(error::incomplete_signature(format!(
-                "SignedHeaders must include {required}"
+                "SignedHeaders must include {}",
+                SIGNED_HEADERS.join(", ")
             )));
         }
     }
@@ -352,10 +357,66 @@ fn expected_signature(
 impl Broker {
     /// Handles one request of the AWS API up to its audit record: the target,
     /// the SigV4 signature, the JSON input, then the same operation, policies
-    /// and audit as Cloister's own protocol.
+    /// and audit as Cloister's own protocol. Should the handler panic (a bug),
+    /// the request is still audited, as an error, and answered with a coded
+    /// error that shows no internals.
     pub fn prepare_aws(&self, req: &HttpRequest, region: &str) -> AwsCall {
-        let now_ms = crate::service::now_ms();
         let request_id = KeyId::random().to_string();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.prepare_aws_unguarded(req, region, request_id.clone())
+        }))
+        .unwrap_or_else(|_| AwsCall {
+            operation: String::new(),
+            prepared: Prepared::Audit {
+                record: RequestRecord {
+                    request_id: request_id.clone(),
+                    decision: crate::audit::Decision::Error,
+                    reason: "the AWS API handler panicked (a broker bug)".into(),
+                    ..Default::default()
+                },
+                response: crate::protocol::Response {
+                    request_id: request_id.clone(),
+                    request_digest: Sha256::digest(&req.body).to_vec(),
+                    result: Err(error::internal(
+                        "the broker failed while handling this request; the failure is in its audit log",
+                    )),
+                },
+            },
+            request_id,
+        })
+    }
+
+    /// A request of the AWS API refused before it could be read whole (too
+    /// large, too slow): recorded as an unauthenticated failure, answered.
+    pub fn refuse_aws(&self, e: KmsError) -> HttpResponse {
+        let request_id = KeyId::random().to_string();
+        let record = RequestRecord {
+            request_id: request_id.clone(),
+            reason: e.to_string(),
+            ..Default::default()
+        };
+        let response = crate::protocol::Response {
+            request_id: request_id.clone(),
+            request_digest: Vec::new(),
+            result: Err(e),
+        };
+        let response =
+            match self.unauthenticated_failure(record, response, crate::service::now_ms()) {
+                Prepared::Done { response, .. } => response,
+                Prepared::Audit { record, response } => {
+                    Prepared::finish(self.audit().record(record), response)
+                }
+            };
+        respond(&[], response)
+    }
+
+    fn prepare_aws_unguarded(
+        &self,
+        req: &HttpRequest,
+        region: &str,
+        request_id: String,
+    ) -> AwsCall {
+        let now_ms = crate::service::now_ms();
         let digest = Sha256::digest(&req.body).to_vec();
         let operation = req
             .single("x-amz-target")

@@ -264,6 +264,20 @@ impl Keystore {
                 "keystore schema {version} is not supported (this broker knows 1 to {SCHEMA_VERSION}; a newer broker wrote it?)"
             )));
         }
+
+        let check: Vec<u8> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE name = 'root_check'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        if root.open(ROOT_CHECK_AAD, &check).is_none() {
+            return Err(error::internal(
+                "the root key does not open this keystore (wrong key file or passphrase)",
+            ));
+        }
+        // Only a keystore this root key opens is migrated.
         if version < SCHEMA_VERSION {
             // The migrations after the stored version, and the new version, in
             // one transaction: a keystore is at one version or the next.
@@ -277,18 +291,6 @@ impl Keystore {
             )
             .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
-        }
-        let check: Vec<u8> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE name = 'root_check'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db_err)?;
-        if root.open(ROOT_CHECK_AAD, &check).is_none() {
-            return Err(error::internal(
-                "the root key does not open this keystore (wrong key file or passphrase)",
-            ));
         }
         let state = load(&conn, &root)?;
         Ok(Keystore {
@@ -621,19 +623,27 @@ impl Keystore {
         Ok(record)
     }
 
+    /// Deletes an access key, if it is still `principal`'s (the one authorized on).
     pub fn delete_access_key(
         &self,
         access_key_id: &str,
+        principal: &str,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         self.write(
             |tx| {
-                delete_one(
-                    tx,
-                    "DELETE FROM access_keys WHERE access_key_id = ?1",
-                    access_key_id,
-                    || format!("access key {access_key_id} does not exist"),
-                )
+                let deleted = tx
+                    .execute(
+                        "DELETE FROM access_keys WHERE access_key_id = ?1 AND principal = ?2",
+                        params![access_key_id, principal],
+                    )
+                    .map_err(db_err)?;
+                if deleted == 0 {
+                    return Err(error::not_found(format!(
+                        "access key {access_key_id} does not exist"
+                    )));
+                }
+                Ok(())
             },
             |_| before_commit(),
             |state, _| {
@@ -658,16 +668,27 @@ impl Keystore {
         Ok(self.read_state()?.access_keys.values().cloned().collect())
     }
 
+    /// Deletes an alias, if it still names `id` (the key authorized on).
     pub fn delete_alias(
         &self,
         alias: &str,
+        id: KeyId,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         self.write(
             |tx| {
-                delete_one(tx, "DELETE FROM aliases WHERE alias = ?1", alias, || {
-                    format!("alias {alias} does not exist")
-                })
+                let deleted = tx
+                    .execute(
+                        "DELETE FROM aliases WHERE alias = ?1 AND key_id = ?2",
+                        params![alias, id.0],
+                    )
+                    .map_err(db_err)?;
+                if deleted == 0 {
+                    return Err(error::not_found(format!(
+                        "alias {alias} does not exist (or no longer names key {id})"
+                    )));
+                }
+                Ok(())
             },
             |_| before_commit(),
             |state, _| {

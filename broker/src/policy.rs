@@ -639,6 +639,29 @@ impl Policy {
                 labels(&bypassed)
             ));
         }
+        // Whoever may replace the key policy may drop its pin.
+        let release_pinned: Vec<&Statement> = ATTESTED
+            .iter()
+            .flat_map(|a| allows(a))
+            .filter(|s| pins(s))
+            .collect();
+        for put in allows("kms:PutKeyPolicy") {
+            let undone: Vec<&Statement> = release_pinned
+                .iter()
+                .copied()
+                .filter(|p| principals_overlap(p, put))
+                .collect();
+            if undone.is_empty() {
+                continue;
+            }
+            warnings.push(format!(
+                "{} allows kms:PutKeyPolicy to principals that {} lets have keys only in an attested enclave: \
+                 they can replace this policy with one that drops the attestation condition; give \
+                 kms:PutKeyPolicy to an administrator who is not the enclave's parent",
+                put.label(),
+                labels(&undone)
+            ));
+        }
         // Negated attestation conditions alone hold for a request with no
         // attestation document (AWS: a missing key satisfies a negated operator).
         for s in self.statements.iter().filter(|s| s.effect == Effect::Allow) {
@@ -708,10 +731,13 @@ impl Policy {
 }
 
 /// Whether some principal is named by both statements (a statement without
-/// `Principal`, or an identity policy's, names every principal).
+/// `Principal`, or an identity policy's, names every principal; an account
+/// entry names the account's principals).
 fn principals_overlap(a: &Statement, b: &Statement) -> bool {
     match (&a.principals, &b.principals) {
-        (Some(x), Some(y)) => x.iter().any(|n| y.contains(n)),
+        (Some(x), Some(y)) => x
+            .iter()
+            .any(|n| y.iter().any(|m| entry_covers(n, m) || entry_covers(m, n))),
         _ => true,
     }
 }
@@ -721,8 +747,13 @@ fn principals_cover(a: &Statement, b: &Statement) -> bool {
     match (&a.principals, &b.principals) {
         (None, _) => true,
         (Some(_), None) => false,
-        (Some(x), Some(y)) => y.iter().all(|n| x.contains(n)),
+        (Some(x), Some(y)) => y.iter().all(|m| x.iter().any(|n| entry_covers(n, m))),
     }
+}
+
+/// Whether the `Principal` entry `x` names every principal the entry `y` names.
+fn entry_covers(x: &str, y: &str) -> bool {
+    principal_named(x, y) || account_entry(x).is_some_and(|a| account_entry(y) == Some(a))
 }
 
 fn action_matches(m: &Matcher, action: &str) -> bool {
@@ -758,26 +789,29 @@ pub fn account_of(principal: &str) -> Option<&str> {
     ) else {
         return None;
     };
-    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
+    is_account_id(account).then_some(account)
+}
+
+fn is_account_id(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The account a `Principal` entry names as a whole: `arn:aws:iam::ACCOUNT:root`
+/// or a bare `ACCOUNT`.
+fn account_entry(entry: &str) -> Option<&str> {
+    if is_account_id(entry) {
+        return Some(entry);
+    }
+    let (head, account) = entry.strip_suffix(":root")?.rsplit_once(':')?;
+    (head.starts_with("arn:") && head.ends_with(":iam:") && is_account_id(account))
+        .then_some(account)
 }
 
 /// Whether a policy's `Principal` entry names a principal: by its name, or,
-/// as AWS reads `arn:aws:iam::ACCOUNT:root` and a bare `ACCOUNT`, as any
-/// principal of that account (whose own identity policy must allow too).
+/// as AWS reads an account entry, as any principal of that account (whose own
+/// identity policy must allow too).
 fn principal_named(entry: &str, principal: &str) -> bool {
-    if entry == principal {
-        return true;
-    }
-    let Some(account) = account_of(principal) else {
-        return false;
-    };
-    entry == account
-        || entry
-            .strip_suffix(":root")
-            .and_then(|e| e.rsplit_once(':'))
-            .is_some_and(|(head, a)| {
-                a == account && head.starts_with("arn:") && head.ends_with(":iam:")
-            })
+    entry == principal || account_entry(entry).is_some_and(|a| account_of(principal) == Some(a))
 }
 
 /// `Ok` when the statement applies; otherwise how far it got (for choosing the
@@ -1023,5 +1057,44 @@ mod tests {
             canonical_condition_key("kms:CallerAccount").as_deref(),
             Some("kms:calleraccount")
         );
+    }
+
+    #[test]
+    fn lint_reads_account_principals_and_warns_when_the_pinned_can_replace_the_policy() {
+        let pinned = |admin: &str, admin_actions: &str| {
+            Policy::parse(
+                &format!(
+                    r#"{{"Version":"2012-10-17","Statement":[
+                    {{"Sid":"Admin","Effect":"Allow","Principal":{{"AWS":"{admin}"}},"Action":{admin_actions},"Resource":"*"}},
+                    {{"Sid":"Enclave","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:role/parent"}},
+                      "Action":"kms:Decrypt","Resource":"*",
+                      "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"ab"}}}}}}]}}"#
+                ),
+                PolicyKind::Key,
+            )
+            .unwrap()
+            .lint()
+        };
+        // The account's root names the parent: its unconditioned Decrypt and
+        // its PutKeyPolicy both undo the pin.
+        let w = pinned(
+            "arn:aws:iam::111122223333:root",
+            r#"["kms:Decrypt","kms:Put*"]"#,
+        );
+        assert!(w.iter().any(|w| w.contains("are moot")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("kms:PutKeyPolicy")), "{w:?}");
+        let w = pinned("111122223333", r#""kms:PutKeyPolicy""#);
+        assert!(w.iter().any(|w| w.contains("kms:PutKeyPolicy")), "{w:?}");
+        // An administrator role of its own, or another account, does not.
+        let w = pinned(
+            "arn:aws:iam::111122223333:role/admin",
+            r#"["kms:Decrypt","kms:Put*"]"#,
+        );
+        assert!(w.is_empty(), "{w:?}");
+        let w = pinned(
+            "arn:aws:iam::999999999999:root",
+            r#"["kms:Decrypt","kms:Put*"]"#,
+        );
+        assert!(w.is_empty(), "{w:?}");
     }
 }

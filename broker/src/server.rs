@@ -304,16 +304,6 @@ impl SlotTable {
 }
 
 impl SlotGuard {
-    /// How long the connection has been idle, if it is.
-    fn idle_for(&self) -> Option<Duration> {
-        self.slots
-            .lock()
-            .open
-            .get(&self.id)
-            .and_then(|s| s.idle_since)
-            .map(|t| t.elapsed())
-    }
-
     fn set_idle(&self, idle: bool) {
         if let Some(slot) = self.slots.lock().open.get_mut(&self.id) {
             slot.idle_since = idle.then(Instant::now);
@@ -456,36 +446,37 @@ async fn aws_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             let (broker, slot, limits, region) =
                 (broker.clone(), slot.clone(), limits.clone(), region.clone());
             async move {
-                slot.set_idle(false);
                 let response = aws_request(&broker, &slot, &limits, &region, req).await;
                 slot.set_idle(true);
                 Ok::<_, std::convert::Infallible>(response)
             }
         })
     };
+    // hyper's header timeout runs from when it waits for a request's head:
+    // a keep-alive connection idle for `frame_timeout` closes too.
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.frame_timeout)
+        .max_buf_size(AWS_READ_BUFFER)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     tokio::pin!(conn);
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = slot.close.notified() => return,
-            _ = stop.changed() => break,
-            _ = tokio::time::sleep(limits.idle_timeout) => {
-                if slot.idle_for().is_some_and(|d| d >= limits.idle_timeout) {
-                    return;
-                }
-            }
-        }
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = slot.close.notified() => return,
+        _ = stop.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(limits.drain_timeout, conn).await;
 }
 
-/// One request of the AWS API: read (bounded in size and time), handled as
-/// [`Broker::prepare_aws`] says, audited, answered.
+/// The read buffer of an AWS API connection: a request head and some of its
+/// body (hyper's default is ~400 KB per connection).
+const AWS_READ_BUFFER: usize = 64 * 1024;
+
+/// One request of the AWS API: read (bounded in size and time; the slot stays
+/// idle, so displaceable, until the body has arrived), handled as
+/// [`Broker::prepare_aws`] says and audited on the blocking pool (so a client
+/// that leaves mid-request cannot cancel its record), answered.
 async fn aws_request(
     broker: &Arc<Broker>,
     slot: &SlotGuard,
@@ -496,25 +487,29 @@ async fn aws_request(
     use http_body_util::BodyExt;
     let (parts, body) = req.into_parts();
     let limited = http_body_util::Limited::new(body, MAX_REQUEST as usize);
-    let body = match tokio::time::timeout(limits.frame_timeout, limited.collect()).await {
+    let read = tokio::time::timeout(limits.frame_timeout, limited.collect()).await;
+    let body = match read {
         Ok(Ok(collected)) => collected.to_bytes().to_vec(),
-        Ok(Err(e)) => {
-            let _ = slot.failed_unauthenticated();
-            let e = if e.is::<http_body_util::LengthLimitError>() {
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return aws_refusal(
+                broker,
+                slot,
                 error::validation(format!(
                     "the request body is larger than {MAX_REQUEST} bytes"
-                ))
-            } else {
-                error::serialization(format!("the request body could not be read: {e}"))
-            };
-            return http_response(aws::error_response(String::new(), &e), true);
+                )),
+            )
+            .await;
+        }
+        Ok(Err(e)) => {
+            let e = error::serialization(format!("the request body could not be read: {e}"));
+            return aws_refusal(broker, slot, e).await;
         }
         Err(_) => {
-            let _ = slot.failed_unauthenticated();
             let e = error::serialization("the request body did not arrive in time");
-            return http_response(aws::error_response(String::new(), &e), true);
+            return aws_refusal(broker, slot, e).await;
         }
     };
+    slot.set_idle(false);
     let request = aws::HttpRequest {
         method: parts.method.as_str().to_owned(),
         uri: parts
@@ -533,23 +528,43 @@ async fn aws_request(
     let region = region.clone();
     let handled = tokio::task::spawn_blocking(move || {
         let call = b.prepare_aws(&request, &region);
-        (call, request.body)
+        let authenticated = call.prepared.authenticated();
+        let response = match call.prepared {
+            Prepared::Done { response, .. } => response,
+            Prepared::Audit { record, response } => {
+                Prepared::finish(b.audit().record(record), response)
+            }
+        };
+        (aws::respond(&request.body, response), authenticated)
     })
     .await;
-    let Ok((call, body)) = handled else {
+    let Ok((response, authenticated)) = handled else {
         let e = error::internal("the broker is shutting down; retry");
         return http_response(aws::error_response(String::new(), &e), true);
     };
-    let authenticated = call.prepared.authenticated();
-    let response = match call.prepared {
-        Prepared::Done { response, .. } => response,
-        Prepared::Audit { record, response } => {
-            Prepared::finish(broker.audit().record_async(record).await, response)
-        }
-    };
     // A peer that keeps sending what no access key signed is cut off.
     let close = !authenticated && !slot.failed_unauthenticated();
-    http_response(aws::respond(&body, response), close)
+    http_response(response, close)
+}
+
+/// Answers (and audits, within the unauthenticated-failure rate) a request
+/// that could not be read; its connection closes.
+async fn aws_refusal(
+    broker: &Arc<Broker>,
+    slot: &SlotGuard,
+    e: KmsError,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let _ = slot.failed_unauthenticated();
+    let b = broker.clone();
+    let response = tokio::task::spawn_blocking(move || b.refuse_aws(e))
+        .await
+        .unwrap_or_else(|_| {
+            aws::error_response(
+                String::new(),
+                &error::internal("the broker is shutting down; retry"),
+            )
+        });
+    http_response(response, true)
 }
 
 fn http_response(

@@ -222,6 +222,24 @@ impl Call<'_> {
         }
     }
 
+    /// Authorization of an operation on `target`'s access keys: `action`, and,
+    /// when the target is not the caller itself, `also` (the principal
+    /// operation it amounts to).
+    fn authorize_for(&self, target: &str, action: &str, also: &str) -> Result<String, KmsError> {
+        let none = EncryptionContext::new();
+        let reason = self.authorize(action, None, &none, None)?;
+        if target == self.principal.name {
+            return Ok(reason);
+        }
+        let other = self.authorize(also, None, &none, None).map_err(|e| {
+            error::access_denied(format!(
+                "{action} on another principal's access keys needs {also} too: {}",
+                e.message
+            ))
+        })?;
+        Ok(format!("{reason}; {other}"))
+    }
+
     fn verify_recipient(
         &mut self,
         r: &Option<Recipient>,
@@ -867,7 +885,8 @@ impl Broker {
                     })?;
                 let (_, reason) =
                     self.authorized_key(call, &target.to_string(), "kms:DeleteAlias")?;
-                ks.delete_alias(&alias_name, || call.commit(reason.clone()))?;
+                // Deleted only if it still names the key authorized on.
+                ks.delete_alias(&alias_name, target, || call.commit(reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::Encrypt {
@@ -1238,7 +1257,13 @@ impl Broker {
                 Ok((Output::Done, reason))
             }
             Operation::AccessKeyCreate { principal } => {
-                let reason = call.authorize("cloister:AccessKeyCreate", None, &none, None)?;
+                // A key for another principal is that principal's identity:
+                // as much as registering it (cloister:PrincipalAdd).
+                let reason = call.authorize_for(
+                    &principal,
+                    "cloister:AccessKeyCreate",
+                    "cloister:PrincipalAdd",
+                )?;
                 let now = call.now_ms;
                 let key = ks.create_access_key(&principal, now, |id| {
                     call.commit(format!("{reason}; access key {id} for {principal:?}"))
@@ -1252,7 +1277,14 @@ impl Broker {
                 ))
             }
             Operation::AccessKeyList { principal } => {
-                let reason = call.authorize("cloister:AccessKeyList", None, &none, None)?;
+                let reason = match &principal {
+                    Some(p) => {
+                        call.authorize_for(p, "cloister:AccessKeyList", "cloister:PrincipalList")?
+                    }
+                    None => {
+                        call.authorize_for("", "cloister:AccessKeyList", "cloister:PrincipalList")?
+                    }
+                };
                 let list = ks
                     .list_access_keys()?
                     .iter()
@@ -1262,8 +1294,16 @@ impl Broker {
                 Ok((Output::AccessKeys(list), reason))
             }
             Operation::AccessKeyDelete { access_key_id } => {
-                let reason = call.authorize("cloister:AccessKeyDelete", None, &none, None)?;
-                ks.delete_access_key(&access_key_id, || call.commit(reason.clone()))?;
+                let owner = ks
+                    .access_key(&access_key_id)?
+                    .map(|(k, _)| k.principal)
+                    .unwrap_or_default();
+                let reason = call.authorize_for(
+                    &owner,
+                    "cloister:AccessKeyDelete",
+                    "cloister:PrincipalRemove",
+                )?;
+                ks.delete_access_key(&access_key_id, &owner, || call.commit(reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::TrustAdd { label, root_der } => {

@@ -60,8 +60,18 @@ impl Env {
         let key =
             cloister_attestation::keyfile::read_signing_key(&self.dir.path().join("kms/admin.key"))
                 .unwrap();
+        self.native(ADMIN, &key, operation)
+    }
+
+    /// An operation of Cloister's own protocol, as `principal`.
+    fn native(
+        &self,
+        principal: &str,
+        key: &ed25519_dalek::SigningKey,
+        operation: Operation,
+    ) -> Result<Output, cloister_kms::KmsError> {
         let payload = RequestPayload {
-            principal: ADMIN.into(),
+            principal: principal.into(),
             timestamp_ms: cloister_kms::service::now_ms(),
             request_id: format!(
                 "{:032x}",
@@ -69,7 +79,7 @@ impl Env {
             ),
             operation,
         };
-        let signed = SignedRequest::sign(&payload, &key).unwrap();
+        let signed = SignedRequest::sign(&payload, key).unwrap();
         let frame = cloister_proto::frame::encode(&signed).unwrap();
         self.broker.handle(&frame).0.result
     }
@@ -510,6 +520,24 @@ fn bad_signatures_are_refused_with_aws_error_types_and_audited() {
     set_header(&mut no_host, "authorization", &auth);
     let reply = env.send(&no_host);
     assert!(error_type(&reply).1.contains("host"), "{reply:?}");
+    // The target (which decides the operation) and the content type must be
+    // signed: a request signed over host and x-amz-date alone is refused,
+    // whatever its target says.
+    let mut unsigned_target = good.clone();
+    let auth = unsigned_target
+        .headers
+        .iter()
+        .find(|(n, _)| n == "authorization")
+        .unwrap()
+        .1
+        .replace(
+            "content-type;host;x-amz-date;x-amz-target",
+            "host;x-amz-date",
+        );
+    set_header(&mut unsigned_target, "authorization", &auth);
+    let reply = env.send(&unsigned_target);
+    assert_eq!(error_type(&reply).0, "IncompleteSignatureException");
+    assert!(error_type(&reply).1.contains("x-amz-target"), "{reply:?}");
     let mut token = good.clone();
     token
         .headers
@@ -796,6 +824,11 @@ async fn the_listener_speaks_http_with_aws_error_shapes() {
         &reply[..200.min(reply.len())]
     );
     assert!(reply.contains("larger than"), "{reply}");
+    let audit = std::fs::read_to_string(env.dir.path().join("kms/audit.log")).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("larger than")),
+        "an unread request is audited too"
+    );
     let unsigned = exchange(
         b"POST / HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-amz-json-1.1\r\nx-amz-target: TrentService.ListKeys\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}".to_vec(),
     )
@@ -873,4 +906,78 @@ fn a_schema_1_keystore_is_migrated_with_its_keys() {
         .unwrap();
     assert_eq!(version, 2);
     env.principal(ROLE, ALLOW_ALL);
+}
+
+#[test]
+fn access_keys_of_another_principal_need_that_principal_s_rights() {
+    let env = Env::new();
+    let key = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+    let self_service = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":["cloister:AccessKey*"],"Resource":"*"}}"#;
+    env.admin(Operation::PrincipalAdd {
+        name: "app".into(),
+        public_key: key.verifying_key().to_bytes().to_vec(),
+        policy: self_service.into(),
+    })
+    .unwrap();
+    // Its own: allowed.
+    let Output::AccessKey { info, .. } = env
+        .native(
+            "app",
+            &key,
+            Operation::AccessKeyCreate {
+                principal: "app".into(),
+            },
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    // The admin's: that would be the admin's identity.
+    let err = env
+        .native(
+            "app",
+            &key,
+            Operation::AccessKeyCreate {
+                principal: ADMIN.into(),
+            },
+        )
+        .unwrap_err();
+    assert_eq!(err.kind, cloister_kms::ErrorKind::AccessDeniedException);
+    assert!(err.message.contains("cloister:PrincipalAdd"), "{err}");
+    let (other_key, _) = env.principal("other", ALLOW_ALL);
+    let err = env
+        .native(
+            "app",
+            &key,
+            Operation::AccessKeyDelete {
+                access_key_id: other_key,
+            },
+        )
+        .unwrap_err();
+    assert!(err.message.contains("cloister:PrincipalRemove"), "{err}");
+    let err = env
+        .native("app", &key, Operation::AccessKeyList { principal: None })
+        .unwrap_err();
+    assert!(err.message.contains("cloister:PrincipalList"), "{err}");
+    let Output::AccessKeys(own) = env
+        .native(
+            "app",
+            &key,
+            Operation::AccessKeyList {
+                principal: Some("app".into()),
+            },
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(own.len(), 1);
+    env.native(
+        "app",
+        &key,
+        Operation::AccessKeyDelete {
+            access_key_id: info.access_key_id,
+        },
+    )
+    .unwrap();
 }

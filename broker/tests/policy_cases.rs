@@ -578,6 +578,7 @@ fn lint_warns_on_pitfalls_and_only_on_them() {
             vec![
                 "statement \"Admins\" allows kms:Decrypt without attestation conditions, so the attestation conditions of statement \"Enclave\" are moot",
                 "statement \"Admins\" allows kms:ReEncryptFrom to principals that statement \"Enclave\" lets decrypt only",
+                "statement \"Admins\" allows kms:PutKeyPolicy to principals that statement \"Enclave\" lets have keys only",
             ],
         ),
         (

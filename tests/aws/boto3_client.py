@@ -78,11 +78,18 @@ def main():
     kms.delete_alias(AliasName="alias/boto3")
     out["not_found"] = refusal(lambda: kms.describe_key(KeyId="alias/boto3"))
 
-    # The key of an enclave's data: the key policy that works at AWS too.
+    # The key of an enclave's data, made by the key administrator under the
+    # key policy that works at AWS too; the parent role (kms) may have data
+    # keys only for the enclave.
+    admin = client(cfg["admin_access_key_id"], cfg["admin_secret_access_key"])
     policy = open(cfg["policy"]).read()
-    attested = kms.create_key(Policy=policy, Description="enclave data keys")["KeyMetadata"]["KeyId"]
-    stored = kms.get_key_policy(KeyId=attested, PolicyName="default")["Policy"]
+    attested = admin.create_key(Policy=policy, Description="enclave data keys")["KeyMetadata"]["KeyId"]
+    stored = admin.get_key_policy(KeyId=attested, PolicyName="default")["Policy"]
     out["policy_round_trip"] = json.loads(stored) == json.loads(policy)
+    # The parent cannot replace the policy to drop the pin.
+    out["parent_put_policy"] = refusal(
+        lambda: kms.put_key_policy(KeyId=attested, PolicyName="default", Policy=stored.replace("Decrypt", "Encrypt"))
+    )
     recipient = {
         "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
         "AttestationDocument": open(cfg["attestation_document"], "rb").read(),
