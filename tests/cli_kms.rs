@@ -1575,6 +1575,7 @@ fn boto3_and_the_aws_cli_use_the_broker_unchanged() {
     assert_eq!(seen["disabled"][0], "DisabledException");
     assert_eq!(seen["deletion_state"], "PendingDeletion");
     assert_eq!(seen["after_cancel"], "Disabled");
+    assert!(seen["cancelled"].as_str().unwrap().ends_with(key_id));
     assert_eq!(seen["not_found"][0], "NotFoundException");
     assert_eq!(seen["policy_round_trip"], true);
     assert_eq!(seen["parent_put_policy"][0], "AccessDeniedException");

@@ -963,7 +963,7 @@ fn render(output: Output) -> Value {
             v
         }
         Output::KeyPolicy(p) => json!({ "Policy": p, "PolicyName": "default" }),
-        Output::Rotated { key_id, .. } => json!({ "KeyId": key_id }),
+        Output::Rotated { key_id, .. } | Output::KeyId(key_id) => json!({ "KeyId": key_id }),
         Output::DeletionScheduled {
             key_id,
             deletion_date,

@@ -1220,7 +1220,7 @@ impl Broker {
                 ks.transition(id, Transition::CancelDeletion, || {
                     call.commit(reason.clone())
                 })?;
-                Ok((Output::Done, reason))
+                Ok((Output::KeyId(id.arn()), reason))
             }
             Operation::PrincipalAdd {
                 name,

@@ -73,7 +73,7 @@ def main():
     out["disabled"] = refusal(lambda: kms.encrypt(KeyId=key_id, Plaintext=b"x"))
     kms.enable_key(KeyId=key_id)
     out["deletion_state"] = kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)["KeyState"]
-    kms.cancel_key_deletion(KeyId=key_id)
+    out["cancelled"] = kms.cancel_key_deletion(KeyId=key_id)["KeyId"]
     out["after_cancel"] = kms.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"]
     kms.delete_alias(AliasName="alias/boto3")
     out["not_found"] = refusal(lambda: kms.describe_key(KeyId="alias/boto3"))

@@ -355,6 +355,8 @@ pub enum Output {
         period_in_days: Option<u32>,
         next_rotation_date: Option<String>,
     },
+    /// The key an operation acted on (CancelKeyDeletion).
+    KeyId(String),
     /// A new access key; the secret is shown this once.
     AccessKey {
         info: AccessKeyInfo,

@@ -945,6 +945,7 @@ fn render(output: Output) -> Value {
             v
         }
         Output::KeyPolicy(p) => json!({ "Policy": p }),
+        Output::KeyId(key_id) => json!({ "KeyId": key_id }),
         Output::Rotated { key_id, version } => {
             json!({ "KeyId": key_id, "CurrentKeyVersion": version })
         }
