@@ -687,6 +687,61 @@ fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
     assert_eq!(decrypts[2]["recipient_pcr0"], "00".repeat(48).as_str());
 }
 
+/// The runtime reuses its recipient key and document across KMS calls for a
+/// while; a broker that allows younger documents refuses the kept one
+/// (E-ATTEST-STALE, audited) and the call succeeds with a fresh document.
+#[test]
+fn a_kept_recipient_document_too_old_for_the_broker_is_replaced() {
+    let h = Host::new();
+    let broker = common::Broker::start_with(&h, &["--max-document-age", "2"]);
+    let role = "arn:aws:iam::123456789012:role/Parent";
+    let parent_key = h.path("parent.key");
+    broker.add_principal(role, &parent_key);
+    let policy = h.path("open.json");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"{{"Version":"2012-10-17","Statement":{{"Effect":"Allow","Principal":{{"AWS":["admin","{role}"]}},"Action":"kms:*","Resource":"*"}}}}"#
+        ),
+    )
+    .unwrap();
+    let key_id = broker.create_key("admin", &broker.data.join("admin.key"), &policy, "alias/k");
+    let trust = broker.trust_args();
+    let trust: Vec<&str> = trust.iter().map(String::as_str).collect();
+    let (image, _) = h.build("kms.cimg", &trust);
+    let args = common::run_enclave_args(&image, "kms", role, &broker.proxy_sock, &parent_key);
+    h.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let gdk = |n: usize| {
+        let out = h.call_ok(
+            &["--enclave-name", "kms"],
+            format!("kms-gdk:{key_id}").as_bytes(),
+        );
+        assert!(
+            String::from_utf8(out).unwrap().starts_with("arn:"),
+            "call {n}"
+        );
+    };
+    gdk(1);
+    gdk(2);
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+    gdk(3);
+    let log = std::fs::read_to_string(broker.data.join("audit.log")).unwrap();
+    let calls: Vec<(String, String)> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["action"] == "kms:GenerateDataKey")
+        .map(|l| {
+            (
+                l["decision"].as_str().unwrap().to_owned(),
+                l["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let decisions: Vec<&str> = calls.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(decisions, ["Allow", "Allow", "Deny", "Allow"], "{calls:?}");
+    assert!(calls[2].1.contains("E-ATTEST-STALE"), "{calls:?}");
+}
+
 #[test]
 fn the_proxy_relays_only_to_allowed_destinations() {
     let h = Host::new();

@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 use cloister_attestation::pcr::{self, Pcr};
 use cloister_image::Image;
 use cloister_kms_api::client::{ClientError, Credentials, KmsClient};
-use cloister_kms_api::protocol::{Operation, Output, Recipient};
+use cloister_kms_api::protocol::{EncryptionContext, Operation, Output, Recipient};
 use cloister_kms_api::recipient::{self, RecipientKey};
 use cloister_kms_api::tls::ClientTls;
 use cloister_proto::call::MAX_RESPONSE;
@@ -212,11 +212,31 @@ struct Shared {
     /// their last request, kept for the next KMS call: at most
     /// [`IDLE_BROKER_CONNECTIONS`]; a connection that failed is never kept.
     idle_connections: Mutex<Vec<KmsClient>>,
+    /// The recipient key of KMS calls and the document over it, while fresh.
+    recipient: Mutex<Option<Arc<AttestedRecipient>>>,
     config: BTreeMap<String, String>,
 }
 
 /// Broker connections an enclave keeps open between KMS calls.
 const IDLE_BROKER_CONNECTIONS: usize = 4;
+
+/// How long KMS calls reuse one recipient key and its attestation document
+/// (as the Nitro Enclaves SDK's KMS client keeps its key pair): an NSM
+/// document and a key pair less per call. Every answer is still sealed to
+/// its own request (the request id is in HPKE's `info`); a key lives at most
+/// this long after its last use begins. Well within the broker's default
+/// document age (300 s); a broker that allows less refuses with
+/// E-ATTEST-STALE and the call is made once more with a fresh document.
+const RECIPIENT_REUSE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A recipient key and the attestation document that carries its public key.
+struct AttestedRecipient {
+    key: RecipientKey,
+    document: Vec<u8>,
+    /// HPKE `aad` of answers to this document (its SHA-384).
+    aad: Vec<u8>,
+    made: std::time::Instant,
+}
 
 /// What one call may use. Linear memory is counted over all of the call's
 /// memories together (a component has several), not per memory; table
@@ -413,27 +433,62 @@ struct Released {
 }
 
 impl Shared {
-    /// An attested KMS request: a fresh recipient key, a document over it, the
+    /// The recipient of KMS calls: the one made within [`RECIPIENT_REUSE`], or
+    /// (or when `fresh`) a new key and a document over it.
+    fn recipient(&self, fresh: bool) -> Result<Arc<AttestedRecipient>, GuestError> {
+        let mut slot = self
+            .recipient
+            .lock()
+            .map_err(|_| guest_error("E-ENCLAVE-INTERNAL", "recipient lock poisoned"))?;
+        if !fresh
+            && let Some(r) = slot.as_ref()
+            && r.made.elapsed() < RECIPIENT_REUSE
+        {
+            return Ok(r.clone());
+        }
+        // The old key goes (zeroized) once the calls using it are done.
+        let key = RecipientKey::generate();
+        let document = self.attest(None, None, Some(key.public_key().to_vec()))?;
+        let made = Arc::new(AttestedRecipient {
+            aad: recipient::aad(&document),
+            key,
+            document,
+            made: std::time::Instant::now(),
+        });
+        *slot = Some(made.clone());
+        Ok(made)
+    }
+
+    /// An attested KMS request: the recipient key, a document over it, the
     /// request signed as the parent's principal; the answer must be signed by
     /// the broker the image names and bound to this request, and the result is
     /// opened with `info`/`aad` recomputed here, never taken from the answer.
     async fn kms_call(
         self: Arc<Self>,
         operation: &str,
-        make: impl FnOnce(Recipient) -> Operation,
+        make: impl Fn(Recipient) -> Operation,
     ) -> Result<Released, GuestError> {
         let route = self
             .kms
             .as_ref()
             .map_err(|why| guest_error("E-ENCLAVE-NO-KMS", why.clone()))?;
-        let recipient_key = RecipientKey::generate();
-        let document = self.attest(None, None, Some(recipient_key.public_key().to_vec()))?;
-        let aad = recipient::aad(&document);
-        let op = make(Recipient {
-            key_encryption_algorithm: recipient::ALGORITHM.into(),
-            attestation_document: document,
-        });
-        let (request_id, output) = self.broker_call(route, op).await.map_err(from_code)?;
+        let request = |r: &AttestedRecipient| {
+            make(Recipient {
+                key_encryption_algorithm: recipient::ALGORITHM.into(),
+                attestation_document: r.document.clone(),
+            })
+        };
+        let mut recipient = self.recipient(false)?;
+        let mut answer = self.broker_call(route, request(&recipient)).await;
+        if let Err(ClientError::Kms(e)) = &answer
+            && e.kind == cloister_kms_api::ErrorKind::AccessDeniedException
+            && e.message.contains("E-ATTEST-STALE")
+        {
+            // The broker allows younger documents than the one kept.
+            recipient = self.recipient(true)?;
+            answer = self.broker_call(route, request(&recipient)).await;
+        }
+        let (request_id, output) = answer.map_err(from_code)?;
         let (key_arn, cfr) = match &output {
             Output::Plaintext {
                 key_id,
@@ -459,8 +514,9 @@ impl Shared {
             )
         })?;
         let info = recipient::info(&key_arn, operation, &request_id);
-        let secret = recipient_key
-            .open(&cfr.ciphertext, &info, &aad)
+        let secret = recipient
+            .key
+            .open(&cfr.ciphertext, &info, &recipient.aad)
             .map_err(from_code)?;
         Ok(Released { output, secret })
     }
@@ -519,13 +575,14 @@ impl cloister::enclave::kms::Host for HostState {
         ciphertext_blob: Vec<u8>,
         encryption_context: Vec<(String, String)>,
     ) -> Result<u32, GuestError> {
+        let encryption_context: EncryptionContext = encryption_context.into_iter().collect();
         let released = self
             .shared
             .clone()
             .kms_call("Decrypt", |recipient| Operation::Decrypt {
-                ciphertext_blob,
+                ciphertext_blob: ciphertext_blob.clone(),
                 key_id: None,
-                encryption_context: encryption_context.into_iter().collect(),
+                encryption_context: encryption_context.clone(),
                 recipient: Some(recipient),
             })
             .await?;
@@ -538,14 +595,15 @@ impl cloister::enclave::kms::Host for HostState {
         key_id: String,
         encryption_context: Vec<(String, String)>,
     ) -> Result<cloister::enclave::kms::DataKey, GuestError> {
+        let encryption_context: EncryptionContext = encryption_context.into_iter().collect();
         let released = self
             .shared
             .clone()
             .kms_call("GenerateDataKey", |recipient| Operation::GenerateDataKey {
-                key_id,
+                key_id: key_id.clone(),
                 key_spec: "AES_256".into(),
                 number_of_bytes: None,
-                encryption_context: encryption_context.into_iter().collect(),
+                encryption_context: encryption_context.clone(),
                 recipient: Some(recipient),
             })
             .await?;
@@ -802,6 +860,7 @@ impl Enclave {
                 console: config.console.map(Mutex::new),
                 kms: broker_route(&config.image, config.kms),
                 idle_connections: Mutex::new(Vec::new()),
+                recipient: Mutex::new(None),
                 config: manifest.config.clone(),
             }),
         })

@@ -360,22 +360,25 @@ pub const ALLOW_ALL_KMS: &str =
 
 impl Broker {
     pub fn start(h: &Host) -> Broker {
+        Broker::start_with(h, &[])
+    }
+
+    /// As [`Broker::start`], with more options of `kms serve`.
+    pub fn start_with(h: &Host, serve_args: &[&str]) -> Broker {
         let data = h.path("kms");
         h.ok(&["kms", "init", "--data-dir", s(&data)]);
         let sock = h.path("kms.sock");
         let kms_addr = format!("unix:{}", s(&sock));
-        let kms = Server::start(
-            &[
-                "kms",
-                "serve",
-                "--data-dir",
-                s(&data),
-                "--listen",
-                &kms_addr,
-            ],
-            &[],
-            &sock,
-        );
+        let mut args = vec![
+            "kms",
+            "serve",
+            "--data-dir",
+            s(&data),
+            "--listen",
+            &kms_addr,
+        ];
+        args.extend_from_slice(serve_args);
+        let kms = Server::start(&args, &[], &sock);
         let proxy_sock = h.path("proxy.sock");
         let allowlist = h.path("proxy-allowlist.json");
         std::fs::write(&allowlist, format!("{{\"allowlist\":[\"{kms_addr}\"]}}")).unwrap();
