@@ -596,8 +596,8 @@ enum ReadEnd {
 }
 
 /// Reads one request: waits up to `idle_timeout` for it to begin, then up to
-/// `frame_timeout` for the rest (a peer cannot hold a slot busy by trickling).
-/// The slot is idle (displaceable) until the request's first byte arrives.
+/// `frame_timeout` for the rest. The slot stays idle (displaceable) until the
+/// whole request has arrived: a peer cannot hold slots by trickling requests.
 async fn read_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     slot: &SlotGuard,
@@ -607,7 +607,7 @@ async fn read_request<S: AsyncRead + Unpin>(
     slot.set_idle(true);
     match tokio::time::timeout(limits.idle_timeout, stream.read(&mut header[..1])).await {
         Err(_) | Ok(Ok(0)) | Ok(Err(_)) => return Err(ReadEnd::Quiet),
-        Ok(Ok(_)) => slot.set_idle(false),
+        Ok(Ok(_)) => {}
     }
     let rest = async {
         stream.read_exact(&mut header[1..]).await?;
@@ -618,7 +618,10 @@ async fn read_request<S: AsyncRead + Unpin>(
     };
     match tokio::time::timeout(limits.frame_timeout, rest).await {
         Err(_) => Err(ReadEnd::Slow),
-        Ok(Ok(payload)) => Ok(payload),
+        Ok(Ok(payload)) => {
+            slot.set_idle(false);
+            Ok(payload)
+        }
         Ok(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             Err(ReadEnd::Frame(FrameError::Truncated {
                 got: 0,
