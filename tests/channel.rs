@@ -236,16 +236,9 @@ fn an_independent_python_client_scores_a_record_through_the_http_relay_and_the_p
     .unwrap();
     assert_eq!(enclave.key_config(), keys[2..]);
 
-    let requirements = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/attested-client/requirements.txt"),
-    )
-    .unwrap();
-    let packages: Vec<&str> = requirements
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    let Some(python) = common::python_with(&packages) else {
+    let Some(python) =
+        common::python_with_requirements("examples/attested-client/requirements.txt")
+    else {
         return;
     };
     let captured = Arc::new(Mutex::new(Vec::new()));

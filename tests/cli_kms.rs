@@ -1461,17 +1461,7 @@ fn free_port() -> u16 {
 /// examples/aws-sdk/enclave-key-policy.json (which works at AWS as it is).
 #[test]
 fn boto3_and_the_aws_cli_use_the_broker_unchanged() {
-    let requirements = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/aws/requirements.txt"
-    ))
-    .unwrap();
-    let packages: Vec<&str> = requirements
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    let Some(python) = common::python_with(&packages) else {
+    let Some(python) = common::python_with_requirements("tests/aws/requirements.txt") else {
         return;
     };
     let port = free_port();
@@ -1491,8 +1481,15 @@ fn boto3_and_the_aws_cli_use_the_broker_unchanged() {
     let secret = issued["AccessKey"]["SecretAccessKey"].as_str().unwrap();
     assert!(access_key_id.starts_with("AKCL") && access_key_id.len() == 20);
     assert_eq!(secret.len(), 40);
-    let listed = kms.admin(&["kms", "principal", "list-access-keys"]);
+    let listed = kms.admin(&["kms", "principal", "list-access-keys", "--name", role]);
+    assert_eq!(
+        listed["AccessKeys"].as_array().unwrap().len(),
+        1,
+        "{listed}"
+    );
     assert_eq!(listed["AccessKeys"][0]["AccessKeyId"], access_key_id);
+    let all = kms.admin(&["kms", "principal", "list-access-keys"]);
+    assert_eq!(all["AccessKeys"].as_array().unwrap().len(), 2, "{all}");
     assert!(
         !listed.to_string().contains(secret),
         "listing shows no secret"

@@ -902,8 +902,9 @@ fn key_metadata(m: &KeyMetadata) -> Value {
 }
 
 /// Adds `Plaintext` or `CiphertextForRecipient` (and, for Cloister's HPKE
-/// form, the `info` and `aad` it was sealed with, as extra members).
-fn add_secret(v: &mut Value, plaintext: Option<Secret>, cfr: Option<CiphertextForRecipient>) {
+/// form, the `info` and `aad` it was sealed with, as extra members; AWS's CMS
+/// form has neither). The AWS API and the CLI answer alike.
+pub fn add_secret(v: &mut Value, plaintext: Option<Secret>, cfr: Option<CiphertextForRecipient>) {
     if let Some(p) = plaintext {
         v["Plaintext"] = b64(p.as_bytes());
     }

@@ -632,18 +632,12 @@ impl Keystore {
     ) -> Result<(), KmsError> {
         self.write(
             |tx| {
-                let deleted = tx
-                    .execute(
-                        "DELETE FROM access_keys WHERE access_key_id = ?1 AND principal = ?2",
-                        params![access_key_id, principal],
-                    )
-                    .map_err(db_err)?;
-                if deleted == 0 {
-                    return Err(error::not_found(format!(
-                        "access key {access_key_id} does not exist"
-                    )));
-                }
-                Ok(())
+                delete_one(
+                    tx,
+                    "DELETE FROM access_keys WHERE access_key_id = ?1 AND principal = ?2",
+                    params![access_key_id, principal],
+                    || format!("access key {access_key_id} does not exist"),
+                )
             },
             |_| before_commit(),
             |state, _| {
@@ -677,18 +671,12 @@ impl Keystore {
     ) -> Result<(), KmsError> {
         self.write(
             |tx| {
-                let deleted = tx
-                    .execute(
-                        "DELETE FROM aliases WHERE alias = ?1 AND key_id = ?2",
-                        params![alias, id.0],
-                    )
-                    .map_err(db_err)?;
-                if deleted == 0 {
-                    return Err(error::not_found(format!(
-                        "alias {alias} does not exist (or no longer names key {id})"
-                    )));
-                }
-                Ok(())
+                delete_one(
+                    tx,
+                    "DELETE FROM aliases WHERE alias = ?1 AND key_id = ?2",
+                    params![alias, id.0],
+                    || format!("alias {alias} does not exist (or no longer names key {id})"),
+                )
             },
             |_| before_commit(),
             |state, _| {
@@ -854,7 +842,7 @@ impl Keystore {
     ) -> Result<(), KmsError> {
         self.write(
             |tx| {
-                delete_one(tx, "DELETE FROM principals WHERE name = ?1", name, || {
+                delete_one(tx, "DELETE FROM principals WHERE name = ?1", [name], || {
                     format!("principal {name:?} does not exist")
                 })
             },
@@ -922,7 +910,7 @@ impl Keystore {
                 delete_one(
                     tx,
                     "DELETE FROM trust_roots WHERE label = ?1",
-                    label,
+                    [label],
                     || format!("trust root {label:?} does not exist"),
                 )
             },
@@ -1008,14 +996,14 @@ fn stored_state(tx: &rusqlite::Transaction<'_>, id: KeyId) -> Result<KeyState, K
         .ok_or_else(|| error::internal(format!("key {id} has an unknown state {state:?}")))
 }
 
-/// Deletes the one row `sql` names by `key`; NotFound when there is none.
+/// Deletes the one row `sql` names; NotFound when there is none.
 fn delete_one(
     tx: &rusqlite::Transaction<'_>,
     sql: &str,
-    key: &str,
+    key: impl rusqlite::Params,
     missing: impl FnOnce() -> String,
 ) -> Result<(), KmsError> {
-    match tx.execute(sql, params![key]).map_err(db_err)? {
+    match tx.execute(sql, key).map_err(db_err)? {
         0 => Err(error::not_found(missing())),
         _ => Ok(()),
     }

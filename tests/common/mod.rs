@@ -652,6 +652,18 @@ impl RelayConnections {
     }
 }
 
+/// [`python_with`] the packages a requirements file (of the repository) pins.
+pub fn python_with_requirements(file: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file))
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    let packages: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    python_with(&packages)
+}
+
 /// A Python interpreter in a virtual environment (kept in the target
 /// directory) with `packages` installed from PyPI, for independent clients.
 /// `None`, said on stderr, where Python or the packages cannot be had —

@@ -18,9 +18,7 @@ use cloister_attestation::verify::TrustAnchor;
 use cloister_kms::audit;
 use cloister_kms::datadir::DataDir;
 use cloister_kms::policy::{Policy, PolicyKind};
-use cloister_kms::protocol::{
-    CiphertextForRecipient, EncryptionContext, Operation, Output, Recipient, Secret,
-};
+use cloister_kms::protocol::{EncryptionContext, Operation, Output, Recipient, Secret};
 use cloister_kms::server::{AwsApi, ServerLimits, serve};
 use cloister_kms::service::BrokerConfig;
 use cloister_kms_api::client::{Credentials, KmsClient};
@@ -896,10 +894,6 @@ fn call(args: &ClientArgs, op: Operation) -> anyhow::Result<()> {
     super::print_json(&v)
 }
 
-fn recipient_json(c: &CiphertextForRecipient) -> (Value, Value, Value) {
-    (b64(&c.ciphertext), b64(&c.info), b64(&c.aad))
-}
-
 /// The response as `aws kms` would print it.
 fn render(output: Output) -> Value {
     match output {
@@ -931,7 +925,7 @@ fn render(output: Output) -> Value {
             ciphertext_for_recipient,
         } => {
             let mut v = json!({ "KeyId": key_id });
-            add_secret(&mut v, plaintext, ciphertext_for_recipient);
+            cloister_kms::aws::add_secret(&mut v, plaintext, ciphertext_for_recipient);
             v
         }
         Output::DataKey {
@@ -941,7 +935,7 @@ fn render(output: Output) -> Value {
             ciphertext_for_recipient,
         } => {
             let mut v = json!({ "KeyId": key_id, "CiphertextBlob": b64(&ciphertext_blob) });
-            add_secret(&mut v, plaintext, ciphertext_for_recipient);
+            cloister_kms::aws::add_secret(&mut v, plaintext, ciphertext_for_recipient);
             v
         }
         Output::KeyPolicy(p) => json!({ "Policy": p }),
@@ -983,21 +977,6 @@ fn render(output: Output) -> Value {
             json!({ "AccessKeys": list.into_iter().map(|k| json!({"AccessKeyId": k.access_key_id, "Principal": k.principal, "CreateDate": k.create_date})).collect::<Vec<_>>() })
         }
         Output::Done => json!({}),
-    }
-}
-
-fn add_secret(v: &mut Value, plaintext: Option<Secret>, cfr: Option<CiphertextForRecipient>) {
-    if let Some(p) = plaintext {
-        v["Plaintext"] = b64(p.as_bytes());
-    }
-    if let Some(c) = cfr {
-        let (ct, info, aad) = recipient_json(&c);
-        v["CiphertextForRecipient"] = ct;
-        // AWS's CMS form (RSAES_OAEP_SHA_256) has no HPKE info or aad.
-        if !c.info.is_empty() || !c.aad.is_empty() {
-            v["RecipientInfo"] = info;
-            v["RecipientAad"] = aad;
-        }
     }
 }
 
