@@ -689,19 +689,25 @@ fn an_enclave_gets_its_key_through_the_proxy_and_only_its_image_does() {
 
 /// The runtime reuses its recipient key and document across KMS calls for a
 /// while; a broker that allows younger documents refuses the kept one
-/// (E-ATTEST-STALE, audited) and the call succeeds with a fresh document.
+/// (E-ATTEST-STALE, audited) and the call succeeds with a fresh document; a
+/// PCR the workload extends is in the next call's document, never the kept one.
 #[test]
-fn a_kept_recipient_document_too_old_for_the_broker_is_replaced() {
+fn a_kept_recipient_document_too_old_for_the_broker_or_its_pcrs_is_replaced() {
     let h = Host::new();
-    let broker = common::Broker::start_with(&h, &["--max-document-age", "2"]);
+    let broker = common::Broker::start_with(&h, &["--max-document-age", "4"]);
     let role = "arn:aws:iam::123456789012:role/Parent";
     let parent_key = h.path("parent.key");
     broker.add_principal(role, &parent_key);
-    let policy = h.path("open.json");
+    // Data keys only while PCR16 is as the enclave started (all zero).
+    let policy = h.path("pcr16.json");
     std::fs::write(
         &policy,
         format!(
-            r#"{{"Version":"2012-10-17","Statement":{{"Effect":"Allow","Principal":{{"AWS":["admin","{role}"]}},"Action":"kms:*","Resource":"*"}}}}"#
+            r#"{{"Version":"2012-10-17","Statement":[
+              {{"Sid":"Admin","Effect":"Allow","Principal":{{"AWS":"admin"}},"Action":"kms:*","Resource":"*"}},
+              {{"Sid":"Unextended","Effect":"Allow","Principal":{{"AWS":"{role}"}},"Action":"kms:GenerateDataKey","Resource":"*",
+                "Condition":{{"StringEquals":{{"kms:RecipientAttestation:PCR16":"{}"}}}}}}]}}"#,
+            "00".repeat(48)
         ),
     )
     .unwrap();
@@ -711,20 +717,32 @@ fn a_kept_recipient_document_too_old_for_the_broker_is_replaced() {
     let (image, _) = h.build("kms.cimg", &trust);
     let args = common::run_enclave_args(&image, "kms", role, &broker.proxy_sock, &parent_key);
     h.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let gdk = |n: usize| {
-        let out = h.call_ok(
+    let gdk = || {
+        h.call(
             &["--enclave-name", "kms"],
             format!("kms-gdk:{key_id}").as_bytes(),
-        );
+        )
+    };
+    let granted = |out: std::process::Output, n: usize| {
         assert!(
-            String::from_utf8(out).unwrap().starts_with("arn:"),
-            "call {n}"
+            String::from_utf8(out.stdout).unwrap().starts_with("arn:"),
+            "call {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     };
-    gdk(1);
-    gdk(2);
-    std::thread::sleep(std::time::Duration::from_millis(3100));
-    gdk(3);
+    granted(gdk(), 1);
+    granted(gdk(), 2);
+    std::thread::sleep(std::time::Duration::from_millis(5100));
+    granted(gdk(), 3);
+    h.call_ok(
+        &["--enclave-name", "kms"],
+        b"extend:a plugin the workload loaded",
+    );
+    let e = failed_with(&gdk(), "E-ENCLAVE-WORKLOAD");
+    assert!(
+        e.contains("E-KMS-ACCESS-DENIED") && e.contains("PCR16"),
+        "{e}"
+    );
     let log = std::fs::read_to_string(broker.data.join("audit.log")).unwrap();
     let calls: Vec<(String, String)> = log
         .lines()
@@ -738,8 +756,14 @@ fn a_kept_recipient_document_too_old_for_the_broker_is_replaced() {
         })
         .collect();
     let decisions: Vec<&str> = calls.iter().map(|(d, _)| d.as_str()).collect();
-    assert_eq!(decisions, ["Allow", "Allow", "Deny", "Allow"], "{calls:?}");
+    // Reused (no refusal between 1 and 2), stale then fresh, then the new PCR16.
+    assert_eq!(
+        decisions,
+        ["Allow", "Allow", "Deny", "Allow", "Deny"],
+        "{calls:?}"
+    );
     assert!(calls[2].1.contains("E-ATTEST-STALE"), "{calls:?}");
+    assert!(calls[4].1.contains("PCR16"), "{calls:?}");
 }
 
 #[test]

@@ -485,6 +485,8 @@ async fn aws_request(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     use http_body_util::BodyExt;
+    // Displaceable until the body is in, as the youngest idle slot.
+    slot.set_idle(true);
     let (parts, body) = req.into_parts();
     let limited = http_body_util::Limited::new(body, MAX_REQUEST as usize);
     let read = tokio::time::timeout(limits.frame_timeout, limited.collect()).await;
@@ -607,7 +609,9 @@ async fn read_request<S: AsyncRead + Unpin>(
     slot.set_idle(true);
     match tokio::time::timeout(limits.idle_timeout, stream.read(&mut header[..1])).await {
         Err(_) | Ok(Ok(0)) | Ok(Err(_)) => return Err(ReadEnd::Quiet),
-        Ok(Ok(_)) => {}
+        // Still displaceable, but as the youngest idle slot: a request under
+        // way goes after connections that have been quiet.
+        Ok(Ok(_)) => slot.set_idle(true),
     }
     let rest = async {
         stream.read_exact(&mut header[1..]).await?;

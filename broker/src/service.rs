@@ -265,10 +265,7 @@ impl Call<'_> {
         };
         let v = cloister_attestation::verify(&r.attestation_document, &opts).map_err(|e| {
             use cloister_proto::ErrorCode;
-            error::access_denied(format!(
-                "the Recipient's attestation document was rejected: [{}] {e}",
-                e.code()
-            ))
+            error::recipient_rejected(e.code(), &e)
         })?;
         self.record.recipient_pcr0 = v.image_sha384().map(hex::encode);
         self.record.recipient_module_id = Some(v.module_id.clone());

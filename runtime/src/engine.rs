@@ -223,10 +223,12 @@ const IDLE_BROKER_CONNECTIONS: usize = 4;
 /// How long KMS calls reuse one recipient key and its attestation document
 /// (as the Nitro Enclaves SDK's KMS client keeps its key pair): an NSM
 /// document and a key pair less per call. Every answer is still sealed to
-/// its own request (the request id is in HPKE's `info`); a key lives at most
-/// this long after its last use begins. Well within the broker's default
-/// document age (300 s); a broker that allows less refuses with
-/// E-ATTEST-STALE and the call is made once more with a fresh document.
+/// its own request (the request id is in HPKE's `info`). A key is replaced
+/// (and the old one zeroized once no call uses it) by the first KMS call after
+/// this long, and forgotten when the workload extends a PCR (the document
+/// would show the old value). Well within the broker's default document age
+/// (300 s); a broker that allows less refuses with E-ATTEST-STALE and the
+/// call is made once more with a fresh document.
 const RECIPIENT_REUSE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A recipient key and the attestation document that carries its public key.
@@ -381,7 +383,15 @@ impl cloister::enclave::nsm::Host for HostState {
                 "extend-pcr takes at most 4096 bytes per call",
             ));
         }
-        match self.shared.nsm(NsmRequest::ExtendPcr(index, data.into()))? {
+        let extended = self.shared.nsm(NsmRequest::ExtendPcr(index, data.into()))?;
+        // A kept recipient document shows the PCR as it was: the next KMS
+        // call gets a document with the new value. (A document being made
+        // holds this lock until it is kept, so none made before the extension
+        // is kept after it.)
+        if let Ok(mut kept) = self.shared.recipient.lock() {
+            *kept = None;
+        }
+        match extended {
             NsmResponse::Pcr { value, .. } => Ok(value.into_vec()),
             other => Err(unexpected(other)),
         }
@@ -447,6 +457,7 @@ impl Shared {
             return Ok(r.clone());
         }
         // The old key goes (zeroized) once the calls using it are done.
+        *slot = None;
         let key = RecipientKey::generate();
         let document = self.attest(None, None, Some(key.public_key().to_vec()))?;
         let made = Arc::new(AttestedRecipient {
@@ -481,8 +492,7 @@ impl Shared {
         let mut recipient = self.recipient(false)?;
         let mut answer = self.broker_call(route, request(&recipient)).await;
         if let Err(ClientError::Kms(e)) = &answer
-            && e.kind == cloister_kms_api::ErrorKind::AccessDeniedException
-            && e.message.contains("E-ATTEST-STALE")
+            && e.rejected_recipient_with("E-ATTEST-STALE")
         {
             // The broker allows younger documents than the one kept.
             recipient = self.recipient(true)?;

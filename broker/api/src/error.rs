@@ -91,6 +91,30 @@ ctor!(
     serialization => SerializationException
 );
 
+/// How a refused Recipient's refusal begins; the attestation error's code follows
+/// in brackets.
+const RECIPIENT_REJECTED: &str = "the Recipient's attestation document was rejected: ";
+
+/// AccessDenied for a Recipient whose attestation document did not verify.
+pub fn recipient_rejected(code: &str, why: impl std::fmt::Display) -> KmsError {
+    access_denied(format!("{RECIPIENT_REJECTED}[{code}] {why}"))
+}
+
+impl KmsError {
+    /// Whether this refused a Recipient's document with the attestation code
+    /// `code` (as [`recipient_rejected`] wrote it; text that merely contains the
+    /// code elsewhere, such as an echoed request value, does not count).
+    pub fn rejected_recipient_with(&self, code: &str) -> bool {
+        self.kind == ErrorKind::AccessDeniedException
+            && self
+                .message
+                .strip_prefix(RECIPIENT_REJECTED)
+                .and_then(|rest| rest.strip_prefix('['))
+                .and_then(|rest| rest.strip_prefix(code))
+                .is_some_and(|rest| rest.starts_with(']'))
+    }
+}
+
 impl ErrorCode for KmsError {
     fn code(&self) -> &'static str {
         match self.kind {
@@ -207,3 +231,23 @@ pub const CODES: &[CodeInfo] = &[
         explanation: "Over TCP the broker speaks TLS 1.3 only, and clients must name its CA (--ca, CLOISTER_KMS_CA; for enclaves, the image's measured kms.tls_ca). The handshake failed: the certificate is not from that CA, does not name the host (--tls-name at kms init), or the peer does not speak TLS 1.3.",
     },
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_recipient_is_told_apart_from_text_that_merely_names_a_code() {
+        let stale = recipient_rejected("E-ATTEST-STALE", "the document is 31 s old");
+        assert!(stale.rejected_recipient_with("E-ATTEST-STALE"));
+        assert!(!stale.rejected_recipient_with("E-ATTEST-STAL"));
+        assert!(!stale.rejected_recipient_with("E-ATTEST-SIGNATURE"));
+        // A policy refusal that echoes a request value naming the code.
+        let echoed = access_denied(
+            "failed condition StringEquals kms:EncryptionContext:app: the request has \"E-ATTEST-STALE\"",
+        );
+        assert!(!echoed.rejected_recipient_with("E-ATTEST-STALE"));
+        let other_kind = validation(stale.message.clone());
+        assert!(!other_kind.rejected_recipient_with("E-ATTEST-STALE"));
+    }
+}
