@@ -27,7 +27,8 @@
 //!
 //! Run: `cargo bench -p cloister-host --bench targets` (all; or name sections
 //! after `--`). It prints the table and writes `bench/results.json` (figures of
-//! the sections run replace those of the same name). `RUNS`, `PAIRS`, `ROWS`,
+//! the sections run replace those of the same name), `bench/results.md` and
+//! the README's table (between its bench markers). `RUNS`, `PAIRS`, `ROWS`,
 //! `DENSITY`, `BROKER_SECONDS`, `BROKER_CLIENTS` (e.g. `1,16`) change the
 //! amount of work.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -252,7 +253,31 @@ fn write_results(figures: &[Figure]) {
         serde_json::to_string_pretty(&results).unwrap() + "\n",
     )
     .unwrap();
-    std::fs::write(path.with_extension("md"), markdown(&results)).unwrap();
+    let table = markdown(&results);
+    std::fs::write(path.with_extension("md"), &table).unwrap();
+    update_readme(&table);
+}
+
+/// Replaces the README's table (between its bench markers) with `table`, so
+/// that the README shows what the last run wrote.
+fn update_readme(table: &str) {
+    const START: &str =
+        "<!-- bench table: written by cargo bench -p cloister-host --bench targets -->\n";
+    const END: &str = "<!-- /bench table -->";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let Ok(readme) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let (Some(start), Some(end)) = (readme.find(START), readme.find(END)) else {
+        eprintln!("README.md has no bench markers: its table is not updated");
+        return;
+    };
+    let from = start + START.len();
+    if from > end {
+        return;
+    }
+    let updated = format!("{}{table}{}", &readme[..from], &readme[end..]);
+    std::fs::write(&path, updated).unwrap();
 }
 
 /// The figures as the README's table (bench/results.md).
