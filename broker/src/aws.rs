@@ -85,8 +85,6 @@ pub struct HttpResponse {
 /// One AWS API request handled up to its audit record.
 pub struct AwsCall {
     pub request_id: String,
-    /// The operation the target named (empty when it named none).
-    pub operation: String,
     pub prepared: Prepared,
 }
 
@@ -366,7 +364,6 @@ impl Broker {
             self.prepare_aws_unguarded(req, region, request_id.clone())
         }))
         .unwrap_or_else(|_| AwsCall {
-            operation: String::new(),
             prepared: Prepared::Audit {
                 record: RequestRecord {
                     request_id: request_id.clone(),
@@ -475,7 +472,6 @@ impl Broker {
         };
         AwsCall {
             request_id,
-            operation,
             prepared,
         }
     }
