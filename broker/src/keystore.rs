@@ -323,6 +323,26 @@ impl Keystore {
         Ok(out)
     }
 
+    /// A removal: deletes the one row `sql` names (NotFound, saying `missing`,
+    /// when there is none), audits, commits, then `apply`s it to memory.
+    fn remove(
+        &self,
+        sql: &str,
+        key: impl rusqlite::Params,
+        missing: impl FnOnce() -> String,
+        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        apply: impl FnOnce(&mut State),
+    ) -> Result<(), KmsError> {
+        self.write(
+            |tx| match tx.execute(sql, key).map_err(db_err)? {
+                0 => Err(error::not_found(missing())),
+                _ => Ok(()),
+            },
+            |_| before_commit(),
+            |state, _| apply(state),
+        )
+    }
+
     fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, State>, KmsError> {
         self.state
             .read()
@@ -630,17 +650,12 @@ impl Keystore {
         principal: &str,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
-        self.write(
-            |tx| {
-                delete_one(
-                    tx,
-                    "DELETE FROM access_keys WHERE access_key_id = ?1 AND principal = ?2",
-                    params![access_key_id, principal],
-                    || format!("access key {access_key_id} does not exist"),
-                )
-            },
-            |_| before_commit(),
-            |state, _| {
+        self.remove(
+            "DELETE FROM access_keys WHERE access_key_id = ?1 AND principal = ?2",
+            params![access_key_id, principal],
+            || format!("access key {access_key_id} does not exist"),
+            before_commit,
+            |state| {
                 state.access_keys.remove(access_key_id);
             },
         )
@@ -669,17 +684,12 @@ impl Keystore {
         id: KeyId,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
-        self.write(
-            |tx| {
-                delete_one(
-                    tx,
-                    "DELETE FROM aliases WHERE alias = ?1 AND key_id = ?2",
-                    params![alias, id.0],
-                    || format!("alias {alias} does not exist (or no longer names key {id})"),
-                )
-            },
-            |_| before_commit(),
-            |state, _| {
+        self.remove(
+            "DELETE FROM aliases WHERE alias = ?1 AND key_id = ?2",
+            params![alias, id.0],
+            || format!("alias {alias} does not exist (or no longer names key {id})"),
+            before_commit,
+            |state| {
                 state.aliases.remove(alias);
             },
         )
@@ -840,14 +850,12 @@ impl Keystore {
         name: &str,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
-        self.write(
-            |tx| {
-                delete_one(tx, "DELETE FROM principals WHERE name = ?1", [name], || {
-                    format!("principal {name:?} does not exist")
-                })
-            },
-            |_| before_commit(),
-            |state, _| {
+        self.remove(
+            "DELETE FROM principals WHERE name = ?1",
+            [name],
+            || format!("principal {name:?} does not exist"),
+            before_commit,
+            |state| {
                 state.principals.remove(name);
                 // Its access keys went with it (ON DELETE CASCADE).
                 state.access_keys.retain(|_, k| k.principal != name);
@@ -905,17 +913,12 @@ impl Keystore {
         label: &str,
         before_commit: impl FnOnce() -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
-        self.write(
-            |tx| {
-                delete_one(
-                    tx,
-                    "DELETE FROM trust_roots WHERE label = ?1",
-                    [label],
-                    || format!("trust root {label:?} does not exist"),
-                )
-            },
-            |_| before_commit(),
-            |state, _| {
+        self.remove(
+            "DELETE FROM trust_roots WHERE label = ?1",
+            [label],
+            || format!("trust root {label:?} does not exist"),
+            before_commit,
+            |state| {
                 state.trust_roots.remove(label);
             },
         )
@@ -994,19 +997,6 @@ fn stored_state(tx: &rusqlite::Transaction<'_>, id: KeyId) -> Result<KeyState, K
     let state = state.ok_or_else(|| error::not_found(format!("key {id} does not exist")))?;
     KeyState::parse(&state)
         .ok_or_else(|| error::internal(format!("key {id} has an unknown state {state:?}")))
-}
-
-/// Deletes the one row `sql` names; NotFound when there is none.
-fn delete_one(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    key: impl rusqlite::Params,
-    missing: impl FnOnce() -> String,
-) -> Result<(), KmsError> {
-    match tx.execute(sql, key).map_err(db_err)? {
-        0 => Err(error::not_found(missing())),
-        _ => Ok(()),
-    }
 }
 
 fn exists(
