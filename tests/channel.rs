@@ -35,20 +35,8 @@ struct Setup {
 /// The PHI scorer in an enclave named `scorer` (single records need no broker).
 fn setup() -> Setup {
     let h = Host::new();
-    let (image, built) = h.build_guest(
-        "phi_scorer",
-        "phi-scorer",
-        "scorer.cimg",
-        &["--config", "output-key-id=alias/phi-results"],
-    );
+    let (image, built) = h.launch_scorer();
     let pcr0 = built["Measurements"]["PCR0"].as_str().unwrap().to_owned();
-    h.ok(&[
-        "run-enclave",
-        "--image",
-        s(&image),
-        "--enclave-name",
-        "scorer",
-    ]);
     Setup { h, image, pcr0 }
 }
 

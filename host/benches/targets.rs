@@ -1249,19 +1249,7 @@ fn channel() -> Vec<Figure> {
     let runs = env_or("RUNS", 5usize);
     let per_run = 200;
     let h = common::Host::new();
-    let (image, built) = h.build_guest(
-        "phi_scorer",
-        "phi-scorer",
-        "scorer.cimg",
-        &["--config", "output-key-id=alias/phi-results"],
-    );
-    h.ok(&[
-        "run-enclave",
-        "--image",
-        s(&image),
-        "--enclave-name",
-        "scorer",
-    ]);
+    let (_, built) = h.launch_scorer();
     let pcr0 = hex::decode(built["Measurements"]["PCR0"].as_str().unwrap()).unwrap();
     let expect = cloister_channel::Expectations::from_root_pem(
         &std::fs::read(h.path("platform/root.pem")).unwrap(),

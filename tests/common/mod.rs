@@ -318,6 +318,24 @@ impl Host {
         let v = self.ok(&args);
         (image, v)
     }
+    /// The PHI scorer (needing no broker for single records) running as the
+    /// enclave `scorer`: its image and measurements.
+    pub fn launch_scorer(&self) -> (std::path::PathBuf, serde_json::Value) {
+        let (image, built) = self.build_guest(
+            "phi_scorer",
+            "phi-scorer",
+            "scorer.cimg",
+            &["--config", "output-key-id=alias/phi-results"],
+        );
+        self.ok(&[
+            "run-enclave",
+            "--image",
+            s(&image),
+            "--enclave-name",
+            "scorer",
+        ]);
+        (image, built)
+    }
     pub fn call(&self, which: &[&str], request: &[u8]) -> Output {
         let req = self.path("request.bin");
         std::fs::write(&req, request).unwrap();
