@@ -11,7 +11,7 @@ use base64::Engine;
 use serde_json::Value;
 
 mod common;
-use common::{Server, cloister, cloister_env, failed_with, json_of, ok_json, s};
+use common::{Server, cloister, cloister_env, failed_with, free_port, json_of, ok_json, s};
 
 const ALLOW_ALL: &str =
     r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#;
@@ -1444,15 +1444,6 @@ fn sealed_files_round_trip_and_every_kind_of_damage_is_refused_without_output() 
         "E-SEALED-RECORD-TOO-LARGE",
     );
     assert!(!long_out.exists());
-}
-
-/// A free TCP port on loopback (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The AWS SDKs, unchanged: boto3 and the aws CLI against `kms serve

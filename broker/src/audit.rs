@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{self, KmsError};
+use crate::store::{Store, Tx};
 
 const CHECKPOINT_LABEL: &[u8] = b"cloister-audit-checkpoint-v1\0";
 /// How often the head is written, at most, and how long it may lag the log.
@@ -139,6 +140,20 @@ pub fn tail(path: &Path, n: usize) -> Result<Vec<String>, KmsError> {
     }
     out.reverse();
     Ok(out)
+}
+
+/// The last `n` lines of a shared store's chain, oldest first.
+pub fn tail_shared(store: &Store, n: usize) -> Result<Vec<String>, KmsError> {
+    let mut lines = store
+        .query(
+            "SELECT line FROM audit_log ORDER BY seq DESC LIMIT $1",
+            crate::params![n as u64],
+        )?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    lines.reverse();
+    Ok(lines)
 }
 
 /// Where a rotation makes the next live file before renaming it into place.
@@ -330,6 +345,9 @@ pub struct Line {
     pub request: Option<RequestRecord>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub note: Option<String>,
+    /// The broker replica that wrote the line (a shared store's log).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub replica: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub signature: Option<String>,
     pub prev: String,
@@ -362,6 +380,16 @@ impl Reply {
 #[derive(Clone)]
 pub struct AuditLog {
     jobs: mpsc::Sender<Job>,
+    /// A shared store's chain: changes of the keystore append to it in their
+    /// own transaction.
+    shared: Option<std::sync::Arc<SharedChain>>,
+}
+
+/// What appends to a chain in a shared store need: the key that signs its
+/// checkpoints and head, and this replica's name.
+struct SharedChain {
+    signing_key: SigningKey,
+    replica: String,
 }
 
 fn now_rfc3339() -> String {
@@ -383,7 +411,179 @@ fn signed_message(label: &[u8], seq: u64, prev: &str) -> Vec<u8> {
     m
 }
 
-struct Writer {
+/// A line without its seq, prev and signature (the writer stamps them).
+fn system_line(kind: &str) -> Line {
+    Line {
+        seq: 0,
+        kind: kind.into(),
+        time: now_rfc3339(),
+        request: None,
+        note: None,
+        replica: None,
+        signature: None,
+        prev: String::new(),
+    }
+}
+
+/// Stamps lines onto a chain whose end is (`next_seq` - 1, `prev`): each gets
+/// its seq and prev, lines other than requests a signature, and a signed
+/// checkpoint follows every [`CHECKPOINT_EVERY`]th line. `emit` receives each
+/// line's seq and bytes in order. Returns the seq of the first given line.
+fn stamp_lines(
+    lines: Vec<Line>,
+    next_seq: &mut u64,
+    prev: &mut String,
+    key: &SigningKey,
+    replica: Option<&str>,
+    mut emit: impl FnMut(u64, Vec<u8>),
+) -> Result<u64, KmsError> {
+    let first = *next_seq;
+    let mut stamp = |mut line: Line, next_seq: &mut u64| -> Result<(), KmsError> {
+        line.seq = *next_seq;
+        line.prev = std::mem::take(prev);
+        line.replica = replica.map(str::to_owned);
+        if line.kind != "request" {
+            let sig = key.sign(&checkpoint_message(line.seq, &line.prev));
+            line.signature = Some(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
+        }
+        let bytes =
+            serde_json::to_vec(&line).map_err(|e| error::internal(format!("audit record: {e}")))?;
+        *prev = line_hash(&bytes);
+        *next_seq += 1;
+        emit(line.seq, bytes);
+        Ok(())
+    };
+    for line in lines {
+        stamp(line, next_seq)?;
+        if (*next_seq - 1).is_multiple_of(CHECKPOINT_EVERY) {
+            stamp(system_line("checkpoint"), next_seq)?;
+        }
+    }
+    Ok(first)
+}
+
+/// Where the writer thread puts batches: a log file or a shared store.
+trait Sink: Send + 'static {
+    /// Writes lines durably; returns the seq of the first.
+    fn write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError>;
+    /// Called when no batch came for [`HEAD_LAG`], and after a shutdown line.
+    fn idle(&mut self) -> Result<(), KmsError>;
+}
+
+fn spawn_writer(sink: impl Sink) -> Result<mpsc::Sender<Job>, KmsError> {
+    let (jobs, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("cloister-audit".into())
+        .spawn(move || run_writer(sink, rx))
+        .map_err(|e| error::internal(format!("cannot start the audit writer: {e}")))?;
+    Ok(jobs)
+}
+
+/// Group commit: takes every record waiting, writes them in one batch, then
+/// answers all their requests.
+fn run_writer(mut sink: impl Sink, rx: mpsc::Receiver<Job>) {
+    loop {
+        let first = match rx.recv_timeout(HEAD_LAG) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = sink.idle();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = sink.idle();
+                return;
+            }
+        };
+        let mut jobs = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            jobs.push(more);
+            if jobs.len() >= 4096 {
+                break;
+            }
+        }
+        let (lines, waiters): (Vec<Line>, Vec<_>) = jobs
+            .into_iter()
+            .map(|Job::Append(line, done)| (line, done))
+            .unzip();
+        let shutdown = lines.iter().any(|l| l.kind == "shutdown");
+        let mut result = sink.write_batch(lines);
+        if shutdown && let Err(e) = sink.idle() {
+            result = Err(e);
+        }
+        for (i, done) in waiters.into_iter().enumerate() {
+            done.send(result.clone().map(|first| first + i as u64));
+        }
+    }
+}
+
+/// Appends lines to a shared store's chain inside `tx` (see
+/// [`AuditLog::open_shared`]); returns the seq of the first.
+fn append_shared(tx: &mut Tx<'_>, chain: &SharedChain, lines: Vec<Line>) -> Result<u64, KmsError> {
+    let head = tx
+        .query_opt(
+            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )?
+        .ok_or_else(|| error::internal("the audit chain's head row is missing"))?;
+    let mut next_seq = head.int(0)? as u64 + 1;
+    let mut prev = head.text(1)?;
+    let mut joined = Vec::new();
+    let first = stamp_lines(
+        lines,
+        &mut next_seq,
+        &mut prev,
+        &chain.signing_key,
+        Some(&chain.replica),
+        |_, bytes| {
+            if !joined.is_empty() {
+                joined.push(b'\n');
+            }
+            joined.extend_from_slice(&bytes);
+        },
+    )?;
+    // One statement per batch: JSON lines hold no raw newline.
+    let joined = String::from_utf8(joined).map_err(|e| error::internal(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO audit_log (seq, line) SELECT $1 + ord - 1, line FROM unnest(string_to_array($2, E'\\n')) WITH ORDINALITY AS t(line, ord)",
+        crate::params![first, joined],
+    )?;
+    let last = next_seq - 1;
+    let sig = chain
+        .signing_key
+        .sign(&signed_message(HEAD_LABEL, last, &prev));
+    tx.execute(
+        "UPDATE audit_head SET seq = $1, hash = $2, signature = $3 WHERE id = 1",
+        crate::params![
+            last,
+            prev,
+            base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())
+        ],
+    )?;
+    Ok(first)
+}
+
+/// The writer of a shared store's chain.
+struct SharedWriter {
+    store: std::sync::Arc<Store>,
+    chain: std::sync::Arc<SharedChain>,
+}
+
+impl Sink for SharedWriter {
+    fn write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError> {
+        // A failed batch is rolled back whole: the chain in the store is
+        // intact, so (unlike a file) the next batch may be tried.
+        let mut tx = self.store.begin()?;
+        let first = append_shared(&mut tx, &self.chain, lines)?;
+        tx.commit()?;
+        Ok(first)
+    }
+
+    fn idle(&mut self) -> Result<(), KmsError> {
+        Ok(())
+    }
+}
+
+struct FileWriter {
     file: File,
     path: std::path::PathBuf,
     /// Bytes in the live file, and the seq of its first line.
@@ -492,7 +692,7 @@ impl AuditLog {
                 .map_err(io)?;
             parse(first.trim_end().as_bytes())?.seq
         };
-        let mut writer = Writer {
+        let mut writer = FileWriter {
             file,
             path: path.to_path_buf(),
             file_len: complete,
@@ -509,19 +709,59 @@ impl AuditLog {
         };
         let note = (discarded > 0)
             .then(|| format!("discarded {discarded} bytes of an unacknowledged partial line"));
-        writer.write_batch(vec![writer.system_line("startup", note)])?;
+        writer.write_batch(vec![Line {
+            note,
+            ..system_line("startup")
+        }])?;
         writer.catch_up_head()?;
-        let (jobs, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("cloister-audit".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| error::internal(format!("cannot start the audit writer: {e}")))?;
-        Ok(AuditLog { jobs })
+        Ok(AuditLog {
+            jobs: spawn_writer(writer)?,
+            shared: None,
+        })
+    }
+
+    /// Opens the chain in a shared store (PostgreSQL), where every broker
+    /// replica appends to one chain: each batch locks the head row, stamps
+    /// its lines after the chain's end, inserts them, moves the signed head,
+    /// and commits before any of its requests is answered. A startup line
+    /// names the replica.
+    pub fn open_shared(
+        store: std::sync::Arc<Store>,
+        signing_key: SigningKey,
+        replica: &str,
+    ) -> Result<Self, KmsError> {
+        let chain = std::sync::Arc::new(SharedChain {
+            signing_key,
+            replica: replica.to_owned(),
+        });
+        let mut writer = SharedWriter {
+            store,
+            chain: chain.clone(),
+        };
+        let start = Line {
+            note: Some(format!("replica {replica} started")),
+            ..system_line("startup")
+        };
+        writer.write_batch(vec![start])?;
+        Ok(AuditLog {
+            jobs: spawn_writer(writer)?,
+            shared: Some(chain),
+        })
     }
 
     /// Appends a request record and returns once it is on disk.
     pub fn record(&self, request: RequestRecord) -> Result<u64, KmsError> {
         self.append(Self::request_line(request))
+    }
+
+    /// Appends the record of a keystore change made in `tx`: on a shared
+    /// store, in that transaction (the change and its record commit together);
+    /// otherwise to the log file, on disk before the change commits.
+    pub fn record_in(&self, tx: &mut Tx<'_>, request: RequestRecord) -> Result<u64, KmsError> {
+        match &self.shared {
+            Some(chain) => append_shared(tx, chain, vec![Self::request_line(request)]),
+            None => self.record(request),
+        }
     }
 
     /// As [`AuditLog::record`], for a task: resolves once the record is on disk.
@@ -543,27 +783,14 @@ impl AuditLog {
 
     fn request_line(request: RequestRecord) -> Line {
         Line {
-            seq: 0,
-            kind: "request".into(),
-            time: now_rfc3339(),
             request: Some(request.bounded()),
-            note: None,
-            signature: None,
-            prev: String::new(),
+            ..system_line("request")
         }
     }
 
     /// Writes a signed shutdown checkpoint.
     pub fn shutdown(&self) -> Result<u64, KmsError> {
-        self.append(Line {
-            seq: 0,
-            kind: "shutdown".into(),
-            time: now_rfc3339(),
-            request: None,
-            note: None,
-            signature: None,
-            prev: String::new(),
-        })
+        self.append(system_line("shutdown"))
     }
 
     fn append(&self, line: Line) -> Result<u64, KmsError> {
@@ -576,54 +803,17 @@ impl AuditLog {
     }
 }
 
-impl Writer {
-    fn system_line(&self, kind: &str, note: Option<String>) -> Line {
-        Line {
-            seq: 0,
-            kind: kind.into(),
-            time: now_rfc3339(),
-            request: None,
-            note,
-            signature: None,
-            prev: String::new(),
-        }
+impl Sink for FileWriter {
+    fn write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError> {
+        FileWriter::write_batch(self, lines)
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        loop {
-            let first = match rx.recv_timeout(HEAD_LAG) {
-                Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = self.catch_up_head();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = self.catch_up_head();
-                    return;
-                }
-            };
-            let mut jobs = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                jobs.push(more);
-                if jobs.len() >= 4096 {
-                    break;
-                }
-            }
-            let (lines, waiters): (Vec<Line>, Vec<_>) = jobs
-                .into_iter()
-                .map(|Job::Append(line, done)| (line, done))
-                .unzip();
-            let shutdown = lines.iter().any(|l| l.kind == "shutdown");
-            let mut result = self.write_batch(lines);
-            if shutdown && let Err(e) = self.catch_up_head() {
-                result = Err(e);
-            }
-            for (i, done) in waiters.into_iter().enumerate() {
-                done.send(result.clone().map(|first| first + i as u64));
-            }
-        }
+    fn idle(&mut self) -> Result<(), KmsError> {
+        self.catch_up_head()
     }
+}
 
+impl FileWriter {
     /// Writes lines (plus periodic checkpoints), fsyncs, records the head.
     /// Returns the seq of the first given line.
     fn write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError> {
@@ -644,16 +834,17 @@ impl Writer {
         // The head that this batch writes: the end of what is already on disk.
         let durable = (self.next_seq - 1, self.prev.clone());
         let mut out = Vec::new();
-        let mut first_seq = None;
-        for mut line in lines {
-            let signed = line.kind != "request";
-            self.stamp(&mut line, signed, &mut out)?;
-            first_seq.get_or_insert(line.seq);
-            if line.seq % CHECKPOINT_EVERY == 0 {
-                let mut cp = self.system_line("checkpoint", None);
-                self.stamp(&mut cp, true, &mut out)?;
-            }
-        }
+        let first_seq = stamp_lines(
+            lines,
+            &mut self.next_seq,
+            &mut self.prev,
+            &self.signing_key,
+            None,
+            |_, bytes| {
+                out.extend_from_slice(&bytes);
+                out.push(b'\n');
+            },
+        )?;
         self.file.write_all(&out).map_err(io)?;
         if durable.0 > self.head_seq && self.head_written_at.elapsed() >= HEAD_LAG {
             // Both fdatasyncs at once: the head names only lines synced before.
@@ -674,7 +865,7 @@ impl Writer {
         if self.file_len >= self.rotate_bytes {
             self.rotate()?;
         }
-        Ok(first_seq.unwrap_or(self.next_seq))
+        Ok(first_seq)
     }
 
     /// Renames the live file (all of it synced) to its segment name and puts a
@@ -764,24 +955,6 @@ impl Writer {
         slot.resize(HEAD_SLOT - 1, b' ');
         slot.push(b'\n');
         Ok(slot)
-    }
-
-    fn stamp(&mut self, line: &mut Line, signed: bool, out: &mut Vec<u8>) -> Result<(), KmsError> {
-        line.seq = self.next_seq;
-        line.prev = self.prev.clone();
-        if signed {
-            let sig = self
-                .signing_key
-                .sign(&checkpoint_message(line.seq, &line.prev));
-            line.signature = Some(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
-        }
-        let bytes =
-            serde_json::to_vec(line).map_err(|e| error::internal(format!("audit record: {e}")))?;
-        self.prev = line_hash(&bytes);
-        self.next_seq += 1;
-        out.extend_from_slice(&bytes);
-        out.push(b'\n');
-        Ok(())
     }
 }
 
@@ -948,28 +1121,129 @@ pub fn verify_log(
         chain = Box::new(chain.chain(file));
     }
     let mut reader = BufReader::new(chain);
-    let mut prev = GENESIS.to_owned();
-    let mut n = 0u64;
-    let mut checkpoints = 0;
-    let mut head_seen = head.is_none();
+    let mut verifier = ChainVerifier::new(broker_key, head, "in the head file");
     let mut buf = Vec::new();
     loop {
         buf.clear();
         let read = reader.read_until(b'\n', &mut buf).map_err(|e| AuditError {
-            line: n + 1,
+            line: verifier.lines + 1,
             problem: e.to_string(),
         })?;
         if read == 0 {
             break;
         }
-        n += 1;
-        let fail = |problem: String| AuditError { line: n, problem };
-        if buf.last() != Some(&b'\n') {
-            return Err(fail(
-                "the line is incomplete (no newline): the log was cut".into(),
-            ));
+        let Some(bytes) = buf.strip_suffix(b"\n") else {
+            return Err(AuditError {
+                line: verifier.lines + 1,
+                problem: "the line is incomplete (no newline): the log was cut".into(),
+            });
+        };
+        verifier.push(bytes)?;
+    }
+    verifier.finish()
+}
+
+/// Verifies the chain in a shared store: every line in seq order, as
+/// [`verify_log`] does, up to the signed head row (which every append moves
+/// in its transaction, so it names the chain's end).
+pub fn verify_shared(
+    store: &Store,
+    broker_key: &VerifyingKey,
+) -> Result<VerifySummary, AuditError> {
+    let cannot = |e: KmsError| AuditError {
+        line: 0,
+        problem: e.message,
+    };
+    let head = store
+        .query(
+            "SELECT seq, hash, signature FROM audit_head WHERE id = 1",
+            &[],
+        )
+        .map_err(cannot)?;
+    let head = head.first().ok_or_else(|| AuditError {
+        line: 0,
+        problem: "the audit head row is missing: truncation cannot be ruled out".into(),
+    })?;
+    let (seq, hash, signature) = (
+        head.int(0).map_err(cannot)? as u64,
+        head.text(1).map_err(cannot)?,
+        head.text(2).map_err(cannot)?,
+    );
+    let signed = base64::engine::general_purpose::STANDARD
+        .decode(&signature)
+        .ok()
+        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+        .is_some_and(|sig| {
+            broker_key
+                .verify(&signed_message(HEAD_LABEL, seq, &hash), &sig)
+                .is_ok()
+        });
+    if seq > 0 && !signed {
+        return Err(AuditError {
+            line: seq,
+            problem: "the audit head row is not signed by the broker key".into(),
+        });
+    }
+    let mut verifier = ChainVerifier::new(
+        broker_key,
+        (seq > 0).then_some((seq, hash)),
+        "in the head row",
+    );
+    const PAGE: i64 = 10_000;
+    loop {
+        let rows = store
+            .query(
+                "SELECT seq, line FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                crate::params![verifier.lines, PAGE],
+            )
+            .map_err(cannot)?;
+        for row in &rows {
+            let stored_seq = row.int(0).map_err(cannot)? as u64;
+            if stored_seq != verifier.lines + 1 {
+                return Err(AuditError {
+                    line: verifier.lines + 1,
+                    problem: format!("the next line stored is {stored_seq}: lines were deleted"),
+                });
+            }
+            verifier.push(row.text(1).map_err(cannot)?.as_bytes())?;
         }
-        let bytes = &buf[..buf.len() - 1];
+        if (rows.len() as i64) < PAGE {
+            break;
+        }
+    }
+    verifier.finish()
+}
+
+/// Checks lines one by one: well-formed, seq consecutive from 1, each `prev`
+/// the hash of the line before, every signature valid, and the head (if any)
+/// reached with the same hash.
+struct ChainVerifier<'k> {
+    key: &'k VerifyingKey,
+    head: Option<(u64, String)>,
+    head_where: &'static str,
+    head_seen: bool,
+    prev: String,
+    lines: u64,
+    checkpoints: u64,
+}
+
+impl<'k> ChainVerifier<'k> {
+    fn new(key: &'k VerifyingKey, head: Option<(u64, String)>, head_where: &'static str) -> Self {
+        ChainVerifier {
+            key,
+            head_seen: head.is_none(),
+            head,
+            head_where,
+            prev: GENESIS.to_owned(),
+            lines: 0,
+            checkpoints: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> Result<(), AuditError> {
+        self.lines += 1;
+        let n = self.lines;
+        let fail = |problem: String| AuditError { line: n, problem };
         let line: Line = serde_json::from_slice(bytes)
             .map_err(|e| fail(format!("not a valid record ({e}): the line was edited")))?;
         if line.seq != n {
@@ -978,7 +1252,7 @@ pub fn verify_log(
                 line.seq
             )));
         }
-        if line.prev != prev {
+        if line.prev != self.prev {
             return Err(fail(format!(
                 "prev does not match the hash of line {}: that line was edited, or lines were reordered",
                 n - 1
@@ -991,7 +1265,7 @@ pub fn verify_log(
                 .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
                 .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
                 .ok_or_else(|| fail(format!("{} line without a valid signature", line.kind)))?;
-            broker_key
+            self.key
                 .verify(&checkpoint_message(line.seq, &line.prev), &sig)
                 .map_err(|_| {
                     fail(format!(
@@ -999,40 +1273,47 @@ pub fn verify_log(
                         line.kind
                     ))
                 })?;
-            checkpoints += 1;
+            self.checkpoints += 1;
         }
-        prev = line_hash(bytes);
-        if let Some((head_seq, head_hash)) = &head
+        self.prev = line_hash(bytes);
+        if let Some((head_seq, head_hash)) = &self.head
             && *head_seq == n
         {
-            if &prev != head_hash {
-                return Err(fail(
-                    "the line differs from the head recorded in the head file".into(),
-                ));
+            if &self.prev != head_hash {
+                return Err(fail(format!(
+                    "the line differs from the head recorded {}",
+                    self.head_where
+                )));
             }
-            head_seen = true;
+            self.head_seen = true;
         }
+        Ok(())
     }
-    if head.is_none() && n > 0 {
-        return Err(AuditError {
-            line: n,
-            problem: "the log has records but no head was recorded (the head file is missing or empty): truncation cannot be ruled out".into(),
-        });
+
+    fn finish(self) -> Result<VerifySummary, AuditError> {
+        let n = self.lines;
+        if self.head.is_none() && n > 0 {
+            return Err(AuditError {
+                line: n,
+                problem: "the log has records but no head was recorded (the head file is missing or empty): truncation cannot be ruled out".into(),
+            });
+        }
+        if !self.head_seen {
+            let (head_seq, _) = self.head.unwrap_or_default();
+            return Err(AuditError {
+                line: n,
+                problem: format!(
+                    "the log ends at line {n} but its head {} records line {head_seq}: the log was truncated",
+                    self.head_where
+                ),
+            });
+        }
+        Ok(VerifySummary {
+            lines: n,
+            checkpoints: self.checkpoints,
+            head_hash: self.prev,
+        })
     }
-    if !head_seen {
-        let (head_seq, _) = head.unwrap_or_default();
-        return Err(AuditError {
-            line: n,
-            problem: format!(
-                "the log ends at line {n} but its head file records line {head_seq}: the log was truncated"
-            ),
-        });
-    }
-    Ok(VerifySummary {
-        lines: n,
-        checkpoints,
-        head_hash: prev,
-    })
 }
 
 #[cfg(test)]

@@ -217,6 +217,8 @@ fn authenticate(
         )
     })?;
     let auth = parse_authorization(header)?;
+    // A shared store's keystore may have changed on another replica.
+    broker.keystore().refresh()?;
     let (access_key, principal) = broker
         .keystore()
         .access_key(auth.access_key_id)?

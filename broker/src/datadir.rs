@@ -3,6 +3,7 @@
 //! | file | what |
 //! |---|---|
 //! | `keystore.db` | SQLite keystore (WAL, synchronous=FULL) |
+//! | `store` | instead of `keystore.db`: the PostgreSQL URL of a keystore shared by broker replicas (0600), which also holds the audit chain and the request ids used |
 //! | `root.key` | the 32-byte root key, mode 0600 (absent in passphrase mode) |
 //! | `broker.key` / `broker.pub` | the broker's Ed25519 key: signs every response and the audit checkpoints |
 //! | `admin.key` / `admin.pub` | the first principal, `admin`, allowed everything |
@@ -22,6 +23,7 @@ use crate::crypto::RootKey;
 use crate::error::{self, KmsError};
 use crate::keystore::Keystore;
 use crate::service::{Broker, BrokerConfig, now_ms};
+use crate::store::Location;
 
 /// The name of the principal `init` creates.
 pub const ADMIN: &str = "admin";
@@ -38,6 +40,24 @@ impl DataDir {
     }
     pub fn keystore(&self) -> PathBuf {
         self.dir.join("keystore.db")
+    }
+    /// The file naming a shared store (PostgreSQL), if the keystore is there.
+    pub fn store_file(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+    /// Where the keystore is: the shared store the `store` file names, or
+    /// `keystore.db`.
+    pub fn store(&self) -> Result<Location, KmsError> {
+        match std::fs::read_to_string(self.store_file()) {
+            Ok(url) => Location::parse(url.trim()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Location::Sqlite(self.keystore()))
+            }
+            Err(e) => Err(error::internal(format!(
+                "{}: {e}",
+                self.store_file().display()
+            ))),
+        }
     }
     pub fn root_key(&self) -> PathBuf {
         self.dir.join("root.key")
@@ -66,13 +86,19 @@ impl DataDir {
 
     /// Creates a data directory. With a passphrase the root key is derived with
     /// Argon2id (its salt is kept in the keystore) and no key file is written.
+    ///
+    /// With `store` a shared store (PostgreSQL), the keystore is made there and
+    /// the data directory keeps its URL; what else it holds (the root key or
+    /// nothing, the broker key, the TLS files) is what a replica joining the
+    /// same store copies.
     pub fn init(
         &self,
         passphrase: Option<Zeroizing<String>>,
         tls_names: &[String],
+        store: Option<Location>,
     ) -> Result<(), KmsError> {
         let io = |e: std::io::Error| error::internal(format!("{}: {e}", self.dir.display()));
-        if self.keystore().exists() {
+        if self.keystore().exists() || self.store_file().exists() {
             return Err(error::already_exists(format!(
                 "{} already holds a keystore; refusing to replace it",
                 self.dir.display()
@@ -113,8 +139,12 @@ impl DataDir {
             .map(|s| vec![("root_salt", s.as_slice())])
             .unwrap_or_default();
         self.tls().init(tls_names)?;
-        let keystore = Keystore::create(&self.keystore(), root, &salt_meta)?;
-        keystore.add_principal(ADMIN, admin.verifying_key(), ADMIN_POLICY, now_ms(), || {
+        let location = store.unwrap_or_else(|| Location::Sqlite(self.keystore()));
+        let keystore = Keystore::create(&location, root, &salt_meta)?;
+        if let Location::Postgres(url) = &location {
+            keyfile::write_secret(&self.store_file(), url.as_bytes(), false).map_err(kf)?;
+        }
+        keystore.add_principal(ADMIN, admin.verifying_key(), ADMIN_POLICY, now_ms(), |_| {
             Ok(())
         })?;
         Ok(())
@@ -127,10 +157,20 @@ impl DataDir {
         config: BrokerConfig,
     ) -> Result<Broker, KmsError> {
         self.restrict_modes()?;
-        let root = self.root(passphrase)?;
-        let keystore = Keystore::open(&self.keystore(), root)?;
+        let location = self.store()?;
+        let root = self.root(&location, passphrase)?;
+        let keystore = Keystore::open(&location, root)?;
         let broker_key = keyfile::read_signing_key(&self.broker_key())
             .map_err(|e| error::internal(e.to_string()))?;
+        if keystore.store().is_shared() {
+            // The chain and the request ids used are in the store.
+            let audit = AuditLog::open_shared(
+                keystore.store().clone(),
+                broker_key.clone(),
+                &config.replica,
+            )?;
+            return Ok(Broker::new(keystore, audit, config, broker_key));
+        }
         let audit = AuditLog::open(&self.audit_log(), &self.audit_head(), broker_key.clone())?;
         let broker = Broker::new(keystore, audit, config, broker_key);
         // Request ids accepted before a restart stay used (replay protection).
@@ -163,11 +203,15 @@ impl DataDir {
         Ok(())
     }
 
-    fn root(&self, passphrase: Option<Zeroizing<String>>) -> Result<RootKey, KmsError> {
+    fn root(
+        &self,
+        location: &Location,
+        passphrase: Option<Zeroizing<String>>,
+    ) -> Result<RootKey, KmsError> {
         if self.root_key().exists() {
             return RootKey::from_file(&self.root_key());
         }
-        let salt = Keystore::read_meta(&self.keystore(), "root_salt")?.ok_or_else(|| {
+        let salt = Keystore::read_meta(location, "root_salt")?.ok_or_else(|| {
             error::not_found(format!(
                 "{} has neither root.key nor a passphrase salt; is it a data directory made by `cloister kms init`?",
                 self.dir.display()

@@ -10,26 +10,22 @@
 //! exists between requests (or with the purge).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ed25519_dalek::VerifyingKey;
-use rusqlite::{Connection, OptionalExtension, params};
 
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, KeyId, KeyMaterial, RootKey};
 use crate::error::{self, KmsError};
+use crate::params;
 use crate::policy::{Policy, PolicyKind};
 use crate::protocol::EncryptionContext;
+use crate::store::{Location, Store, Tx};
 
-/// The schema's migrations, in order: the keystore's schema version is the
-/// number of them applied (`meta.schema_version`).
-const MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/sqlite/0001_initial.sql"),
-    include_str!("../migrations/sqlite/0002_access_keys_rotation.sql"),
-];
-const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+/// The store's generation (shared stores; see [`Keystore::refresh`]).
+const GENERATION: &str = "SELECT n FROM generation WHERE id = 1";
 const ROOT_CHECK_AAD: &[u8] = b"cloister-kms-root-check-v1";
 const ACCESS_KEY_AAD: &[u8] = b"cloister-kms-access-key-v1\0";
 
@@ -146,13 +142,14 @@ struct State {
 }
 
 pub struct Keystore {
-    conn: Mutex<Connection>,
+    store: Arc<Store>,
     root: RootKey,
     state: RwLock<State>,
-}
-
-fn db_err(e: rusqlite::Error) -> KmsError {
-    error::internal(format!("keystore: {e}"))
+    /// Held by this broker's changes, so that the copy sees them in the order
+    /// the database committed them.
+    writing: Mutex<()>,
+    /// The store's generation the copy was read at (shared stores).
+    generation: AtomicI64,
 }
 
 fn material_aad(id: KeyId, version: u32) -> Vec<u8> {
@@ -168,158 +165,270 @@ fn access_key_aad(access_key_id: &str) -> Vec<u8> {
     [ACCESS_KEY_AAD, access_key_id.as_bytes()].concat()
 }
 
-fn open_connection(path: &Path) -> Result<Connection, KmsError> {
-    // Created owner-only: SQLite gives its -wal and -shm files the database
-    // file's mode, so they are owner-only too.
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| error::internal(format!("keystore {}: {e}", path.display())))?;
-    let conn = Connection::open(path).map_err(db_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(db_err)?;
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(db_err)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
-        .map_err(db_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .map_err(db_err)?;
-    Ok(conn)
+fn key_id(bytes: Vec<u8>) -> Result<KeyId, KmsError> {
+    Ok(KeyId(bytes.try_into().map_err(|_| {
+        error::internal("keystore: malformed key id")
+    })?))
 }
 
 impl Keystore {
-    /// Creates a new keystore; refuses a path that already holds one.
+    /// Creates a new keystore; refuses a store that already holds one.
     pub fn create(
-        path: &Path,
+        location: &Location,
         root: RootKey,
         extra_meta: &[(&str, &[u8])],
     ) -> Result<Self, KmsError> {
-        if path.exists() {
+        if let Location::Sqlite(path) = location
+            && path.exists()
+        {
             return Err(error::already_exists(format!(
                 "{} already exists",
                 path.display()
             )));
         }
-        let mut conn = open_connection(path)?;
-        let tx = conn.transaction().map_err(db_err)?;
-        for migration in MIGRATIONS {
-            tx.execute_batch(migration).map_err(db_err)?;
+        let store = Store::connect(location)?;
+        if store.schema_version()?.is_some() {
+            return Err(error::already_exists(format!(
+                "{} already holds a keystore; refusing to replace it",
+                location.redacted()
+            )));
         }
+        let mut tx = store.begin()?;
+        store.create_schema(&mut tx)?;
         tx.execute(
-            "INSERT INTO meta VALUES ('schema_version', ?1)",
-            params![SCHEMA_VERSION],
-        )
-        .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO meta VALUES ('root_check', ?1)",
-            params![root.seal(ROOT_CHECK_AAD, b"ok")?],
-        )
-        .map_err(db_err)?;
+            "INSERT INTO meta (name, value) VALUES ('root_check', $1)",
+            params![&root.seal(ROOT_CHECK_AAD, b"ok")?],
+        )?;
         for (name, value) in extra_meta {
-            tx.execute("INSERT INTO meta VALUES (?1, ?2)", params![name, value])
-                .map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO meta (name, value) VALUES ($1, $2)",
+                params![*name, *value],
+            )?;
         }
-        tx.commit().map_err(db_err)?;
+        tx.commit()?;
         Ok(Keystore {
-            conn: Mutex::new(conn),
+            store: Arc::new(store),
             root,
             state: RwLock::new(State::default()),
+            writing: Mutex::new(()),
+            generation: AtomicI64::new(0),
         })
     }
 
     /// Reads a keystore's meta value without the root key (e.g. the passphrase salt).
-    pub fn read_meta(path: &Path, name: &str) -> Result<Option<Vec<u8>>, KmsError> {
-        let conn = open_connection(path)?;
-        conn.query_row(
-            "SELECT value FROM meta WHERE name = ?1",
-            params![name],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(db_err)
+    pub fn read_meta(location: &Location, name: &str) -> Result<Option<Vec<u8>>, KmsError> {
+        Self::connect_existing(location)?
+            .query("SELECT value FROM meta WHERE name = $1", params![name])?
+            .first()
+            .map(|r| r.blob(0))
+            .transpose()
     }
 
-    /// Opens an existing keystore and loads it into memory.
-    pub fn open(path: &Path, root: RootKey) -> Result<Self, KmsError> {
-        if !path.exists() {
+    fn connect_existing(location: &Location) -> Result<Store, KmsError> {
+        if let Location::Sqlite(path) = location
+            && !path.exists()
+        {
             return Err(error::not_found(format!(
                 "no keystore at {}; run `cloister kms init`",
                 path.display()
             )));
         }
-        let mut conn = open_connection(path)?;
-        let version: i64 = conn
-            .query_row(
-                "SELECT value FROM meta WHERE name = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db_err)?;
-        if !(1..=SCHEMA_VERSION).contains(&version) {
-            return Err(error::internal(format!(
-                "keystore schema {version} is not supported (this broker knows 1 to {SCHEMA_VERSION}; a newer broker wrote it?)"
+        let store = Store::connect(location)?;
+        if store.schema_version()?.is_none() {
+            return Err(error::not_found(format!(
+                "no keystore at {}; run `cloister kms init`",
+                location.redacted()
             )));
         }
+        Ok(store)
+    }
 
-        let check: Vec<u8> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE name = 'root_check'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db_err)?;
+    /// Opens an existing keystore and loads it into memory.
+    pub fn open(location: &Location, root: RootKey) -> Result<Self, KmsError> {
+        let store = Self::connect_existing(location)?;
+        let version = store.schema_version()?.unwrap_or_default();
+        let latest = store.latest_version();
+        if !(1..=latest).contains(&version) {
+            return Err(error::internal(format!(
+                "keystore schema {version} is not supported (this broker knows 1 to {latest}; a newer broker wrote it?)"
+            )));
+        }
+        let check = store
+            .query("SELECT value FROM meta WHERE name = 'root_check'", &[])?
+            .first()
+            .map(|r| r.blob(0))
+            .transpose()?
+            .unwrap_or_default();
         if root.open(ROOT_CHECK_AAD, &check).is_none() {
             return Err(error::internal(
                 "the root key does not open this keystore (wrong key file or passphrase)",
             ));
         }
         // Only a keystore this root key opens is migrated.
-        if version < SCHEMA_VERSION {
+        if version < latest {
             // The migrations after the stored version, and the new version, in
             // one transaction: a keystore is at one version or the next.
-            let tx = conn.transaction().map_err(db_err)?;
-            for migration in &MIGRATIONS[version as usize..] {
-                tx.execute_batch(migration).map_err(db_err)?;
-            }
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE name = 'schema_version'",
-                params![SCHEMA_VERSION],
-            )
-            .map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
+            let mut tx = store.begin()?;
+            store.migrate(&mut tx, version)?;
+            tx.commit()?;
         }
-        let state = load(&conn, &root)?;
-        Ok(Keystore {
-            conn: Mutex::new(conn),
+        let keystore = Keystore {
+            store: Arc::new(store),
             root,
-            state: RwLock::new(state),
-        })
+            state: RwLock::new(State::default()),
+            writing: Mutex::new(()),
+            generation: AtomicI64::new(-1),
+        };
+        keystore.refresh()?;
+        Ok(keystore)
+    }
+
+    /// The store (shared with the audit log and the replay guard of a shared store).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Makes the in-memory copy current: on a shared store, reloads it when
+    /// another replica changed the keystore since it was read (one query when
+    /// nothing changed). A single broker's copy is always current.
+    pub fn refresh(&self) -> Result<(), KmsError> {
+        let current = if self.store.is_shared() {
+            self.store.query_int(GENERATION, &[])?
+        } else {
+            0
+        };
+        self.refresh_to(current)
+    }
+
+    /// Reloads the copy, if the store is at `generation` (read by the caller
+    /// in its own query) and the copy is older.
+    pub fn refresh_to(&self, generation: i64) -> Result<(), KmsError> {
+        if generation != self.generation.load(Ordering::Acquire) {
+            self.reload(generation)?;
+        }
+        Ok(())
+    }
+
+    fn reload(&self, generation: i64) -> Result<(), KmsError> {
+        let _writing = self
+            .writing
+            .lock()
+            .map_err(|_| error::internal("keystore lock poisoned"))?;
+        if generation != self.generation.load(Ordering::Acquire) {
+            self.reload_locked()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the whole copy again (the caller holds `writing`), in one
+    /// transaction, so that it is one generation's.
+    fn reload_locked(&self) -> Result<(), KmsError> {
+        let mut tx = self.store.begin_snapshot()?;
+        let state = load(&mut tx, &self.root)?;
+        let loaded = if tx.is_postgres() {
+            tx.query_int(GENERATION, &[])?
+        } else {
+            0
+        };
+        drop(tx);
+        *self.write_state()? = state;
+        self.generation.store(loaded, Ordering::Release);
+        Ok(())
+    }
+
+    /// Claims a request id in a shared store (see [`crate::store`]): false if
+    /// any replica accepted it already. Also returns the store's generation.
+    ///
+    /// The claim commits without waiting for its own flush: the request's
+    /// audit record commits (flushed) after it, and PostgreSQL's log is one
+    /// sequence, so no response is sent before its claim is durable too.
+    pub fn claim_request_id(
+        &self,
+        digest: [u8; 16],
+        expires_ms: u64,
+    ) -> Result<(bool, i64), KmsError> {
+        let row = self.store.query_relaxed(
+            "WITH claim AS (INSERT INTO request_ids (digest, expires_ms) VALUES ($1, $2) \
+             ON CONFLICT (digest) DO NOTHING RETURNING 1) \
+             SELECT (SELECT COUNT(*) FROM claim), (SELECT n FROM generation WHERE id = 1)",
+            params![&digest[..], expires_ms],
+        )?;
+        let row = row
+            .first()
+            .ok_or_else(|| error::internal("keystore: the request id claim returned nothing"))?;
+        Ok((row.int(0)? == 1, row.int(1)?))
+    }
+
+    /// Records that replica `name` serves, and returns how many replicas were
+    /// heard from since `alive_since` (itself included).
+    pub fn heartbeat(&self, name: &str, now_ms: u64, alive_since: u64) -> Result<u64, KmsError> {
+        let mut tx = self.store.begin()?;
+        tx.execute(
+            "INSERT INTO replicas (name, started_ms, seen_ms) VALUES ($1, $2, $2) \
+             ON CONFLICT (name) DO UPDATE SET seen_ms = $2",
+            params![name, now_ms],
+        )?;
+        let alive = tx.query_int(
+            "SELECT COUNT(*) FROM replicas WHERE seen_ms >= $1",
+            params![alive_since],
+        )?;
+        tx.commit()?;
+        Ok(alive as u64)
+    }
+
+    /// Forgets claimed request ids that no request can carry any more.
+    pub fn forget_request_ids(&self, now_ms: u64) -> Result<u64, KmsError> {
+        if !self.store.is_shared() {
+            return Ok(0);
+        }
+        self.store.execute(
+            "DELETE FROM request_ids WHERE expires_ms < $1",
+            params![now_ms],
+        )
     }
 
     /// Runs one change: `change` inside a transaction, then `before_commit`
-    /// (the audit record), the commit, and `apply` to the in-memory copy —
-    /// all under the connection's lock, so that no other change interleaves
-    /// and the copy sees changes in the order the database committed them.
-    /// Conditions a change depends on are checked inside `change`.
+    /// (the audit record, in the same transaction on a shared store), the
+    /// commit, and `apply` to the in-memory copy — all under this broker's
+    /// write lock, so that the copy sees changes in the order the database
+    /// committed them. Conditions a change depends on are checked inside
+    /// `change` (with [`Tx::for_update`] row locks on a shared store). On a
+    /// shared store the change also moves the generation, first: changes of
+    /// all replicas are serialized on that row, so they cannot deadlock.
     fn write<T>(
         &self,
-        change: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, KmsError>,
-        before_commit: impl FnOnce(&T) -> Result<(), KmsError>,
+        change: impl FnOnce(&mut Tx<'_>) -> Result<T, KmsError>,
+        before_commit: impl FnOnce(&T, &mut Tx<'_>) -> Result<(), KmsError>,
         apply: impl FnOnce(&mut State, &T),
     ) -> Result<T, KmsError> {
-        let mut conn = self
-            .conn
+        let _writing = self
+            .writing
             .lock()
             .map_err(|_| error::internal("keystore lock poisoned"))?;
-        let tx = conn.transaction().map_err(db_err)?;
-        let out = change(&tx)?;
-        before_commit(&out)?;
-        tx.commit().map_err(db_err)?;
-        apply(&mut *self.write_state()?, &out);
+        let mut tx = self.store.begin()?;
+        let generation = if tx.is_postgres() {
+            Some(tx.query_int(
+                "UPDATE generation SET n = n + 1 WHERE id = 1 RETURNING n",
+                &[],
+            )?)
+        } else {
+            None
+        };
+        let out = change(&mut tx)?;
+        before_commit(&out, &mut tx)?;
+        tx.commit()?;
+        match generation {
+            // Another replica's change is missing from the copy: applying this
+            // one to it could misplace it (a key version numbered after one
+            // the copy lacks), so the copy is read again instead.
+            Some(n) if self.generation.load(Ordering::Acquire) != n - 1 => self.reload_locked()?,
+            _ => {
+                apply(&mut *self.write_state()?, &out);
+                if let Some(n) = generation {
+                    self.generation.store(n, Ordering::Release);
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -328,17 +437,17 @@ impl Keystore {
     fn remove(
         &self,
         sql: &str,
-        key: impl rusqlite::Params,
+        key: &[crate::store::Value],
         missing: impl FnOnce() -> String,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
         apply: impl FnOnce(&mut State),
     ) -> Result<(), KmsError> {
         self.write(
-            |tx| match tx.execute(sql, key).map_err(db_err)? {
+            |tx| match tx.execute(sql, key)? {
                 0 => Err(error::not_found(missing())),
                 _ => Ok(()),
             },
-            |_| before_commit(),
+            |_, tx| before_commit(tx),
             |state, _| apply(state),
         )
     }
@@ -431,7 +540,7 @@ impl Keystore {
         description: &str,
         policy_json: &str,
         now_ms: u64,
-        before_commit: impl FnOnce(KeyId) -> Result<(), KmsError>,
+        before_commit: impl FnOnce(KeyId, &mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<KeyId, KmsError> {
         let policy = Policy::parse(policy_json, PolicyKind::Key)
             .map_err(|e| error::validation(e.to_string()))?;
@@ -441,18 +550,16 @@ impl Keystore {
         self.write(
             |tx| {
                 tx.execute(
-                    "INSERT INTO keys (key_id, description, state, created_ms, deletion_ms, policy) VALUES (?1, ?2, 'Enabled', ?3, NULL, ?4)",
-                    params![id.0, description, now_ms as i64, policy_json],
-                )
-                .map_err(db_err)?;
+                    "INSERT INTO keys (key_id, description, state, created_ms, deletion_ms, policy) VALUES ($1, $2, 'Enabled', $3, NULL, $4)",
+                    params![id, description, now_ms as i64, policy_json],
+                )?;
                 tx.execute(
-                    "INSERT INTO key_versions VALUES (?1, 1, ?2, ?3)",
-                    params![id.0, sealed, now_ms as i64],
-                )
-                .map_err(db_err)?;
+                    "INSERT INTO key_versions VALUES ($1, 1, $2, $3)",
+                    params![id, sealed, now_ms as i64],
+                )?;
                 Ok(id)
             },
-            |id| before_commit(*id),
+            |id, tx| before_commit(*id, tx),
             |state, _| {
                 state.keys.insert(
                     id,
@@ -482,7 +589,7 @@ impl Keystore {
         id: KeyId,
         now_ms: u64,
         how: Rotate,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<Option<u32>, KmsError> {
         let material = crate::crypto::random_key();
         let stored = material.clone();
@@ -492,17 +599,18 @@ impl Keystore {
                 let next = match how {
                     Rotate::OnDemand => None,
                     Rotate::Due => {
-                        let (days, next): (Option<u32>, Option<i64>) = tx
-                            .query_row(
-                                "SELECT rotation_days, next_rotation_ms FROM keys WHERE key_id = ?1",
-                                params![id.0],
-                                |r| Ok((r.get(0)?, r.get(1)?)),
-                            )
-                            .map_err(db_err)?;
-                        match days.zip(next) {
+                        let row = tx
+                            .query_opt(
+                                "SELECT rotation_days, next_rotation_ms FROM keys WHERE key_id = $1",
+                                params![id],
+                            )?
+                            .ok_or_else(|| error::not_found(format!("key {id} does not exist")))?;
+                        match row.opt_int(0)?.zip(row.opt_int(1)?) {
                             Some((days, next)) if next as u64 <= now_ms => Some(Rotation {
-                                period_days: days,
-                                next_ms: now_ms + u64::from(days) * 86_400_000,
+                                period_days: u32::try_from(days).map_err(|_| {
+                                    error::internal("keystore: malformed rotation period")
+                                })?,
+                                next_ms: now_ms + days as u64 * 86_400_000,
                             }),
                             _ => return Ok(None),
                         }
@@ -510,30 +618,30 @@ impl Keystore {
                 };
                 if let Some(r) = next {
                     tx.execute(
-                        "UPDATE keys SET next_rotation_ms = ?2 WHERE key_id = ?1",
-                        params![id.0, r.next_ms as i64],
-                    )
-                    .map_err(db_err)?;
+                        "UPDATE keys SET next_rotation_ms = $2 WHERE key_id = $1",
+                        params![id, r.next_ms as i64],
+                    )?;
                 }
-                let version: u32 = tx
-                    .query_row(
-                        "SELECT MAX(version) + 1 FROM key_versions WHERE key_id = ?1",
-                        params![id.0],
-                        |r| r.get(0),
-                    )
-                    .map_err(db_err)?;
+                let version = tx
+                    .query_opt(
+                        "SELECT MAX(version) + 1 FROM key_versions WHERE key_id = $1",
+                        params![id],
+                    )?
+                    .map(|r| r.int(0))
+                    .transpose()?
+                    .and_then(|v| u32::try_from(v).ok())
+                    .ok_or_else(|| error::internal(format!("key {id} has no versions")))?;
                 let sealed = self
                     .root
                     .seal(&material_aad(id, version), stored.as_ref())?;
                 tx.execute(
-                    "INSERT INTO key_versions VALUES (?1, ?2, ?3, ?4)",
-                    params![id.0, version, sealed, now_ms as i64],
-                )
-                .map_err(db_err)?;
+                    "INSERT INTO key_versions VALUES ($1, $2, $3, $4)",
+                    params![id, version, sealed, now_ms as i64],
+                )?;
                 Ok(Some((version, next)))
             },
-            |rotated| match rotated {
-                Some(_) => before_commit(),
+            |rotated, tx| match rotated {
+                Some(_) => before_commit(tx),
                 None => Ok(()),
             },
             |state, rotated| {
@@ -555,7 +663,7 @@ impl Keystore {
         id: KeyId,
         period_days: Option<u32>,
         now_ms: u64,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<Option<Rotation>, KmsError> {
         let rotation = period_days.map(|days| Rotation {
             period_days: days,
@@ -565,17 +673,16 @@ impl Keystore {
             |tx| {
                 usable(id, stored_state(tx, id)?, None)?;
                 tx.execute(
-                    "UPDATE keys SET rotation_days = ?2, next_rotation_ms = ?3 WHERE key_id = ?1",
+                    "UPDATE keys SET rotation_days = $2, next_rotation_ms = $3 WHERE key_id = $1",
                     params![
-                        id.0,
+                        id,
                         rotation.map(|r| r.period_days),
-                        rotation.map(|r| r.next_ms as i64)
+                        rotation.map(|r| r.next_ms)
                     ],
-                )
-                .map_err(db_err)?;
+                )?;
                 Ok(rotation)
             },
-            |_| before_commit(),
+            |_, tx| before_commit(tx),
             |state, _| {
                 if let Some(key) = state.keys.get_mut(&id) {
                     key.rotation = rotation;
@@ -603,7 +710,7 @@ impl Keystore {
         &self,
         principal: &str,
         now_ms: u64,
-        before_commit: impl FnOnce(&str) -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&str, &mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<AccessKeyRecord, KmsError> {
         let record = AccessKeyRecord {
             access_key_id: crypto::random_access_key_id(),
@@ -619,7 +726,7 @@ impl Keystore {
             |tx| {
                 if !exists(
                     tx,
-                    "SELECT 1 FROM principals WHERE name = ?1",
+                    "SELECT 1 FROM principals WHERE name = $1",
                     params![principal],
                 )? {
                     return Err(error::not_found(format!(
@@ -627,13 +734,12 @@ impl Keystore {
                     )));
                 }
                 tx.execute(
-                    "INSERT INTO access_keys VALUES (?1, ?2, ?3, ?4)",
-                    params![record.access_key_id, principal, sealed, now_ms as i64],
-                )
-                .map_err(db_err)?;
+                    "INSERT INTO access_keys VALUES ($1, $2, $3, $4)",
+                    params![&record.access_key_id, principal, sealed, now_ms as i64],
+                )?;
                 Ok(())
             },
-            |_| before_commit(&record.access_key_id),
+            |_, tx| before_commit(&record.access_key_id, tx),
             |state, _| {
                 state
                     .access_keys
@@ -648,10 +754,10 @@ impl Keystore {
         &self,
         access_key_id: &str,
         principal: &str,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         self.remove(
-            "DELETE FROM access_keys WHERE access_key_id = ?1 AND principal = ?2",
+            "DELETE FROM access_keys WHERE access_key_id = $1 AND principal = $2",
             params![access_key_id, principal],
             || format!("access key {access_key_id} does not exist"),
             before_commit,
@@ -682,11 +788,11 @@ impl Keystore {
         &self,
         alias: &str,
         id: KeyId,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         self.remove(
-            "DELETE FROM aliases WHERE alias = ?1 AND key_id = ?2",
-            params![alias, id.0],
+            "DELETE FROM aliases WHERE alias = $1 AND key_id = $2",
+            params![alias, id],
             || format!("alias {alias} does not exist (or no longer names key {id})"),
             before_commit,
             |state| {
@@ -701,7 +807,7 @@ impl Keystore {
         &self,
         id: KeyId,
         transition: Transition,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         let (to, deletion_ms) = transition.target();
         self.write(
@@ -711,13 +817,12 @@ impl Keystore {
                     return Err(error::invalid_state(transition.refusal(id, current)));
                 }
                 tx.execute(
-                    "UPDATE keys SET state = ?2, deletion_ms = ?3 WHERE key_id = ?1",
-                    params![id.0, to.as_str(), deletion_ms.map(|d| d as i64)],
-                )
-                .map_err(db_err)?;
+                    "UPDATE keys SET state = $2, deletion_ms = $3 WHERE key_id = $1",
+                    params![id, to.as_str(), deletion_ms.map(|d| d as i64)],
+                )?;
                 Ok(())
             },
-            |_| before_commit(),
+            |_, tx| before_commit(tx),
             |state, _| {
                 if let Some(key) = state.keys.get_mut(&id) {
                     key.state = to;
@@ -731,24 +836,22 @@ impl Keystore {
         &self,
         id: KeyId,
         policy_json: &str,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         let policy = Policy::parse(policy_json, PolicyKind::Key)
             .map_err(|e| error::validation(e.to_string()))?;
         self.write(
             |tx| {
-                let changed = tx
-                    .execute(
-                        "UPDATE keys SET policy = ?2 WHERE key_id = ?1",
-                        params![id.0, policy_json],
-                    )
-                    .map_err(db_err)?;
+                let changed = tx.execute(
+                    "UPDATE keys SET policy = $2 WHERE key_id = $1",
+                    params![id, policy_json],
+                )?;
                 if changed == 0 {
                     return Err(error::not_found(format!("key {id} does not exist")));
                 }
                 Ok(())
             },
-            |_| before_commit(),
+            |_, tx| before_commit(tx),
             |state, _| {
                 if let Some(key) = state.keys.get_mut(&id) {
                     key.policy = policy;
@@ -762,7 +865,7 @@ impl Keystore {
         &self,
         alias: &str,
         id: KeyId,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         let valid = alias.strip_prefix("alias/").is_some_and(|n| {
             !n.is_empty()
@@ -778,17 +881,16 @@ impl Keystore {
         }
         self.write(
             |tx| {
-                if exists(tx, "SELECT 1 FROM aliases WHERE alias = ?1", params![alias])? {
+                if exists(tx, "SELECT 1 FROM aliases WHERE alias = $1", params![alias])? {
                     return Err(error::already_exists(format!(
                         "alias {alias} already exists"
                     )));
                 }
                 stored_state(tx, id)?;
-                tx.execute("INSERT INTO aliases VALUES (?1, ?2)", params![alias, id.0])
-                    .map_err(db_err)?;
+                tx.execute("INSERT INTO aliases VALUES ($1, $2)", params![alias, id])?;
                 Ok(())
             },
-            |_| before_commit(),
+            |_, tx| before_commit(tx),
             |state, _| {
                 state.aliases.insert(alias.to_owned(), id);
             },
@@ -801,7 +903,7 @@ impl Keystore {
         public_key: VerifyingKey,
         policy_json: &str,
         now_ms: u64,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         let max = crate::service::MAX_PRINCIPAL_NAME;
         if name.is_empty() || name.len() > max || name.chars().any(char::is_control) {
@@ -815,7 +917,7 @@ impl Keystore {
             |tx| {
                 if exists(
                     tx,
-                    "SELECT 1 FROM principals WHERE name = ?1",
+                    "SELECT 1 FROM principals WHERE name = $1",
                     params![name],
                 )? {
                     return Err(error::already_exists(format!(
@@ -823,13 +925,12 @@ impl Keystore {
                     )));
                 }
                 tx.execute(
-                    "INSERT INTO principals VALUES (?1, ?2, ?3, ?4)",
-                    params![name, public_key.to_bytes(), policy_json, now_ms as i64],
-                )
-                .map_err(db_err)?;
+                    "INSERT INTO principals VALUES ($1, $2, $3, $4)",
+                    params![name, &public_key.to_bytes()[..], policy_json, now_ms as i64],
+                )?;
                 Ok(())
             },
-            |_| before_commit(),
+            |_, tx| before_commit(tx),
             |state, _| {
                 state.principals.insert(
                     name.to_owned(),
@@ -848,11 +949,11 @@ impl Keystore {
     pub fn remove_principal(
         &self,
         name: &str,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         self.remove(
-            "DELETE FROM principals WHERE name = ?1",
-            [name],
+            "DELETE FROM principals WHERE name = $1",
+            params![name],
             || format!("principal {name:?} does not exist"),
             before_commit,
             |state| {
@@ -868,40 +969,35 @@ impl Keystore {
         label: &str,
         der: &[u8],
         now_ms: u64,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         self.write(
             |tx| {
                 if exists(
                     tx,
-                    "SELECT 1 FROM trust_roots WHERE label = ?1",
+                    "SELECT 1 FROM trust_roots WHERE label = $1",
                     params![label],
                 )? {
                     return Err(error::already_exists(format!(
                         "trust root {label:?} already exists"
                     )));
                 }
-                let other: Option<String> = tx
-                    .query_row(
-                        "SELECT label FROM trust_roots WHERE der = ?1",
-                        params![der],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .map_err(db_err)?;
+                let other = tx
+                    .query_opt("SELECT label FROM trust_roots WHERE der = $1", params![der])?
+                    .map(|r| r.text(0))
+                    .transpose()?;
                 if let Some(other) = other {
                     return Err(error::already_exists(format!(
                         "this root is already trusted as {other:?}"
                     )));
                 }
                 tx.execute(
-                    "INSERT INTO trust_roots VALUES (?1, ?2, ?3)",
+                    "INSERT INTO trust_roots VALUES ($1, $2, $3)",
                     params![label, der, now_ms as i64],
-                )
-                .map_err(db_err)?;
+                )?;
                 Ok(())
             },
-            |_| before_commit(),
+            |_, tx| before_commit(tx),
             |state, _| {
                 state.trust_roots.insert(label.to_owned(), der.to_vec());
             },
@@ -911,11 +1007,11 @@ impl Keystore {
     pub fn remove_trust_root(
         &self,
         label: &str,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<(), KmsError> {
         self.remove(
-            "DELETE FROM trust_roots WHERE label = ?1",
-            [label],
+            "DELETE FROM trust_roots WHERE label = $1",
+            params![label],
             || format!("trust root {label:?} does not exist"),
             before_commit,
             |state| {
@@ -945,21 +1041,20 @@ impl Keystore {
         &self,
         id: KeyId,
         now_ms: u64,
-        before_commit: impl FnOnce() -> Result<(), KmsError>,
+        before_commit: impl FnOnce(&mut Tx<'_>) -> Result<(), KmsError>,
     ) -> Result<bool, KmsError> {
         self.write(
             |tx| {
                 let destroyed = tx
                     .execute(
-                        "DELETE FROM keys WHERE key_id = ?1 AND state = 'PendingDeletion' AND deletion_ms <= ?2",
-                        params![id.0, now_ms as i64],
-                    )
-                    .map_err(db_err)?;
+                        "DELETE FROM keys WHERE key_id = $1 AND state = 'PendingDeletion' AND deletion_ms <= $2",
+                        params![id, now_ms as i64],
+                    )?;
                 Ok(destroyed == 1)
             },
-            |destroyed| {
+            |destroyed, tx| {
                 if *destroyed {
-                    before_commit()
+                    before_commit(tx)
                 } else {
                     Ok(())
                 }
@@ -973,41 +1068,29 @@ impl Keystore {
         )
     }
 
-    /// Runs SQLite's integrity check (for tests and `kms doctor`).
+    /// SQLite's integrity check, or a query answered by PostgreSQL (for
+    /// tests, `kms doctor` and readiness).
     pub fn integrity_check(&self) -> Result<String, KmsError> {
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| error::internal("keystore lock poisoned"))?;
-        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .map_err(db_err)
+        self.store.check()
     }
 }
 
-/// A key's state as stored, read inside a transaction.
-fn stored_state(tx: &rusqlite::Transaction<'_>, id: KeyId) -> Result<KeyState, KmsError> {
-    let state: Option<String> = tx
-        .query_row(
-            "SELECT state FROM keys WHERE key_id = ?1",
-            params![id.0],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(db_err)?;
-    let state = state.ok_or_else(|| error::not_found(format!("key {id} does not exist")))?;
+/// A key's state as stored, read (and on a shared store, locked) inside a transaction.
+fn stored_state(tx: &mut Tx<'_>, id: KeyId) -> Result<KeyState, KmsError> {
+    let sql = format!(
+        "SELECT state FROM keys WHERE key_id = $1{}",
+        tx.for_update()
+    );
+    let state = tx
+        .query_opt(&sql, params![id])?
+        .ok_or_else(|| error::not_found(format!("key {id} does not exist")))?
+        .text(0)?;
     KeyState::parse(&state)
         .ok_or_else(|| error::internal(format!("key {id} has an unknown state {state:?}")))
 }
 
-fn exists(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> Result<bool, KmsError> {
-    tx.query_row(sql, params, |_| Ok(()))
-        .optional()
-        .map(|found| found.is_some())
-        .map_err(db_err)
+fn exists(tx: &mut Tx<'_>, sql: &str, params: &[crate::store::Value]) -> Result<bool, KmsError> {
+    Ok(tx.query_opt(sql, params)?.is_some())
 }
 
 /// Unless the key is Enabled, why it cannot be used (as AWS KMS says it).
@@ -1094,76 +1177,52 @@ fn resolve(state: &State, key_ref: &str) -> Result<KeyId, KmsError> {
     })
 }
 
-fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
+fn load(tx: &mut Tx<'_>, root: &RootKey) -> Result<State, KmsError> {
     let mut state = State::default();
-    let mut stmt = conn
-        .prepare("SELECT key_id, description, state, created_ms, deletion_ms, policy, rotation_days, next_rotation_ms FROM keys")
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                (
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                    r.get::<_, String>(5)?,
-                ),
-                (r.get::<_, Option<u32>>(6)?, r.get::<_, Option<i64>>(7)?),
-            ))
-        })
-        .map_err(db_err)?;
-    for row in rows {
-        let (
-            (id, description, key_state, created, deletion, policy_json),
-            (rotation_days, next_rotation),
-        ) = row.map_err(db_err)?;
-        let id = KeyId(
-            id.try_into()
-                .map_err(|_| error::internal("keystore: malformed key id"))?,
-        );
-        let key_state = KeyState::parse(&key_state)
+    let keys = tx.query(
+        "SELECT key_id, description, state, created_ms, deletion_ms, policy, rotation_days, next_rotation_ms FROM keys",
+        &[],
+    )?;
+    for r in keys {
+        let id = key_id(r.blob(0)?)?;
+        let key_state = KeyState::parse(&r.text(2)?)
             .ok_or_else(|| error::internal("keystore: malformed key state"))?;
+        let policy_json = r.text(5)?;
         let policy = Policy::parse(&policy_json, PolicyKind::Key).map_err(|e| {
             error::internal(format!("keystore: stored policy of {id} is invalid: {e}"))
         })?;
+        let rotation = match r.opt_int(6)?.zip(r.opt_int(7)?) {
+            Some((days, next)) => Some(Rotation {
+                period_days: u32::try_from(days)
+                    .map_err(|_| error::internal("keystore: malformed rotation period"))?,
+                next_ms: next as u64,
+            }),
+            None => None,
+        };
         state.keys.insert(
             id,
             KeyRecord {
                 id,
-                description,
+                description: r.text(1)?,
                 state: key_state,
-                created_ms: created as u64,
-                deletion_ms: deletion.map(|d| d as u64),
+                created_ms: r.int(3)? as u64,
+                deletion_ms: r.opt_int(4)?.map(|d| d as u64),
                 policy_json,
                 policy,
                 versions: Vec::new(),
-                rotation: rotation_days.zip(next_rotation).map(|(d, n)| Rotation {
-                    period_days: d,
-                    next_ms: n as u64,
-                }),
+                rotation,
             },
         );
     }
-    let mut stmt = conn
-        .prepare("SELECT key_id, version, material FROM key_versions ORDER BY key_id, version")
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, u32>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })
-        .map_err(db_err)?;
-    for row in rows {
-        let (id, version, sealed) = row.map_err(db_err)?;
-        let id = KeyId(
-            id.try_into()
-                .map_err(|_| error::internal("keystore: malformed key id"))?,
-        );
+    let versions = tx.query(
+        "SELECT key_id, version, material FROM key_versions ORDER BY key_id, version",
+        &[],
+    )?;
+    for r in versions {
+        let id = key_id(r.blob(0)?)?;
+        let version = u32::try_from(r.int(1)?)
+            .map_err(|_| error::internal("keystore: malformed key version"))?;
+        let sealed = r.blob(2)?;
         let key = state
             .keys
             .get_mut(&id)
@@ -1193,42 +1252,21 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
             k.id
         )));
     }
-    let mut stmt = conn
-        .prepare("SELECT alias, key_id FROM aliases")
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })
-        .map_err(db_err)?;
-    for row in rows {
-        let (alias, id) = row.map_err(db_err)?;
-        let id = KeyId(
-            id.try_into()
-                .map_err(|_| error::internal("keystore: malformed key id"))?,
-        );
-        state.aliases.insert(alias, id);
+    for r in tx.query("SELECT alias, key_id FROM aliases", &[])? {
+        state.aliases.insert(r.text(0)?, key_id(r.blob(1)?)?);
     }
-    let mut stmt = conn
-        .prepare("SELECT name, public_key, policy, created_ms FROM principals")
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
-        })
-        .map_err(db_err)?;
-    for row in rows {
-        let (name, pk, policy_json, created) = row.map_err(db_err)?;
-        let pk: [u8; 32] = pk
+    for r in tx.query(
+        "SELECT name, public_key, policy, created_ms FROM principals",
+        &[],
+    )? {
+        let name = r.text(0)?;
+        let pk: [u8; 32] = r
+            .blob(1)?
             .try_into()
             .map_err(|_| error::internal("keystore: malformed public key"))?;
         let public_key = VerifyingKey::from_bytes(&pk)
             .map_err(|_| error::internal("keystore: malformed public key"))?;
+        let policy_json = r.text(2)?;
         let policy = Policy::parse(&policy_json, PolicyKind::Identity).map_err(|e| {
             error::internal(format!("keystore: stored policy of {name} is invalid: {e}"))
         })?;
@@ -1239,39 +1277,20 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
                 public_key,
                 policy_json,
                 policy,
-                created_ms: created as u64,
+                created_ms: r.int(3)? as u64,
             },
         );
     }
-    let mut stmt = conn
-        .prepare("SELECT label, der FROM trust_roots")
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })
-        .map_err(db_err)?;
-    for row in rows {
-        let (label, der) = row.map_err(db_err)?;
-        state.trust_roots.insert(label, der);
+    for r in tx.query("SELECT label, der FROM trust_roots", &[])? {
+        state.trust_roots.insert(r.text(0)?, r.blob(1)?);
     }
-    let mut stmt = conn
-        .prepare("SELECT access_key_id, principal, secret, created_ms FROM access_keys")
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
-        })
-        .map_err(db_err)?;
-    for row in rows {
-        let (access_key_id, principal, sealed, created) = row.map_err(db_err)?;
+    for r in tx.query(
+        "SELECT access_key_id, principal, secret, created_ms FROM access_keys",
+        &[],
+    )? {
+        let access_key_id = r.text(0)?;
         let secret = root
-            .open(&access_key_aad(&access_key_id), &sealed)
+            .open(&access_key_aad(&access_key_id), &r.blob(2)?)
             .and_then(|plain| String::from_utf8(plain.to_vec()).ok())
             .ok_or_else(|| {
                 error::internal(format!(
@@ -1282,9 +1301,9 @@ fn load(conn: &Connection, root: &RootKey) -> Result<State, KmsError> {
             access_key_id.clone(),
             AccessKeyRecord {
                 access_key_id,
-                principal,
+                principal: r.text(1)?,
                 secret: Zeroizing::new(secret),
-                created_ms: created as u64,
+                created_ms: r.int(3)? as u64,
             },
         );
     }

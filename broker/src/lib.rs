@@ -17,6 +17,7 @@ pub mod keystore;
 pub mod policy;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod tls;
 
 pub use cloister_kms_api::{ErrorKind, KmsError, error, protocol, recipient};

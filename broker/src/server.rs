@@ -156,17 +156,25 @@ pub async fn serve(
     Ok(())
 }
 
+/// The upkeep every minute, and a shared store's heartbeat every second.
 async fn purge_loop(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
+    let upkeep_every = (60 / crate::service::HEARTBEAT.as_secs().max(1)).max(1);
+    let mut tick = 0u64;
     loop {
         let b = broker.clone();
+        let upkeep = tick.is_multiple_of(upkeep_every);
         let _ = tokio::task::spawn_blocking(move || {
-            let _ = b.record_uncounted();
-            let _ = b.rotate_due_keys(now_ms());
-            b.purge_due_keys(now_ms())
+            if let Err(e) = b.heartbeat(now_ms()) {
+                eprintln!("cloister kms: heartbeat: {e}");
+            }
+            if upkeep && let Err(e) = b.upkeep(now_ms()) {
+                eprintln!("cloister kms: upkeep: {e}");
+            }
         })
         .await;
+        tick += 1;
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = tokio::time::sleep(crate::service::HEARTBEAT) => {}
             _ = stop.changed() => return,
         }
     }
@@ -727,5 +735,68 @@ fn frame_error(e: &FrameError) -> KmsError {
     match e {
         FrameError::TooLarge { .. } => error::validation(format!("request refused: {e}")),
         _ => error::validation(format!("malformed request frame: {e}")),
+    }
+}
+
+/// Liveness and readiness for a load balancer or Kubernetes, over plain
+/// HTTP (they carry no secret): `GET /healthz` answers 200 while the process
+/// serves; `GET /readyz` answers 200 once the keystore's store answers within
+/// [`READY_TIMEOUT`] and the copy in memory is current, 503 with the reason
+/// otherwise (a replica whose database is unreachable leaves the rotation).
+pub async fn serve_health(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+) -> Result<(), KmsError> {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let broker = broker.clone();
+                async move {
+                    let (status, body) = match (req.method(), req.uri().path()) {
+                        (&hyper::Method::GET, "/healthz") => (200, "ok\n".to_owned()),
+                        (&hyper::Method::GET, "/readyz") => readiness(broker).await,
+                        _ => (404, "GET /healthz or /readyz\n".to_owned()),
+                    };
+                    hyper::Response::builder()
+                        .status(status)
+                        .header("content-type", "text/plain; charset=utf-8")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                        .map_err(|e| e.to_string())
+                }
+            });
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            )
+            .await;
+        });
+    }
+}
+
+/// How long the store may take to answer a readiness probe.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn readiness(broker: Arc<Broker>) -> (u16, String) {
+    let check = tokio::task::spawn_blocking(move || {
+        broker.keystore().integrity_check()?;
+        broker.keystore().refresh()
+    });
+    match tokio::time::timeout(READY_TIMEOUT, check).await {
+        Ok(Ok(Ok(()))) => (200, "ready\n".into()),
+        Ok(Ok(Err(e))) => (503, format!("not ready: {e}\n")),
+        Ok(Err(e)) => (503, format!("not ready: {e}\n")),
+        Err(_) => (
+            503,
+            format!(
+                "not ready: the store did not answer within {} s\n",
+                READY_TIMEOUT.as_secs()
+            ),
+        ),
     }
 }

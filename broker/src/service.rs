@@ -19,6 +19,7 @@ use crate::keystore::{
 use crate::policy::{self, RequestContext};
 use crate::protocol::*;
 use crate::recipient;
+use crate::store::Tx;
 
 /// Tunables of a broker.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct BrokerConfig {
     /// expired, replayed) recorded one by one per second; beyond it they are
     /// counted, and the count is recorded (see [`Broker::record_uncounted`]).
     pub unauthenticated_records_per_sec: f64,
+    /// This broker's name among replicas of a shared store (recorded in each
+    /// audit line it writes there).
+    pub replica: String,
 }
 
 impl Default for BrokerConfig {
@@ -45,11 +49,25 @@ impl Default for BrokerConfig {
             rate_per_sec: 10_000.0,
             burst: 20_000.0,
             unauthenticated_records_per_sec: 20.0,
+            replica: default_replica_name(),
         }
     }
 }
 
 pub use cloister_kms_api::now_ms;
+
+/// `HOSTNAME:PID`: unique among replicas that run at once.
+pub fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// How often a replica of a shared store says it serves.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A replica not heard from for this long no longer counts as serving.
+pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest principal name (checked before anything is looked up).
 pub const MAX_PRINCIPAL_NAME: usize = 256;
@@ -59,6 +77,16 @@ fn uncounted_reason(count: u64, since_ms: u64) -> String {
         "{count} further unauthenticated failures since {} were counted, not recorded one by one",
         rfc3339_ms(since_ms)
     )
+}
+
+/// A principal's request id as the replay guards keep it: the first 16
+/// bytes of SHA-256(principal || 0 || request id).
+fn request_id_digest(principal: &str, request_id: &str) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(principal.as_bytes());
+    h.update([0]);
+    h.update(request_id.as_bytes());
+    h.finalize()[..16].try_into().unwrap_or_default()
 }
 
 /// Request ids seen within the acceptance window, as 16-byte digests.
@@ -76,11 +104,7 @@ impl ReplayCache {
                 self.seen.remove(&d);
             }
         }
-        let mut h = Sha256::new();
-        h.update(principal.as_bytes());
-        h.update([0]);
-        h.update(request_id.as_bytes());
-        let digest: [u8; 16] = h.finalize()[..16].try_into().unwrap_or_default();
+        let digest = request_id_digest(principal, request_id);
         if !self.seen.insert(digest) {
             return false;
         }
@@ -135,6 +159,8 @@ pub struct Broker {
     replay: Mutex<ReplayCache>,
     unauthenticated: Mutex<Unauthenticated>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Replicas serving a shared store (1 otherwise), from their heartbeats.
+    replicas_alive: std::sync::atomic::AtomicU64,
     /// Parsed trust anchors, rebuilt when the keystore's roots change.
     anchors: Mutex<AnchorCache>,
     /// Validated NSM certificate chains (see `ChainCache`).
@@ -167,10 +193,10 @@ struct Call<'a> {
 
 impl Call<'_> {
     /// Writes the success record inside a keystore transaction.
-    fn commit(&mut self, reason: String) -> Result<(), KmsError> {
+    fn commit(&mut self, tx: &mut Tx<'_>, reason: String) -> Result<(), KmsError> {
         self.record.decision = Decision::Allow;
         self.record.reason = reason;
-        self.broker.audit.record(self.record.clone())?;
+        self.broker.audit.record_in(tx, self.record.clone())?;
         self.audited = true;
         Ok(())
     }
@@ -387,6 +413,7 @@ impl Broker {
                 since_ms: now_ms(),
             }),
             buckets: Mutex::new(HashMap::new()),
+            replicas_alive: std::sync::atomic::AtomicU64::new(1),
             anchors: Mutex::new((Vec::new(), Vec::new())),
             chain_cache: std::sync::Arc::new(ChainCache::default()),
         }
@@ -456,6 +483,11 @@ impl Broker {
     /// rest it returns `None` and the caller uses [`Broker::handle`] where
     /// blocking is allowed.
     pub fn prepare(&self, frame: &[u8], inline_only: bool) -> Option<Prepared> {
+        // A shared store is asked (the replay guard, the keystore's
+        // generation) on every request: only where blocking is allowed.
+        if inline_only && self.keystore.store().is_shared() {
+            return None;
+        }
         let decoded = decode(frame);
         if inline_only
             && let Ok((_, payload)) = &decoded
@@ -682,12 +714,19 @@ impl Broker {
                 "the request id must be 16 to 64 characters",
             ));
         }
-        let principal = self
-            .keystore
-            .principal(&payload.principal)?
-            .ok_or_else(|| {
-                error::invalid_signature(format!("unknown principal {:?}", payload.principal))
-            })?;
+        let unknown =
+            || error::invalid_signature(format!("unknown principal {:?}", payload.principal));
+        let mut principal = match self.keystore.principal(&payload.principal)? {
+            Some(p) => p,
+            // Another replica may have added it since this copy was read.
+            None if self.keystore.store().is_shared() => {
+                self.keystore.refresh()?;
+                self.keystore
+                    .principal(&payload.principal)?
+                    .ok_or_else(unknown)?
+            }
+            None => return Err(unknown()),
+        };
         let signature = Signature::from_slice(&signed.signature)
             .map_err(|_| error::invalid_signature("the signature is not 64 bytes"))?;
         verify_request(&principal.public_key, &signed.payload, &signature)?;
@@ -714,11 +753,37 @@ impl Broker {
                 payload.timestamp_ms.saturating_add(skew),
                 now,
             );
-        if !fresh {
-            return Err(error::invalid_signature(format!(
+        let replayed = || {
+            error::invalid_signature(format!(
                 "request id {} was already used: a replayed request",
                 payload.request_id
-            )));
+            ))
+        };
+        if !fresh {
+            return Err(replayed());
+        }
+        if self.keystore.store().is_shared() {
+            // Every replica's guard: the id is claimed in the store, and the
+            // same query says whether the keystore changed since this copy
+            // was read; if it did, the request is judged on the new copy.
+            let (fresh, generation) = self.keystore.claim_request_id(
+                request_id_digest(&payload.principal, &payload.request_id),
+                payload.timestamp_ms.saturating_add(skew),
+            )?;
+            if !fresh {
+                return Err(replayed());
+            }
+            self.keystore.refresh_to(generation)?;
+            principal = self
+                .keystore
+                .principal(&payload.principal)?
+                .filter(|p| p.public_key == principal.public_key)
+                .ok_or_else(|| {
+                    error::invalid_signature(format!(
+                        "principal {:?} was removed or given another key meanwhile",
+                        payload.principal
+                    ))
+                })?;
         }
         Ok(principal)
     }
@@ -751,13 +816,27 @@ impl Broker {
             .buckets
             .lock()
             .map_err(|_| error::internal("rate limiter poisoned"))?;
+        // Replicas of a shared store split each principal's allowance.
+        let replicas = self
+            .replicas_alive
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1) as f64;
+        let (rate, burst) = (
+            self.config.rate_per_sec / replicas,
+            (self.config.burst / replicas).max(1.0),
+        );
         let b = buckets
             .entry(principal.to_owned())
-            .or_insert_with(|| Bucket::full(self.config.burst, now));
-        if !b.take(now, self.config.rate_per_sec, self.config.burst) {
+            .or_insert_with(|| Bucket::full(burst, now));
+        if !b.take(now, rate, burst) {
             return Err(error::limit_exceeded(format!(
-                "principal {principal:?} exceeded {} requests per second",
-                self.config.rate_per_sec
+                "principal {principal:?} exceeded {} requests per second{}",
+                self.config.rate_per_sec,
+                if replicas > 1.0 {
+                    format!(" ({rate:.1} on each of the {replicas} replicas serving)")
+                } else {
+                    String::new()
+                }
             )));
         }
         Ok(())
@@ -826,9 +905,9 @@ impl Broker {
                 }
                 let policy = policy.unwrap_or_else(|| default_key_policy(&call.principal.name));
                 let now = call.now_ms;
-                let id = ks.create_key(&description, &policy, now, |id| {
+                let id = ks.create_key(&description, &policy, now, |id, tx| {
                     call.record.key_id = Some(id.to_string());
-                    call.commit(reason.clone())
+                    call.commit(tx, reason.clone())
                 })?;
                 Ok((Output::KeyMetadata(self.metadata(id)?), reason))
             }
@@ -858,7 +937,7 @@ impl Broker {
                         call.authorize("kms:CreateAlias", Some(k), &none, None)?,
                     ))
                 })?;
-                ks.create_alias(&alias_name, id, || call.commit(reason.clone()))?;
+                ks.create_alias(&alias_name, id, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::ListAliases => {
@@ -883,7 +962,7 @@ impl Broker {
                 let (_, reason) =
                     self.authorized_key(call, &target.to_string(), "kms:DeleteAlias")?;
                 // Deleted only if it still names the key authorized on.
-                ks.delete_alias(&alias_name, target, || call.commit(reason.clone()))?;
+                ks.delete_alias(&alias_name, target, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::Encrypt {
@@ -1122,7 +1201,7 @@ impl Broker {
                         call.authorize("kms:PutKeyPolicy", Some(k), &none, None)?,
                     ))
                 })?;
-                ks.put_key_policy(id, &policy, || call.commit(reason.clone()))?;
+                ks.put_key_policy(id, &policy, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::GetKeyPolicy { key_id } => ks.with_key(&key_id, |k| {
@@ -1137,14 +1216,16 @@ impl Broker {
                     ("kms:DisableKey", Transition::Disable)
                 };
                 let (id, reason) = self.authorized_key(call, &key_id, action)?;
-                ks.transition(id, transition, || call.commit(reason.clone()))?;
+                ks.transition(id, transition, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::RotateKey { key_id } => {
                 let (id, reason) = self.authorized_key(call, &key_id, "kms:RotateKeyOnDemand")?;
                 let now = call.now_ms;
                 let version = ks
-                    .rotate_key(id, now, Rotate::OnDemand, || call.commit(reason.clone()))?
+                    .rotate_key(id, now, Rotate::OnDemand, |tx| {
+                        call.commit(tx, reason.clone())
+                    })?
                     .ok_or_else(|| error::internal("an on-demand rotation did not rotate"))?;
                 Ok((
                     Output::Rotated {
@@ -1168,13 +1249,13 @@ impl Broker {
                 }
                 let (id, reason) = self.authorized_key(call, &key_id, "kms:EnableKeyRotation")?;
                 let now = call.now_ms;
-                ks.set_rotation(id, Some(days), now, || call.commit(reason.clone()))?;
+                ks.set_rotation(id, Some(days), now, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::DisableKeyRotation { key_id } => {
                 let (id, reason) = self.authorized_key(call, &key_id, "kms:DisableKeyRotation")?;
                 let now = call.now_ms;
-                ks.set_rotation(id, None, now, || call.commit(reason.clone()))?;
+                ks.set_rotation(id, None, now, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::GetKeyRotationStatus { key_id } => ks.with_key(&key_id, |k| {
@@ -1201,8 +1282,8 @@ impl Broker {
                 }
                 let (id, reason) = self.authorized_key(call, &key_id, "kms:ScheduleKeyDeletion")?;
                 let when = call.now_ms + u64::from(pending_window_in_days) * 86_400_000;
-                ks.transition(id, Transition::ScheduleDeletion(when), || {
-                    call.commit(reason.clone())
+                ks.transition(id, Transition::ScheduleDeletion(when), |tx| {
+                    call.commit(tx, reason.clone())
                 })?;
                 Ok((
                     Output::DeletionScheduled {
@@ -1214,8 +1295,8 @@ impl Broker {
             }
             Operation::CancelKeyDeletion { key_id } => {
                 let (id, reason) = self.authorized_key(call, &key_id, "kms:CancelKeyDeletion")?;
-                ks.transition(id, Transition::CancelDeletion, || {
-                    call.commit(reason.clone())
+                ks.transition(id, Transition::CancelDeletion, |tx| {
+                    call.commit(tx, reason.clone())
                 })?;
                 Ok((Output::KeyId(id.arn()), reason))
             }
@@ -1232,7 +1313,9 @@ impl Broker {
                     error::validation("the public key is not a valid Ed25519 point")
                 })?;
                 let now = call.now_ms;
-                ks.add_principal(&name, pk, &policy, now, || call.commit(reason.clone()))?;
+                ks.add_principal(&name, pk, &policy, now, |tx| {
+                    call.commit(tx, reason.clone())
+                })?;
                 Ok((Output::Done, reason))
             }
             Operation::PrincipalList => {
@@ -1250,7 +1333,7 @@ impl Broker {
             }
             Operation::PrincipalRemove { name } => {
                 let reason = call.authorize("cloister:PrincipalRemove", None, &none, None)?;
-                ks.remove_principal(&name, || call.commit(reason.clone()))?;
+                ks.remove_principal(&name, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::AccessKeyCreate { principal } => {
@@ -1262,8 +1345,8 @@ impl Broker {
                     "cloister:PrincipalAdd",
                 )?;
                 let now = call.now_ms;
-                let key = ks.create_access_key(&principal, now, |id| {
-                    call.commit(format!("{reason}; access key {id} for {principal:?}"))
+                let key = ks.create_access_key(&principal, now, |id, tx| {
+                    call.commit(tx, format!("{reason}; access key {id} for {principal:?}"))
                 })?;
                 Ok((
                     Output::AccessKey {
@@ -1300,7 +1383,7 @@ impl Broker {
                     "cloister:AccessKeyDelete",
                     "cloister:PrincipalRemove",
                 )?;
-                ks.delete_access_key(&access_key_id, &owner, || call.commit(reason.clone()))?;
+                ks.delete_access_key(&access_key_id, &owner, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::TrustAdd { label, root_der } => {
@@ -1314,7 +1397,7 @@ impl Broker {
                     error::validation(format!("not a usable root certificate: {e}"))
                 })?;
                 let now = call.now_ms;
-                ks.add_trust_root(&label, &root_der, now, || call.commit(reason.clone()))?;
+                ks.add_trust_root(&label, &root_der, now, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
             Operation::TrustList => {
@@ -1338,7 +1421,7 @@ impl Broker {
             }
             Operation::TrustRemove { label } => {
                 let reason = call.authorize("cloister:TrustRemove", None, &none, None)?;
-                ks.remove_trust_root(&label, || call.commit(reason.clone()))?;
+                ks.remove_trust_root(&label, |tx| call.commit(tx, reason.clone()))?;
                 Ok((Output::Done, reason))
             }
         }
@@ -1381,21 +1464,53 @@ impl Broker {
         })
     }
 
+    /// The periodic upkeep (the server runs it every minute): unauthenticated
+    /// failures counted, keys due rotated, keys due destroyed, and on a shared
+    /// store request ids no longer acceptable forgotten.
+    pub fn upkeep(&self, now: u64) -> Result<(), KmsError> {
+        self.record_uncounted()?;
+        self.keystore.refresh()?;
+        self.rotate_due_keys(now)?;
+        self.purge_due_keys(now)?;
+        self.keystore.forget_request_ids(now)?;
+        Ok(())
+    }
+
+    /// On a shared store, says that this replica serves (the server calls
+    /// this every [`HEARTBEAT`]) and learns how many do: each principal's
+    /// rate limit is split among them.
+    pub fn heartbeat(&self, now: u64) -> Result<u64, KmsError> {
+        if !self.keystore.store().is_shared() {
+            return Ok(1);
+        }
+        let alive = self.keystore.heartbeat(
+            &self.config.replica,
+            now,
+            now.saturating_sub(REPLICA_TIMEOUT.as_millis() as u64),
+        )?;
+        self.replicas_alive
+            .store(alive.max(1), std::sync::atomic::Ordering::Relaxed);
+        Ok(alive)
+    }
+
     /// Rotates keys whose automatic rotation is due; each rotation is audited.
     /// Returns how many were rotated.
     pub fn rotate_due_keys(&self, now: u64) -> Result<usize, KmsError> {
         let mut rotated = 0;
         for id in &self.keystore.due_for_rotation(now)? {
-            let done = self.keystore.rotate_key(*id, now, Rotate::Due, || {
+            let done = self.keystore.rotate_key(*id, now, Rotate::Due, |tx| {
                 self.audit
-                    .record(RequestRecord {
-                        principal: "cloister-broker".into(),
-                        action: "kms:RotateKey".into(),
-                        key_id: Some(id.to_string()),
-                        decision: Decision::Allow,
-                        reason: "automatic rotation: the key's rotation period ended".into(),
-                        ..Default::default()
-                    })
+                    .record_in(
+                        tx,
+                        RequestRecord {
+                            principal: "cloister-broker".into(),
+                            action: "kms:RotateKey".into(),
+                            key_id: Some(id.to_string()),
+                            decision: Decision::Allow,
+                            reason: "automatic rotation: the key's rotation period ended".into(),
+                            ..Default::default()
+                        },
+                    )
                     .map(|_| ())
             });
             // A key disabled or scheduled for deletion meanwhile is not rotated.
@@ -1409,9 +1524,10 @@ impl Broker {
     pub fn purge_due_keys(&self, now: u64) -> Result<usize, KmsError> {
         let mut destroyed = 0;
         for id in &self.keystore.due_for_deletion(now)? {
-            let done = self.keystore.destroy_key(*id, now, || {
-                self.audit
-                    .record(RequestRecord {
+            let done =
+                self.keystore.destroy_key(*id, now, |tx| {
+                    self.audit
+                    .record_in(tx, RequestRecord {
                         request_id: String::new(),
                         principal: "cloister-broker".into(),
                         action: "kms:DeleteKey".into(),
@@ -1422,7 +1538,7 @@ impl Broker {
                         ..Default::default()
                     })
                     .map(|_| ())
-            })?;
+                })?;
             destroyed += usize::from(done);
         }
         Ok(destroyed)

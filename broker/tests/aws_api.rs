@@ -39,7 +39,7 @@ impl Env {
     fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(dir.path().join("kms"));
-        data.init(None, &[]).unwrap();
+        data.init(None, &[], None).unwrap();
         let broker = data.open(None, BrokerConfig::default()).unwrap();
         Env { dir, broker }
     }

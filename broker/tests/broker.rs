@@ -61,7 +61,7 @@ impl Env {
             None => {
                 let dir = tempfile::tempdir().unwrap();
                 DataDir::new(dir.path().join("kms"))
-                    .init(None, &[])
+                    .init(None, &[], None)
                     .unwrap();
                 dir
             }

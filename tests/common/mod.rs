@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod inference;
+pub mod postgres;
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -67,6 +68,15 @@ pub fn failed_with(out: &Output, code: &str) -> String {
 
 pub fn fails_with<A: AsRef<OsStr> + std::fmt::Debug>(args: &[A], code: &str) -> String {
     failed_with(&cloister(args), code)
+}
+
+/// A free TCP port on loopback (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn s(p: &Path) -> &str {

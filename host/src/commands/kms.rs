@@ -41,6 +41,11 @@ pub enum KmsCommand {
         /// localhost, 127.0.0.1 and ::1. Repeatable.
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
+        /// Keep the keystore, the audit chain and the request ids used in a
+        /// PostgreSQL database shared by broker replicas
+        /// (postgres://USER[:PASSWORD]@HOST:PORT/DB) instead of keystore.db.
+        #[arg(long)]
+        store: Option<String>,
     },
     /// Serve the broker on one or more addresses until SIGTERM or SIGINT.
     Serve {
@@ -79,6 +84,14 @@ pub enum KmsCommand {
         /// The region that SigV4 credential scopes must name.
         #[arg(long, default_value = cloister_kms::aws::DEFAULT_REGION)]
         aws_region: String,
+        /// This broker's name among the replicas of a shared store (recorded
+        /// in the audit lines it writes; default HOSTNAME:PID).
+        #[arg(long)]
+        replica: Option<String>,
+        /// Serve liveness (GET /healthz) and readiness (GET /readyz: the
+        /// keystore's store answers) over plain HTTP on tcp:HOST:PORT.
+        #[arg(long)]
+        health: Option<String>,
     },
     /// The audit log.
     #[command(subcommand)]
@@ -501,19 +514,23 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             data_dir,
             passphrase_env,
             tls_names,
+            store,
         } => {
             let dir = DataDir::new(&data_dir);
             let pass = passphrase(&passphrase_env)?;
             let passphrase_mode = pass.is_some();
-            dir.init(pass, &tls_names)?;
+            let store = store
+                .map(|s| cloister_kms::store::Location::parse(&s))
+                .transpose()?;
+            dir.init(pass, &tls_names, store)?;
             super::print_json(&json!({
                 "DataDir": data_dir.display().to_string(),
-                "Keystore": dir.keystore().display().to_string(),
+                "Keystore": dir.store()?.redacted(),
                 "RootKey": if passphrase_mode { Value::String("derived from the passphrase (Argon2id)".into()) } else { Value::String(dir.root_key().display().to_string()) },
                 "BrokerPublicKey": dir.broker_pub().display().to_string(),
                 "AdminPrincipal": cloister_kms::datadir::ADMIN,
                 "AdminPrivateKey": dir.admin_key().display().to_string(),
-                "AuditLog": dir.audit_log().display().to_string(),
+                "AuditLog": if dir.store_file().exists() { Value::String("in the keystore's database".into()) } else { Value::String(dir.audit_log().display().to_string()) },
                 "TlsCa": dir.tls().ca_cert().display().to_string(),
             }))
         }
@@ -530,6 +547,8 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             aws_api,
             aws_api_plain_http,
             aws_region,
+            replica,
+            health,
         } => {
             let addrs = listen
                 .iter()
@@ -559,10 +578,27 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                 max_document_age: std::time::Duration::from_secs(max_document_age),
                 rate_per_sec: rate,
                 burst: (rate * 2.0).max(1.0),
+                replica: replica.unwrap_or_else(cloister_kms::service::default_replica_name),
                 ..Default::default()
             };
+            let health = health
+                .map(|a| match a.parse::<Address>()? {
+                    tcp @ Address::Tcp { .. } => Ok(tcp),
+                    other => bail!(UsageError(format!(
+                        "--health {other}: health probes listen on tcp:HOST:PORT"
+                    ))),
+                })
+                .transpose()?;
             let broker = Arc::new(dir.open(passphrase(&passphrase_env)?, config)?);
             runtime()?.block_on(async move {
+                let mut health_endpoint = None;
+                if let Some(a) = &health {
+                    let cloister_proto::Listener::Tcp(l) = cloister_proto::listen(a).await? else {
+                        bail!(UsageError("--health listens on TCP".into()));
+                    };
+                    health_endpoint = Some(format!("http://{}", l.local_addr()?));
+                    tokio::spawn(cloister_kms::server::serve_health(broker.clone(), l));
+                }
                 let mut listeners = Vec::new();
                 for a in &addrs {
                     listeners.push(cloister_proto::listen(a).await?);
@@ -593,6 +629,9 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                     })
                     .collect();
                 let mut listening = json!({ "Listening": bound });
+                if let Some(h) = health_endpoint {
+                    listening["Health"] = json!(h);
+                }
                 if !endpoints.is_empty() {
                     listening["AwsApiEndpoints"] = json!(endpoints);
                     listening["AwsRegion"] = json!(aws_region);
@@ -611,8 +650,15 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
         KmsCommand::Audit(AuditCommand::Verify { data_dir }) => {
             let dir = DataDir::new(&data_dir);
             let key = keyfile::read_verifying_key(&dir.broker_pub())?;
-            let head = audit::recorded_head(&dir.audit_head(), &key)?;
-            let summary = audit::verify_log(&dir.audit_log(), &key, head)?;
+            let summary = match dir.store()? {
+                location @ cloister_kms::store::Location::Postgres(_) => {
+                    audit::verify_shared(&cloister_kms::store::Store::connect(&location)?, &key)?
+                }
+                cloister_kms::store::Location::Sqlite(_) => {
+                    let head = audit::recorded_head(&dir.audit_head(), &key)?;
+                    audit::verify_log(&dir.audit_log(), &key, head)?
+                }
+            };
             super::print_json(&json!({
                 "Verified": true,
                 "Lines": summary.lines,
@@ -621,7 +667,14 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             }))
         }
         KmsCommand::Audit(AuditCommand::Tail { data_dir, lines }) => {
-            for line in audit::tail(&DataDir::new(&data_dir).audit_log(), lines)? {
+            let dir = DataDir::new(&data_dir);
+            let lines = match dir.store()? {
+                location @ cloister_kms::store::Location::Postgres(_) => {
+                    audit::tail_shared(&cloister_kms::store::Store::connect(&location)?, lines)?
+                }
+                cloister_kms::store::Location::Sqlite(_) => audit::tail(&dir.audit_log(), lines)?,
+            };
+            for line in lines {
                 println!("{line}");
             }
             Ok(())

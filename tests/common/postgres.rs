@@ -1,0 +1,167 @@
+//! A real PostgreSQL server for tests: its own cluster in a temporary
+//! directory, on a loopback port, stopped when dropped. Started from Debian's
+//! packages (`scripts/test` installs them where it can); without a server
+//! the tests that need one say so and skip, except under CI, where they fail.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub port: u16,
+}
+
+/// The newest installed server's bin directory (`/usr/lib/postgresql/N/bin`).
+fn bindir() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().to_string_lossy().parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, b)| b)
+}
+
+/// The uid and gid the server runs as: root may not run it, so under root
+/// the `postgres` account (or `nobody`).
+fn server_user() -> Option<(u32, u32)> {
+    if nix::unistd::geteuid().is_root() {
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .or_else(|| nix::unistd::User::from_name("nobody").ok().flatten())?;
+        Some((user.uid.as_raw(), user.gid.as_raw()))
+    } else {
+        None
+    }
+}
+
+fn as_server_user(program: &Path, user: Option<(u32, u32)>) -> Command {
+    match user {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".into(),
+                "--".into(),
+            ])
+            .arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+impl Postgres {
+    /// Starts a server, or returns None (saying why) where none is installed.
+    pub fn start() -> Option<Postgres> {
+        let Some(bin) = bindir() else {
+            let why = "no PostgreSQL server is installed (/usr/lib/postgresql/*/bin/postgres; Debian: apt-get install postgresql)";
+            assert!(std::env::var_os("CI").is_none(), "under CI: {why}");
+            eprintln!("SKIPPED: {why}");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let user = server_user();
+        let data = dir.path().join("data");
+        let sockets = dir.path().join("sockets");
+        for d in [&data, &sockets] {
+            std::fs::create_dir(d).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        if let Some((uid, gid)) = user {
+            for d in [&data, &sockets] {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let init = as_server_user(&bin.join("initdb"), user)
+            .args(["-D", data.to_str().unwrap()])
+            .args(["-U", "cloister", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let port = super::free_port();
+        let child = as_server_user(&bin.join("postgres"), user)
+            .args(["-D", data.to_str().unwrap()])
+            .args(["-p", &port.to_string()])
+            .args(["-k", sockets.to_str().unwrap()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "max_connections=300"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pg = Postgres {
+            dir,
+            child: Some(child),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match postgres::Client::connect(&pg.url("postgres"), postgres::NoTls) {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "PostgreSQL did not start: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Some(pg)
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://cloister@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A new, empty database; returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        self.client("postgres")
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        self.url(name)
+    }
+
+    pub fn client(&self, database: &str) -> postgres::Client {
+        postgres::Client::connect(&self.url(database), postgres::NoTls).unwrap()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Postgres {
+    /// Stops the server (fast shutdown), as a database outage.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Fast shutdown (SIGINT); the setpriv wrapper execs the server.
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,628 @@
+//! Broker replicas on one PostgreSQL keystore, end to end: a real PostgreSQL
+//! server (its own cluster, started here), three `cloister kms serve`
+//! processes sharing it, clients spread over them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cloister_kms::protocol::{
+    EncryptionContext, Operation, Output, Recipient, Secret, SignedRequest, SignedResponse,
+};
+use cloister_kms_api::client::{ClientError, Credentials, KmsClient};
+use ed25519_dalek::SigningKey;
+use serde_json::Value;
+
+mod common;
+use common::postgres::Postgres;
+use common::{Server, cloister_env, free_port, json_of, ok_json, s};
+
+const ALLOW_ALL: &str =
+    r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#;
+
+/// A PostgreSQL server, a keystore in it, and broker replicas `r0`, `r1`...
+/// each with its own copy of the data directory (as a replica that joins is
+/// given one) and its own socket.
+struct Cluster {
+    pg: Postgres,
+    dir: tempfile::TempDir,
+    replicas: Vec<Option<Server>>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Option<Cluster> {
+        let pg = Postgres::start()?;
+        let url = pg.create_database("kms");
+        let dir = tempfile::tempdir().unwrap();
+        let init = ok_json(&[
+            "kms",
+            "init",
+            "--data-dir",
+            s(&dir.path().join("r0")),
+            "--store",
+            &url,
+        ]);
+        assert_eq!(init["Keystore"], url.as_str(), "{init}");
+        assert_eq!(init["AuditLog"], "in the keystore's database");
+        // A joining replica gets a copy of the data directory: the root key,
+        // the broker key, the TLS files and the store's URL.
+        for i in 1..n {
+            let copied = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(dir.path().join("r0"))
+                .arg(dir.path().join(format!("r{i}")))
+                .status()
+                .unwrap();
+            assert!(copied.success());
+        }
+        let mut c = Cluster {
+            pg,
+            dir,
+            replicas: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            c.serve(i);
+        }
+        Some(c)
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("r{i}"))
+    }
+
+    fn sock(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("r{i}.sock"))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn serve(&mut self, i: usize) {
+        self.serve_with(i, &[]);
+    }
+
+    fn serve_with(&mut self, i: usize, more: &[&str]) {
+        let _ = std::fs::remove_file(self.sock(i));
+        let mut args = vec![
+            "kms".to_owned(),
+            "serve".into(),
+            "--data-dir".into(),
+            s(&self.data(i)).into(),
+            "--listen".into(),
+            format!("unix:{}", s(&self.sock(i))),
+            "--replica".into(),
+            format!("r{i}"),
+        ];
+        args.extend(more.iter().map(|a| a.to_string()));
+        self.replicas[i] = Some(Server::start(&args, &[], &self.sock(i)));
+    }
+
+    fn admin(&self) -> Credentials {
+        Credentials {
+            principal: "admin".into(),
+            key: cloister_attestation::keyfile::read_signing_key(&self.data(0).join("admin.key"))
+                .unwrap(),
+        }
+    }
+
+    /// The CLI as the admin, through replica `i`.
+    fn admin_cli(&self, i: usize, args: &[&str]) -> Value {
+        let out = cloister_env(
+            args,
+            &[
+                (
+                    "CLOISTER_KMS_ENDPOINT",
+                    &format!("unix:{}", s(&self.sock(i))),
+                ),
+                ("CLOISTER_PRINCIPAL", "admin"),
+                ("CLOISTER_PRINCIPAL_KEY", s(&self.data(0).join("admin.key"))),
+            ],
+        );
+        json_of(&out, &format!("{args:?} through r{i}"))
+    }
+
+    /// Every line of the shared audit chain, in order.
+    fn audit_lines(&self) -> Vec<Value> {
+        self.pg
+            .client("kms")
+            .query("SELECT line FROM audit_log ORDER BY seq", &[])
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+            .collect()
+    }
+
+    fn verify_audit(&self, i: usize) -> Value {
+        ok_json(&["kms", "audit", "verify", "--data-dir", s(&self.data(i))])
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One call through replica socket `sock`, on a connection of its own.
+fn call(sock: &Path, who: &Credentials, op: Operation) -> Result<(String, Output), ClientError> {
+    let who = Credentials {
+        principal: who.principal.clone(),
+        key: who.key.clone(),
+    };
+    let addr = cloister_proto::Address::Unix(sock.to_path_buf());
+    runtime().block_on(async move {
+        KmsClient::connect(&addr, None, who)
+            .await?
+            .call_identified(op)
+            .await
+    })
+}
+
+fn ok(sock: &Path, who: &Credentials, op: Operation) -> Output {
+    let what = op.action();
+    call(sock, who, op)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .1
+}
+
+fn refused(sock: &Path, who: &Credentials, op: Operation) -> String {
+    match call(sock, who, op) {
+        Ok((_, out)) => panic!("accepted: {out:?}"),
+        Err(e) => {
+            use cloister_proto::ErrorCode;
+            format!("{} {e}", e.code())
+        }
+    }
+}
+
+/// A principal with an Ed25519 key of its own, added through replica `i`.
+fn add_principal(c: &Cluster, i: usize, name: &str) -> Credentials {
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    ok(
+        &c.sock(i),
+        &c.admin(),
+        Operation::PrincipalAdd {
+            name: name.into(),
+            public_key: key.verifying_key().to_bytes().to_vec(),
+            policy: ALLOW_ALL.into(),
+        },
+    );
+    Credentials {
+        principal: name.into(),
+        key,
+    }
+}
+
+fn key_id(out: Output) -> String {
+    match out {
+        Output::KeyMetadata(m) => m.key_id,
+        other => panic!("not key metadata: {other:?}"),
+    }
+}
+
+fn encrypt(key: &str, text: &[u8]) -> Operation {
+    Operation::Encrypt {
+        key_id: key.into(),
+        plaintext: Secret::new(text.to_vec()),
+        encryption_context: EncryptionContext::new(),
+    }
+}
+
+fn blob(out: Output) -> Vec<u8> {
+    match out {
+        Output::Ciphertext {
+            ciphertext_blob, ..
+        } => ciphertext_blob,
+        other => panic!("not a ciphertext: {other:?}"),
+    }
+}
+
+fn decrypt(blob: &[u8], recipient: Option<Recipient>) -> Operation {
+    Operation::Decrypt {
+        ciphertext_blob: blob.to_vec(),
+        key_id: None,
+        encryption_context: EncryptionContext::new(),
+        recipient,
+    }
+}
+
+/// Sends one already-signed request frame and returns the broker's answer.
+fn send_frame(sock: &Path, frame: &[u8]) -> cloister_kms::protocol::Response {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    stream.write_all(frame).unwrap();
+    let mut header = [0u8; cloister_proto::frame::HEADER_LEN];
+    stream.read_exact(&mut header).unwrap();
+    let len = cloister_proto::frame::check_header(&header, 1 << 24).unwrap();
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    cloister_proto::frame::decode::<SignedResponse>(&body)
+        .unwrap()
+        .decode_unverified()
+        .unwrap()
+}
+
+#[test]
+fn replicas_share_one_keystore_one_replay_guard_and_one_audit_chain() {
+    let Some(c) = Cluster::start(3) else { return };
+    // A principal added through r0 is known to r1 and r2 at once.
+    let app = add_principal(&c, 0, "app");
+    let key = key_id(ok(
+        &c.sock(1),
+        &app,
+        Operation::CreateKey {
+            description: "shared".into(),
+            policy: None,
+        },
+    ));
+    let data_key = blob(ok(&c.sock(2), &app, encrypt(&key, b"the data key")));
+
+    // Attested decrypts spread over the replicas all succeed.
+    ok_json(&["platform", "init", "--dir", s(&c.path("platform"))]);
+    c.admin_cli(
+        1,
+        &[
+            "kms",
+            "trust",
+            "add",
+            "--root",
+            s(&c.path("platform/root.pem")),
+            "--label",
+            "lab",
+        ],
+    );
+    std::fs::write(c.path("enclave.pk"), [7u8; 32]).unwrap();
+    ok_json(&[
+        "platform",
+        "attest",
+        "--dir",
+        s(&c.path("platform")),
+        "--public-key",
+        s(&c.path("enclave.pk")),
+        "--out",
+        s(&c.path("enclave.cose")),
+    ]);
+    let recipient = Recipient {
+        key_encryption_algorithm: "HPKE-Base-X25519-SHA256-AES256GCM".into(),
+        attestation_document: std::fs::read(c.path("enclave.cose")).unwrap(),
+    };
+    for n in 0..30 {
+        let out = ok(
+            &c.sock(n % 3),
+            &app,
+            decrypt(&data_key, Some(recipient.clone())),
+        );
+        match out {
+            Output::Plaintext {
+                plaintext: None,
+                ciphertext_for_recipient: Some(ct),
+                ..
+            } => assert!(ct.ciphertext.len() > 32),
+            other => panic!("decrypt {n}: {other:?}"),
+        }
+    }
+
+    // A key disabled through one replica is refused by the others at once.
+    ok(
+        &c.sock(0),
+        &app,
+        Operation::DisableKey {
+            key_id: key.clone(),
+        },
+    );
+    for i in [1, 2] {
+        let e = refused(&c.sock(i), &app, decrypt(&data_key, None));
+        assert!(
+            e.contains("E-KMS-DISABLED") && e.contains("disabled"),
+            "r{i}: {e}"
+        );
+    }
+    ok(
+        &c.sock(2),
+        &app,
+        Operation::EnableKey {
+            key_id: key.clone(),
+        },
+    );
+    assert!(matches!(
+        ok(&c.sock(1), &app, decrypt(&data_key, None)),
+        Output::Plaintext { plaintext: Some(p), .. } if p.0.as_slice() == b"the data key"
+    ));
+
+    // A request accepted by one replica is refused by every other: the
+    // parent (or a proxy) replaying its bytes gets nothing.
+    let payload = cloister_kms::protocol::RequestPayload {
+        principal: "app".into(),
+        timestamp_ms: cloister_kms::service::now_ms(),
+        request_id: "replayed-across-replicas-0001".into(),
+        operation: decrypt(&data_key, None),
+    };
+    let signed = SignedRequest::sign(&payload, &app.key).unwrap();
+    let body = cloister_proto::frame::encode(&signed).unwrap();
+    let mut frame = cloister_proto::frame::header(body.len(), 1 << 24)
+        .unwrap()
+        .to_vec();
+    frame.extend_from_slice(&body);
+    assert!(send_frame(&c.sock(0), &frame).result.is_ok());
+    for i in [1, 2, 0] {
+        let e = send_frame(&c.sock(i), &frame).result.unwrap_err();
+        assert!(e.message.contains("replayed"), "r{i}: {e}");
+    }
+
+    // A principal removed through one replica is refused by the others.
+    let gone = add_principal(&c, 2, "gone");
+    ok(&c.sock(1), &gone, Operation::ListKeys);
+    ok(
+        &c.sock(0),
+        &c.admin(),
+        Operation::PrincipalRemove {
+            name: "gone".into(),
+        },
+    );
+    let e = refused(&c.sock(1), &gone, Operation::ListKeys);
+    assert!(e.contains("E-KMS-INVALID-SIGNATURE"), "{e}");
+
+    // One chain, written by all three, verifies from any replica's data directory.
+    let lines = c.audit_lines();
+    for r in ["r0", "r1", "r2"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["type"] == "startup" && l["replica"] == r),
+            "no startup line of {r}"
+        );
+        assert!(
+            lines.iter().any(|l| l["action"] == "kms:Decrypt"
+                && l["replica"] == r
+                && l["decision"] == "Allow"),
+            "{r} recorded no decrypt"
+        );
+    }
+    let replays: Vec<_> = lines
+        .iter()
+        .filter(|l| l["request_id"] == "replayed-across-replicas-0001")
+        .collect();
+    assert_eq!(replays.len(), 4, "{replays:?}");
+    assert_eq!(
+        replays.iter().filter(|l| l["decision"] == "Allow").count(),
+        1
+    );
+    let verified = c.verify_audit(2);
+    assert_eq!(verified["Lines"], lines.len());
+}
+
+#[test]
+fn racing_state_changes_across_replicas_end_consistent_and_audited() {
+    let Some(c) = Cluster::start(3) else { return };
+    let app = add_principal(&c, 0, "app");
+    let keys: Vec<String> = (0..12)
+        .map(|i| {
+            key_id(ok(
+                &c.sock(i % 3),
+                &app,
+                Operation::CreateKey {
+                    description: format!("race {i}"),
+                    policy: None,
+                },
+            ))
+        })
+        .collect();
+    // Per key, three replicas race: schedule deletion, cancel it, disable.
+    let ops = |key: &str| {
+        vec![
+            Operation::ScheduleKeyDeletion {
+                key_id: key.into(),
+                pending_window_in_days: 7,
+            },
+            Operation::CancelKeyDeletion { key_id: key.into() },
+            Operation::DisableKey { key_id: key.into() },
+            Operation::EnableKey { key_id: key.into() },
+        ]
+    };
+    let threads: Vec<_> = (0..3)
+        .map(|t| {
+            let keys = keys.clone();
+            let sock = c.sock(t);
+            let app = Credentials {
+                principal: app.principal.clone(),
+                key: app.key.clone(),
+            };
+            std::thread::spawn(move || {
+                for round in 0..3 {
+                    for key in &keys {
+                        let all = ops(key);
+                        let op = all[(t + round) % all.len()].clone();
+                        let _ = call(&sock, &app, op);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Each key's state is what its audited, allowed transitions lead to, in
+    // the chain's order; and every replica describes it so.
+    let lines = c.audit_lines();
+    for key in &keys {
+        let mut state = "Enabled";
+        for l in lines.iter().filter(|l| {
+            l["key_id"]
+                .as_str()
+                .is_some_and(|k| key.ends_with(k) || k.ends_with(key.as_str()))
+                && l["decision"] == "Allow"
+        }) {
+            state = match l["action"].as_str().unwrap() {
+                "kms:ScheduleKeyDeletion" => "PendingDeletion",
+                "kms:CancelKeyDeletion" | "kms:DisableKey" => "Disabled",
+                "kms:EnableKey" => "Enabled",
+                _ => state,
+            };
+        }
+        for i in 0..3 {
+            let described = match ok(
+                &c.sock(i),
+                &app,
+                Operation::DescribeKey {
+                    key_id: key.clone(),
+                },
+            ) {
+                Output::KeyMetadata(m) => m.key_state,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(described, state, "key {key} on r{i}");
+        }
+    }
+    c.verify_audit(0);
+}
+
+#[test]
+fn a_replica_killed_mid_burst_loses_no_acknowledged_key_blob_or_record() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    let app = add_principal(&c, 0, "app");
+    let stop_at = Instant::now() + Duration::from_millis(2000);
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let socks: Vec<PathBuf> = (0..3).map(|i| c.sock(i)).collect();
+            let app = Credentials {
+                principal: app.principal.clone(),
+                key: app.key.clone(),
+            };
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while Instant::now() < stop_at {
+                    n += 1;
+                    let sock = &socks[(w + n) % 3];
+                    let Ok((created_id, created)) = call(
+                        sock,
+                        &app,
+                        Operation::CreateKey {
+                            description: format!("w{w} n{n}"),
+                            policy: None,
+                        },
+                    ) else {
+                        continue;
+                    };
+                    let key = key_id(created);
+                    let text = format!("worker {w} item {n}");
+                    let encrypted = call(sock, &app, encrypt(&key, text.as_bytes()))
+                        .ok()
+                        .map(|(id, out)| (id, blob(out)));
+                    acked.push((created_id, key, encrypted, text));
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    c.replicas[1].take().unwrap().kill();
+    let acked: Vec<_> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(acked.len() >= 12, "only {} keys acknowledged", acked.len());
+    eprintln!("{} keys acknowledged around the kill", acked.len());
+
+    // The survivors know every acknowledged key and open every acknowledged blob,
+    // and every acknowledged request is in the chain.
+    let recorded: std::collections::HashSet<String> = c
+        .audit_lines()
+        .iter()
+        .filter(|l| l["decision"] == "Allow")
+        .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
+        .collect();
+    for (n, (created_id, key, encrypted, text)) in acked.iter().enumerate() {
+        let sock = c.sock([0, 2][n % 2]);
+        ok(
+            &sock,
+            &app,
+            Operation::DescribeKey {
+                key_id: key.clone(),
+            },
+        );
+        assert!(
+            recorded.contains(created_id),
+            "CreateKey {created_id} not in the chain"
+        );
+        if let Some((encrypt_id, blob)) = encrypted {
+            assert!(
+                recorded.contains(encrypt_id),
+                "Encrypt {encrypt_id} not in the chain"
+            );
+            match ok(&sock, &app, decrypt(blob, None)) {
+                Output::Plaintext {
+                    plaintext: Some(p), ..
+                } => assert_eq!(p.0.as_slice(), text.as_bytes()),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // The killed replica comes back on the same store.
+    c.serve(1);
+    ok(&c.sock(1), &app, Operation::ListKeys);
+    c.verify_audit(1);
+}
+
+/// An HTTP GET with curl (an independent client, as a load balancer's probe
+/// would be): the status code and the body.
+fn probe(port: u16, path: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn readiness_follows_the_database_and_rate_limits_split_across_replicas() {
+    let Some(mut c) = Cluster::start(2) else {
+        return;
+    };
+    let port = free_port();
+    c.replicas[0].take();
+    c.serve_with(
+        0,
+        &["--health", &format!("tcp:127.0.0.1:{port}"), "--rate", "10"],
+    );
+    c.replicas[1].take();
+    c.serve_with(1, &["--rate", "10"]);
+    assert_eq!(probe(port, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(probe(port, "/readyz"), (200, "ready\n".into()));
+    assert_eq!(probe(port, "/metrics").0, 404);
+
+    // Two replicas serve: each allows half of the principal's 10/s (burst
+    // 20): about 10 at once on one replica, where one broker alone allows 20.
+    let app = add_principal(&c, 0, "app");
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut allowed = 0;
+    let mut refusal = String::new();
+    for _ in 0..30 {
+        match call(&c.sock(0), &app, Operation::ListKeys) {
+            Ok(_) => allowed += 1,
+            Err(e) => refusal = e.to_string(),
+        }
+    }
+    assert!((9..=14).contains(&allowed), "{allowed} allowed: {refusal}");
+    assert!(
+        refusal.contains("5.0 on each of the 2 replicas serving"),
+        "{refusal}"
+    );
+
+    // The database goes away: the replica is alive but not ready, saying why.
+    c.pg.stop();
+    assert_eq!(probe(port, "/healthz").0, 200);
+    let (code, body) = probe(port, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("not ready") && body.contains("PostgreSQL"),
+        "{body}"
+    );
+}
