@@ -1019,6 +1019,176 @@ fn a_passphrase_derived_root_key() {
     assert!(status.success());
 }
 
+/// A key of `app`'s and a blob of `text` under it, through the CLI.
+fn key_and_blob(kms: &Kms, app: &Path, text: &str, blob: &Path) -> String {
+    let key = json_of(
+        &kms.run_as("app", app, &["kms", "create-key"]),
+        "create-key",
+    )["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let enc = json_of(
+        &kms.run_as(
+            "app",
+            app,
+            &["kms", "encrypt", "--key-id", &key, "--plaintext", text],
+        ),
+        "encrypt",
+    );
+    std::fs::write(blob, b64d(&enc["CiphertextBlob"])).unwrap();
+    key
+}
+
+fn decrypted(kms: &Kms, app: &Path, blob: &Path) -> Vec<u8> {
+    let out = kms.run_as(
+        "app",
+        app,
+        &[
+            "kms",
+            "decrypt",
+            "--ciphertext-blob",
+            &format!("fileb://{}", s(blob)),
+        ],
+    );
+    b64d(&json_of(&out, "decrypt")["Plaintext"])
+}
+
+#[test]
+fn the_root_key_rotates_and_every_sealed_item_follows_it() {
+    let mut kms = Kms::start();
+    let app = kms.add_principal("app", ALLOW_ALL);
+    let blob = kms.path("blob");
+    let key = key_and_blob(&kms, &app, "sealed under the first root key", &blob);
+    let access_key = kms.admin(&["kms", "principal", "add-access-key", "--name", "app"]);
+    let data = kms.data();
+    let rotate = ["kms", "rotate-root-key", "--data-dir", s(&data)];
+
+    // Not while a broker serves the data directory (its audit log is locked).
+    let stderr = failed_with(&cloister(&rotate), "E-KMS-INTERNAL");
+    assert!(stderr.contains("another process"), "{stderr}");
+    // Not into the other mode.
+    let stderr = failed_with(
+        &cloister_env(
+            &[&rotate[..], &["--new-passphrase-env", "NEW"]].concat(),
+            &[("NEW", "a passphrase")],
+        ),
+        "E-KMS-VALIDATION",
+    );
+    assert!(stderr.contains("root.key"), "{stderr}");
+    kms.stop();
+
+    let old_root = std::fs::read(kms.data().join("root.key")).unwrap();
+    let rotated = ok_json(&rotate);
+    // One key version and one access key secret.
+    assert_eq!(rotated["Resealed"], 2, "{rotated}");
+    let new_root = std::fs::read(kms.data().join("root.key")).unwrap();
+    assert_ne!(old_root, new_root);
+    assert!(!kms.data().join("root.key.next").exists());
+
+    // Everything sealed before opens under the new key, and new keys work.
+    kms.serve();
+    assert_eq!(
+        decrypted(&kms, &app, &blob),
+        b"sealed under the first root key"
+    );
+    json_of(
+        &kms.run_as("app", &app, &["kms", "rotate-key", "--key-id", &key]),
+        "rotate-key",
+    );
+    let keys = kms.admin(&["kms", "principal", "list-access-keys", "--name", "app"]);
+    assert_eq!(
+        keys["AccessKeys"][0]["AccessKeyId"],
+        access_key["AccessKey"]["AccessKeyId"]
+    );
+    kms.stop();
+    let verified = ok_json(&["kms", "audit", "verify", "--data-dir", s(&kms.data())]);
+    assert!(verified["Lines"].as_u64().unwrap() > 5);
+    assert!(
+        kms.audit_lines()
+            .iter()
+            .any(|l| l["action"] == "cloister:RotateRootKey"
+                && l["reason"].as_str().unwrap().contains("2 sealed items"))
+    );
+
+    // The old key no longer opens the keystore.
+    std::fs::write(kms.data().join("root.key"), &old_root).unwrap();
+    let listen = kms.endpoint();
+    let serve = ["kms", "serve", "--data-dir", s(&data), "--listen", &listen];
+    let stderr = failed_with(&cloister(&serve), "E-KMS-INTERNAL");
+    assert!(stderr.contains("does not open this keystore"), "{stderr}");
+
+    // A rotation cut short after its commit (the new key still in
+    // root.key.next) is finished at the next open; a leftover root.key.next
+    // that opens nothing is removed.
+    let next = kms.data().join("root.key.next");
+    let plant_next = |bytes: &[u8]| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&next, bytes).unwrap();
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    plant_next(&new_root);
+    kms.serve();
+    assert_eq!(
+        std::fs::read(kms.data().join("root.key")).unwrap(),
+        new_root
+    );
+    assert!(!kms.data().join("root.key.next").exists());
+    kms.stop();
+    plant_next(&[9u8; 32]);
+    kms.serve();
+    assert!(!kms.data().join("root.key.next").exists());
+    assert_eq!(
+        decrypted(&kms, &app, &blob),
+        b"sealed under the first root key"
+    );
+}
+
+#[test]
+fn a_passphrase_root_key_rotates_to_a_new_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kms");
+    let first = [("CLOISTER_KMS_PASSPHRASE", "correct horse battery")];
+    json_of(
+        &cloister_env(&["kms", "init", "--data-dir", s(&data)], &first),
+        "init",
+    );
+    let rotate = [
+        "kms",
+        "rotate-root-key",
+        "--data-dir",
+        s(&data),
+        "--new-passphrase-env",
+        "NEW",
+    ];
+    let stderr = failed_with(
+        &cloister_env(
+            &rotate,
+            &[("CLOISTER_KMS_PASSPHRASE", "wrong"), ("NEW", "x")],
+        ),
+        "E-KMS-INTERNAL",
+    );
+    assert!(stderr.contains("does not open this keystore"), "{stderr}");
+    let stderr = failed_with(&cloister_env(&rotate[..4], &first), "E-KMS-VALIDATION");
+    assert!(stderr.contains("--new-passphrase-env"), "{stderr}");
+    json_of(
+        &cloister_env(&rotate, &[first[0], ("NEW", "staple tree ocean")]),
+        "rotate",
+    );
+    let sock = dir.path().join("kms.sock");
+    let listen = format!("unix:{}", s(&sock));
+    let serve = ["kms", "serve", "--data-dir", s(&data), "--listen", &listen];
+    let stderr = failed_with(&cloister_env(&serve, &first), "E-KMS-INTERNAL");
+    assert!(stderr.contains("does not open this keystore"), "{stderr}");
+    let server = Server::start(
+        &serve,
+        &[("CLOISTER_KMS_PASSPHRASE", "staple tree ocean")],
+        &sock,
+    );
+    let (status, _) = server.terminate();
+    assert!(status.success());
+}
+
 #[test]
 fn sigkill_during_a_burst_loses_nothing_acknowledged() {
     let mut kms = Kms::start();

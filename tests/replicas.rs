@@ -626,3 +626,57 @@ fn readiness_follows_the_database_and_rate_limits_split_across_replicas() {
         "{body}"
     );
 }
+
+#[test]
+fn the_root_key_rotates_under_running_replicas_which_refuse_writes_until_restarted() {
+    let Some(mut c) = Cluster::start(2) else {
+        return;
+    };
+    let app = add_principal(&c, 0, "app");
+    let key = key_id(ok(
+        &c.sock(0),
+        &app,
+        Operation::CreateKey {
+            description: "before".into(),
+            policy: None,
+        },
+    ));
+    let sealed = blob(ok(&c.sock(1), &app, encrypt(&key, b"before the rotation")));
+
+    let rotated = ok_json(&["kms", "rotate-root-key", "--data-dir", s(&c.data(0))]);
+    assert_eq!(rotated["Resealed"], 1, "{rotated}");
+    // r1 still holds the old root key: its writes are refused, saying why;
+    // its copy cannot be reloaded under the old key either.
+    let e = refused(
+        &c.sock(1),
+        &app,
+        Operation::CreateKey {
+            description: "after".into(),
+            policy: None,
+        },
+    );
+    assert!(e.contains("root key was rotated"), "{e}");
+    let e = refused(&c.sock(1), &app, decrypt(&sealed, None));
+    assert!(e.contains("root key was rotated"), "{e}");
+
+    // Given the new root key and restarted, both serve what was sealed before.
+    std::fs::copy(c.data(0).join("root.key"), c.data(1).join("root.key")).unwrap();
+    for i in 0..2 {
+        c.replicas[i].take().unwrap().terminate();
+        c.serve(i);
+        match ok(&c.sock(i), &app, decrypt(&sealed, None)) {
+            Output::Plaintext {
+                plaintext: Some(p), ..
+            } => assert_eq!(p.0.as_slice(), b"before the rotation"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let lines = c.audit_lines();
+    assert!(lines.iter().any(|l| {
+        l["action"] == "cloister:RotateRootKey"
+            && l["replica"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("rotate-root-key@"))
+    }));
+    c.verify_audit(1);
+}

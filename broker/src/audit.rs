@@ -411,6 +411,43 @@ fn signed_message(label: &[u8], seq: u64, prev: &str) -> Vec<u8> {
     m
 }
 
+/// Locks `<log>.lock` for the one process that may append to a log: a second
+/// broker (or a command that writes to it) on the same data directory is
+/// refused, instead of forking the chain.
+fn lock_writer(path: &Path) -> Result<File, KmsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock_path = path.with_file_name(name);
+    let lock = OpenOptions::new()
+        .mode(0o600)
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| error::internal(format!("{}: {e}", lock_path.display())))?;
+    // A writer that is stopping (its last handle just dropped) lets go within
+    // moments; one that serves does not.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(lock),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(error::internal(format!(
+                    "another process (a broker serving this data directory?) is writing the audit log {}",
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(error::internal(format!("{}: {e}", lock_path.display())));
+            }
+        }
+    }
+}
+
 /// A line without its seq, prev and signature (the writer stamps them).
 fn system_line(kind: &str) -> Line {
     Line {
@@ -584,6 +621,8 @@ impl Sink for SharedWriter {
 }
 
 struct FileWriter {
+    /// Held while the writer runs: one writer per log (see [`lock_writer`]).
+    _lock: File,
     file: File,
     path: std::path::PathBuf,
     /// Bytes in the live file, and the seq of its first line.
@@ -622,6 +661,7 @@ impl AuditLog {
         use std::os::unix::fs::OpenOptionsExt;
         // A rotation cut short by a crash may leave its new file unused.
         let _ = std::fs::remove_file(next_path(path));
+        let lock = lock_writer(path)?;
         let created = !path.exists();
         let mut file = OpenOptions::new()
             .mode(0o600)
@@ -693,6 +733,7 @@ impl AuditLog {
             parse(first.trim_end().as_bytes())?.seq
         };
         let mut writer = FileWriter {
+            _lock: lock,
             file,
             path: path.to_path_buf(),
             file_len: complete,
@@ -1661,10 +1702,25 @@ mod tests {
         assert_eq!(head(), 6, "startup and 5 records");
         // With the head caught up, cutting the last record is found, even
         // without a shutdown checkpoint after it.
+        drop(log);
         let lines = f.lines();
         f.write_lines(&lines[..lines.len() - 1]);
         let err = f.open().err().unwrap();
         assert!(err.message.contains("truncated or edited"), "{err}");
+    }
+
+    #[test]
+    fn a_second_writer_of_one_log_is_refused() {
+        let f = Fixture::new();
+        let log = f.open().unwrap();
+        let err = f.open().err().unwrap();
+        assert!(err.message.contains("another process"), "{err}");
+        log.record(record(1)).unwrap();
+        drop(log);
+        // Once the first writer stops, the log opens again and verifies.
+        let log = f.open().unwrap();
+        log.shutdown().unwrap();
+        assert_eq!(f.verify().unwrap().lines, 4);
     }
 
     #[test]

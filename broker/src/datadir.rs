@@ -62,6 +62,10 @@ impl DataDir {
     pub fn root_key(&self) -> PathBuf {
         self.dir.join("root.key")
     }
+    /// A new root key during its rotation (see [`DataDir::rotate_root_key`]).
+    pub fn root_key_next(&self) -> PathBuf {
+        self.dir.join("root.key.next")
+    }
     pub fn broker_key(&self) -> PathBuf {
         self.dir.join("broker.key")
     }
@@ -179,6 +183,97 @@ impl DataDir {
         Ok(broker)
     }
 
+    /// Rotates the root key: a new one (random, or derived from
+    /// `new_passphrase` with a new salt — in the same mode as before) seals
+    /// every key version's material and every access key's secret, in one
+    /// transaction with its audit record. In file mode the new key is written
+    /// to `root.key.next` (synced) before the commit and renamed over
+    /// `root.key` after it; an interrupted rotation is finished (or undone) at
+    /// the next open. Refused while a broker serves a SQLite data directory
+    /// (its audit log is locked); replicas of a shared store must be given the
+    /// new key and restarted (their writes are refused meanwhile).
+    /// Returns how many sealed items were re-sealed.
+    pub fn rotate_root_key(
+        &self,
+        passphrase: Option<Zeroizing<String>>,
+        new_passphrase: Option<Zeroizing<String>>,
+    ) -> Result<u64, KmsError> {
+        let location = self.store()?;
+        let file_mode = self.root_key().exists();
+        if file_mode == new_passphrase.is_some() {
+            return Err(error::validation(if file_mode {
+                "this data directory keeps its root key in root.key: rotate it without --new-passphrase-env"
+            } else {
+                "this keystore's root key is derived from a passphrase: give the new one in the environment variable --new-passphrase-env names"
+            }));
+        }
+        let keystore = Keystore::open(&location, self.root(&location, passphrase)?)?;
+        let broker_key = keyfile::read_signing_key(&self.broker_key())
+            .map_err(|e| error::internal(e.to_string()))?;
+        let audit = if keystore.store().is_shared() {
+            AuditLog::open_shared(
+                keystore.store().clone(),
+                broker_key.clone(),
+                &format!("rotate-root-key@{}", crate::service::default_replica_name()),
+            )?
+        } else {
+            AuditLog::open(&self.audit_log(), &self.audit_head(), broker_key)?
+        };
+        let (new, salt) = match &new_passphrase {
+            Some(p) => {
+                let mut salt = [0u8; 16];
+                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut salt);
+                (RootKey::from_passphrase(p.as_bytes(), &salt)?, Some(salt))
+            }
+            None => (RootKey::generate(), None),
+        };
+        if file_mode {
+            keyfile::write_secret(&self.root_key_next(), new.bytes(), true)
+                .map_err(|e| error::internal(e.to_string()))?;
+        }
+        let resealed = keystore.rotate_root(&new, salt.as_ref().map(|s| s.as_slice()), |n, tx| {
+            audit
+                .record_in(
+                    tx,
+                    crate::audit::RequestRecord {
+                        principal: "cloister-broker".into(),
+                        action: "cloister:RotateRootKey".into(),
+                        decision: crate::audit::Decision::Allow,
+                        reason: format!(
+                            "the root key was rotated at the data directory: {n} sealed items re-sealed under the new one"
+                        ),
+                        ..Default::default()
+                    },
+                )
+                .map(|_| ())
+        });
+        let resealed = match resealed {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(self.root_key_next());
+                return Err(e);
+            }
+        };
+        if file_mode {
+            self.install_next_root_key()?;
+        }
+        audit.shutdown()?;
+        Ok(resealed)
+    }
+
+    /// root.key.next becomes root.key (the keystore is sealed under it).
+    fn install_next_root_key(&self) -> Result<(), KmsError> {
+        std::fs::rename(self.root_key_next(), self.root_key())
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+            .map_err(|e| {
+                error::internal(format!(
+                    "the keystore is sealed under {} but it could not become {}: {e}; rename it by hand",
+                    self.root_key_next().display(),
+                    self.root_key().display()
+                ))
+            })
+    }
+
     /// Files that hold keys or audit data and that others may read (made by
     /// a version that created them 0644) become owner-only.
     fn restrict_modes(&self) -> Result<(), KmsError> {
@@ -209,7 +304,24 @@ impl DataDir {
         passphrase: Option<Zeroizing<String>>,
     ) -> Result<RootKey, KmsError> {
         if self.root_key().exists() {
-            return RootKey::from_file(&self.root_key());
+            let root = RootKey::from_file(&self.root_key())?;
+            if !self.root_key_next().exists() {
+                return Ok(root);
+            }
+            // A rotation was cut short: it committed if the new key opens
+            // the keystore (then it becomes root.key), else it did not.
+            if Keystore::root_opens(location, &root)? {
+                std::fs::remove_file(self.root_key_next()).map_err(|e| {
+                    error::internal(format!("{}: {e}", self.root_key_next().display()))
+                })?;
+                return Ok(root);
+            }
+            let next = RootKey::from_file(&self.root_key_next())?;
+            if Keystore::root_opens(location, &next)? {
+                self.install_next_root_key()?;
+                return Ok(next);
+            }
+            return Ok(root);
         }
         let salt = Keystore::read_meta(location, "root_salt")?.ok_or_else(|| {
             error::not_found(format!(

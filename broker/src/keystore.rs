@@ -243,6 +243,12 @@ impl Keystore {
         Ok(store)
     }
 
+    /// Whether `root` opens the keystore at `location` (its root check).
+    pub fn root_opens(location: &Location, root: &RootKey) -> Result<bool, KmsError> {
+        let check = Self::read_meta(location, "root_check")?.unwrap_or_default();
+        Ok(root.open(ROOT_CHECK_AAD, &check).is_some())
+    }
+
     /// Opens an existing keystore and loads it into memory.
     pub fn open(location: &Location, root: RootKey) -> Result<Self, KmsError> {
         let store = Self::connect_existing(location)?;
@@ -324,6 +330,7 @@ impl Keystore {
     /// transaction, so that it is one generation's.
     fn reload_locked(&self) -> Result<(), KmsError> {
         let mut tx = self.store.begin_snapshot()?;
+        self.check_root(&mut tx)?;
         let state = load(&mut tx, &self.root)?;
         let loaded = if tx.is_postgres() {
             tx.query_int(GENERATION, &[])?
@@ -414,6 +421,9 @@ impl Keystore {
         } else {
             None
         };
+        // A root key rotated since this broker opened the store: its writes
+        // would seal material under a key the store no longer opens with.
+        self.check_root(&mut tx)?;
         let out = change(&mut tx)?;
         before_commit(&out, &mut tx)?;
         tx.commit()?;
@@ -430,6 +440,103 @@ impl Keystore {
             }
         }
         Ok(out)
+    }
+
+    fn check_root(&self, tx: &mut Tx<'_>) -> Result<(), KmsError> {
+        let check = tx
+            .query_opt("SELECT value FROM meta WHERE name = 'root_check'", &[])?
+            .map(|r| r.blob(0))
+            .transpose()?
+            .unwrap_or_default();
+        match self.root.open(ROOT_CHECK_AAD, &check) {
+            Some(_) => Ok(()),
+            None => Err(error::internal(
+                "the keystore's root key was rotated: this broker holds the old one; restart it with the new root key",
+            )),
+        }
+    }
+
+    /// Re-seals every key version's material and every access key's secret
+    /// under `new` (and the root check; `new_salt` is the passphrase salt
+    /// `new` was derived with, if it was), in one transaction with its audit
+    /// record. Brokers still holding the old root key have their writes
+    /// refused from then on and must restart with the new one.
+    pub fn rotate_root(
+        &self,
+        new: &RootKey,
+        new_salt: Option<&[u8]>,
+        before_commit: impl FnOnce(u64, &mut Tx<'_>) -> Result<(), KmsError>,
+    ) -> Result<u64, KmsError> {
+        let reseal = |aad: &[u8], sealed: &[u8], what: &str| {
+            let plain = self.root.open(aad, sealed).ok_or_else(|| {
+                error::internal(format!(
+                    "keystore: {what} does not decrypt under the root key"
+                ))
+            })?;
+            new.seal(aad, &plain)
+        };
+        self.write(
+            |tx| {
+                let mut resealed = 0u64;
+                let rows = tx.query(
+                    &format!(
+                        "SELECT key_id, version, material FROM key_versions{}",
+                        tx.for_update()
+                    ),
+                    &[],
+                )?;
+                for r in rows {
+                    let id = key_id(r.blob(0)?)?;
+                    let version = u32::try_from(r.int(1)?)
+                        .map_err(|_| error::internal("keystore: malformed key version"))?;
+                    let material = reseal(
+                        &material_aad(id, version),
+                        &r.blob(2)?,
+                        &format!("material of {id} v{version}"),
+                    )?;
+                    tx.execute(
+                        "UPDATE key_versions SET material = $3 WHERE key_id = $1 AND version = $2",
+                        params![id, version, material],
+                    )?;
+                    resealed += 1;
+                }
+                let rows = tx.query(
+                    &format!(
+                        "SELECT access_key_id, secret FROM access_keys{}",
+                        tx.for_update()
+                    ),
+                    &[],
+                )?;
+                for r in rows {
+                    let access_key_id = r.text(0)?;
+                    let secret = reseal(
+                        &access_key_aad(&access_key_id),
+                        &r.blob(1)?,
+                        &format!("the secret of access key {access_key_id}"),
+                    )?;
+                    tx.execute(
+                        "UPDATE access_keys SET secret = $2 WHERE access_key_id = $1",
+                        params![&access_key_id, secret],
+                    )?;
+                    resealed += 1;
+                }
+                tx.execute(
+                    "UPDATE meta SET value = $1 WHERE name = 'root_check'",
+                    params![new.seal(ROOT_CHECK_AAD, b"ok")?],
+                )?;
+                match new_salt {
+                    Some(salt) => tx.execute(
+                        "INSERT INTO meta (name, value) VALUES ('root_salt', $1) \
+                         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                        params![salt],
+                    )?,
+                    None => tx.execute("DELETE FROM meta WHERE name = 'root_salt'", &[])?,
+                };
+                Ok(resealed)
+            },
+            |resealed, tx| before_commit(*resealed, tx),
+            |_, _| {},
+        )
     }
 
     /// A removal: deletes the one row `sql` names (NotFound, saying `missing`,

@@ -11,6 +11,11 @@
 //!   processes against `cloister kms serve`, beside the crypto-only limit measured
 //!   in the same run (request signature, document signature and chain, HPKE
 //!   seal, response signature per request, times the cores): the floor.
+//! - `replicas`: the same attested decrypts from `REPLICA_CLIENTS` (default
+//!   16) client processes against 1, 2 and 3 broker replicas sharing one
+//!   PostgreSQL database (clients spread over the replicas' sockets as a
+//!   load balancer would), beside one broker on its embedded SQLite keystore,
+//!   in turns within each run; and where the CPU goes (brokers, PostgreSQL).
 //! - `scoring`: the PHI scorer through `cloister call` against `phi-gen
 //!   --score-sealed` (the same `score_sealed` loop, natively, given the data key)
 //!   as processes, in pairs of alternating order; the median of per-pair ratios.
@@ -50,9 +55,10 @@ use common::s;
 type Section = fn() -> Vec<Figure>;
 
 /// The sections, in the order they run.
-const SECTIONS: [(&str, Section); 8] = [
+const SECTIONS: [(&str, Section); 9] = [
     ("key-release", key_release),
     ("broker", broker),
+    ("replicas", replicas),
     ("flood", flood),
     ("scoring", scoring),
     ("start", start),
@@ -733,6 +739,263 @@ fn broker() -> Vec<Figure> {
         );
     }
     figures
+}
+
+/// One call as the admin of the broker at `sock`, on a connection of its own.
+fn admin_call(
+    sock: &Path,
+    admin_key: &Path,
+    op: cloister_kms_api::protocol::Operation,
+) -> cloister_kms_api::protocol::Output {
+    use cloister_kms_api::client::{Credentials, KmsClient};
+    let credentials = Credentials {
+        principal: "admin".into(),
+        key: cloister_attestation::keyfile::read_signing_key(admin_key).unwrap(),
+    };
+    let address = cloister_proto::Address::Unix(sock.to_path_buf());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async move {
+            KmsClient::connect(&address, None, credentials)
+                .await
+                .unwrap()
+                .call(op)
+                .await
+                .unwrap()
+        })
+}
+
+/// CPU seconds (user + system) of the processes `pids`, from /proc.
+fn cpu_seconds_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+        })
+        .sum()
+}
+
+/// The PostgreSQL server's processes: the postmaster and its children.
+fn postgres_pids(postmaster: u32) -> Vec<u32> {
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(1);
+        if ppid == Some(postmaster.to_string().as_str()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn replicas() -> Vec<Figure> {
+    use cloister_kms_api::protocol::{EncryptionContext, Operation, Output, Secret};
+    let Some(pg) = common::postgres::Postgres::start() else {
+        return Vec::new();
+    };
+    let runs = env_or("RUNS", 3usize);
+    let seconds = env_or("BROKER_SECONDS", 3u64);
+    let clients = env_or("REPLICA_CLIENTS", 16usize);
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    common::ok_json(&["platform", "init", "--dir", s(&path("platform"))]);
+    let root = cloister_attestation::nsm::read_pem_certificates(&path("platform/root.pem"))
+        .unwrap()
+        .remove(0);
+    let url = pg.create_database("bench");
+    common::ok_json(&["kms", "init", "--data-dir", s(&path("sqlite"))]);
+    common::ok_json(&["kms", "init", "--data-dir", s(&path("r0")), "--store", &url]);
+    for i in 1..3 {
+        must(
+            Command::new("cp")
+                .arg("-a")
+                .arg(path("r0"))
+                .arg(path(&format!("r{i}")))
+                .output()
+                .unwrap(),
+            "copying the data directory",
+        );
+    }
+    // Rate limits off: the figure is throughput.
+    let serve = |data: &str| {
+        let sock = path(&format!("{data}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let server = common::Server::start(
+            &[
+                "kms",
+                "serve",
+                "--data-dir",
+                s(&path(data)),
+                "--listen",
+                &format!("unix:{}", s(&sock)),
+                "--replica",
+                data,
+                "--rate",
+                "1000000000",
+            ],
+            &[],
+            &sock,
+        );
+        (server, sock)
+    };
+    // One key and blob per keystore (the SQLite one, the shared one).
+    let mut blobs = BTreeMap::new();
+    for data in ["sqlite", "r0"] {
+        let (server, sock) = serve(data);
+        let admin = path(data).join("admin.key");
+        admin_call(
+            &sock,
+            &admin,
+            Operation::TrustAdd {
+                label: "bench".into(),
+                root_der: root.clone(),
+            },
+        );
+        let Output::KeyMetadata(key) = admin_call(
+            &sock,
+            &admin,
+            Operation::CreateKey {
+                description: "bench".into(),
+                policy: None,
+            },
+        ) else {
+            panic!("CreateKey");
+        };
+        let Output::Ciphertext {
+            ciphertext_blob, ..
+        } = admin_call(
+            &sock,
+            &admin,
+            Operation::Encrypt {
+                key_id: key.key_id,
+                plaintext: Secret::new(vec![1; 32]),
+                encryption_context: EncryptionContext::new(),
+            },
+        )
+        else {
+            panic!("Encrypt");
+        };
+        blobs.insert(data, ciphertext_blob);
+        drop(server);
+    }
+    let me = std::env::current_exe().unwrap();
+    let configs: [(&str, usize); 4] = [
+        ("sqlite", 1),
+        ("postgres", 1),
+        ("postgres", 2),
+        ("postgres", 3),
+    ];
+    let mut rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut broker_us: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut pg_us: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let postmaster = pg.pid();
+    for _ in 0..runs {
+        let mut sqlite_rate = 0.0;
+        for (n, (store, replicas)) in configs.iter().enumerate() {
+            let names: Vec<String> = match *store {
+                "sqlite" => vec!["sqlite".into()],
+                _ => (0..*replicas).map(|i| format!("r{i}")).collect(),
+            };
+            let servers: Vec<_> = names.iter().map(|d| serve(d)).collect();
+            let blob = &blobs[if *store == "sqlite" { "sqlite" } else { "r0" }];
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            let start = now + 1500 + 20 * clients as u64;
+            let specs: Vec<PathBuf> = names
+                .iter()
+                .zip(&servers)
+                .map(|(name, (_, sock))| {
+                    let spec = path(&format!("{name}-client.json"));
+                    std::fs::write(
+                        &spec,
+                        json!({
+                            "platform": s(&path("platform")),
+                            "address": format!("unix:{}", s(sock)),
+                            "principal": "admin",
+                            "key": s(&path(name).join("admin.key")),
+                            "blob": hex::encode(blob),
+                            "start": start,
+                            "end": start + seconds * 1000,
+                        })
+                        .to_string(),
+                    )
+                    .unwrap();
+                    spec
+                })
+                .collect();
+            let children: Vec<_> = (0..clients)
+                .map(|c| {
+                    Command::new(&me)
+                        .arg("--broker-client")
+                        .arg(&specs[c % specs.len()])
+                        .stdout(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            let broker_pids: Vec<u32> = servers.iter().map(|(srv, _)| srv.pid()).collect();
+            let pg_pids = postgres_pids(postmaster);
+            let (broker_before, pg_before) =
+                (cpu_seconds_of(&broker_pids), cpu_seconds_of(&pg_pids));
+            let total: u64 = children
+                .into_iter()
+                .map(|c| {
+                    let out = must(c.wait_with_output().unwrap(), "broker client");
+                    String::from_utf8(out.stdout)
+                        .unwrap()
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap()
+                })
+                .sum();
+            let rate = total as f64 / seconds as f64;
+            broker_us
+                .entry(n)
+                .or_default()
+                .push((cpu_seconds_of(&broker_pids) - broker_before) * 1e6 / total as f64);
+            pg_us.entry(n).or_default().push(
+                (cpu_seconds_of(&postgres_pids(postmaster)) - pg_before) * 1e6 / total as f64,
+            );
+            if n == 0 {
+                sqlite_rate = rate;
+            }
+            rates.entry(n).or_default().push(rate);
+            ratios.entry(n).or_default().push(rate / sqlite_rate);
+            drop(servers);
+        }
+    }
+    let (sqlite, ..) = median_and_range(rates[&0].clone());
+    configs
+        .iter()
+        .enumerate()
+        .map(|(n, (store, replicas))| {
+            let (ratio, ..) = median_and_range(ratios[&n].clone());
+            let (broker, ..) = median_and_range(broker_us[&n].clone());
+            let (db, ..) = median_and_range(pg_us[&n].clone());
+            let name = match *store {
+                "sqlite" => format!("replicas_sqlite_1_broker_{clients}_clients"),
+                _ => format!("replicas_postgres_{replicas}_{clients}_clients"),
+            };
+            let mut f = Figure::new(&name, "decrypts/s", &rates[&n]).note(format!(
+                "{clients} client processes spread over the {replicas} broker(s); CPU per decrypt: brokers {broker:.0} us, PostgreSQL {db:.0} us (/proc, user + system)"
+            ));
+            if n > 0 {
+                f = f.baseline(sqlite, ratio);
+            }
+            f
+        })
+        .collect()
 }
 
 /// What a flooding process does (`--flood-client ADDRESS START END`, as

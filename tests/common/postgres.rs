@@ -137,6 +137,11 @@ impl Postgres {
         postgres::Client::connect(&self.url(database), postgres::NoTls).unwrap()
     }
 
+    /// The postmaster's pid (the setpriv wrapper execs the server).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -93,6 +93,20 @@ pub enum KmsCommand {
         #[arg(long)]
         health: Option<String>,
     },
+    /// Rotate the root key: re-seal every key's material and every access
+    /// key's secret under a new one, in one audited transaction. Stop the
+    /// broker first (a SQLite data directory refuses while one serves); give
+    /// replicas of a shared store the new root.key (or passphrase) and restart them.
+    RotateRootKey {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The current passphrase (passphrase mode).
+        #[arg(long)]
+        passphrase_env: Option<String>,
+        /// The new passphrase (passphrase mode; file mode writes a new root.key).
+        #[arg(long)]
+        new_passphrase_env: Option<String>,
+    },
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -646,6 +660,26 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
                 eprintln!("cloister kms: stopped; the audit log has its shutdown checkpoint");
                 Ok(())
             })
+        }
+        KmsCommand::RotateRootKey {
+            data_dir,
+            passphrase_env,
+            new_passphrase_env,
+        } => {
+            let dir = DataDir::new(&data_dir);
+            let new_passphrase = new_passphrase_env
+                .as_ref()
+                .map(|v| {
+                    std::env::var(v).map(Zeroizing::new).map_err(|_| {
+                        UsageError(format!("--new-passphrase-env {v}: the variable is not set"))
+                    })
+                })
+                .transpose()?;
+            let resealed = dir.rotate_root_key(passphrase(&passphrase_env)?, new_passphrase)?;
+            super::print_json(&json!({
+                "Resealed": resealed,
+                "RootKey": if new_passphrase_env.is_some() { Value::String("derived from the new passphrase (Argon2id)".into()) } else { Value::String(dir.root_key().display().to_string()) },
+            }))
         }
         KmsCommand::Audit(AuditCommand::Verify { data_dir }) => {
             let dir = DataDir::new(&data_dir);
