@@ -390,6 +390,9 @@ pub struct AuditLog {
 struct SharedChain {
     signing_key: SigningKey,
     replica: String,
+    /// The highest head this replica has read: a head below it means rows
+    /// were removed or the database was restored from an older state.
+    high_water: std::sync::atomic::AtomicU64,
 }
 
 fn now_rfc3339() -> String {
@@ -558,12 +561,64 @@ fn run_writer(mut sink: impl Sink, rx: mpsc::Receiver<Job>) {
 fn append_shared(tx: &mut Tx<'_>, chain: &SharedChain, lines: Vec<Line>) -> Result<u64, KmsError> {
     let head = tx
         .query_opt(
-            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            "SELECT seq, hash, signature FROM audit_head WHERE id = 1 FOR UPDATE",
             &[],
         )?
         .ok_or_else(|| error::internal("the audit chain's head row is missing"))?;
-    let mut next_seq = head.int(0)? as u64 + 1;
-    let mut prev = head.text(1)?;
+    let (head_seq, head_hash) = (head.int(0)? as u64, head.text(1)?);
+    // Only a head this broker key signed, naming the chain's last line, is
+    // continued: a chain cut or extended in the database is not built upon.
+    let edited = |what: String| {
+        error::internal(format!(
+            "the audit chain in the database was edited ({what}); nothing is served until it is repaired: run `cloister kms audit verify`"
+        ))
+    };
+    let last_lines = tx.query(
+        "SELECT seq, line FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT 2",
+        crate::params![head_seq],
+    )?;
+    if head_seq == 0 {
+        if !last_lines.is_empty() {
+            return Err(edited("lines exist but the head names none".into()));
+        }
+    } else {
+        if !head_signed(
+            &chain.signing_key.verifying_key(),
+            head_seq,
+            &head_hash,
+            &head.text(2)?,
+        ) {
+            return Err(edited(
+                "its head row is not signed by the broker key".into(),
+            ));
+        }
+        let named = match last_lines.as_slice() {
+            [only] if only.int(0)? as u64 == head_seq => only.text(1)?,
+            [] => {
+                return Err(edited(format!(
+                    "line {head_seq}, which the head names, is missing"
+                )));
+            }
+            _ => {
+                return Err(edited(format!(
+                    "lines follow line {head_seq}, which the head names as the last"
+                )));
+            }
+        };
+        if line_hash(named.as_bytes()) != head_hash {
+            return Err(edited(format!("line {head_seq} differs from the head")));
+        }
+    }
+    let seen = chain
+        .high_water
+        .fetch_max(head_seq, std::sync::atomic::Ordering::AcqRel);
+    if head_seq < seen {
+        return Err(edited(format!(
+            "its head went back from line {seen} to line {head_seq}: rows were removed or an older state restored"
+        )));
+    }
+    let mut next_seq = head_seq + 1;
+    let mut prev = head_hash;
     let mut joined = Vec::new();
     let first = stamp_lines(
         lines,
@@ -597,6 +652,18 @@ fn append_shared(tx: &mut Tx<'_>, chain: &SharedChain, lines: Vec<Line>) -> Resu
         ],
     )?;
     Ok(first)
+}
+
+/// Whether `signature` (base64) is the broker's over a head (`seq`, `hash`).
+fn head_signed(key: &VerifyingKey, seq: u64, hash: &str, signature: &str) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(signature)
+        .ok()
+        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+        .is_some_and(|sig| {
+            key.verify(&signed_message(HEAD_LABEL, seq, hash), &sig)
+                .is_ok()
+        })
 }
 
 /// The writer of a shared store's chain.
@@ -774,6 +841,7 @@ impl AuditLog {
         let chain = std::sync::Arc::new(SharedChain {
             signing_key,
             replica: replica.to_owned(),
+            high_water: std::sync::atomic::AtomicU64::new(0),
         });
         let mut writer = SharedWriter {
             store,
@@ -1210,16 +1278,7 @@ pub fn verify_shared(
         head.text(1).map_err(cannot)?,
         head.text(2).map_err(cannot)?,
     );
-    let signed = base64::engine::general_purpose::STANDARD
-        .decode(&signature)
-        .ok()
-        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
-        .is_some_and(|sig| {
-            broker_key
-                .verify(&signed_message(HEAD_LABEL, seq, &hash), &sig)
-                .is_ok()
-        });
-    if seq > 0 && !signed {
+    if seq > 0 && !head_signed(broker_key, seq, &hash, &signature) {
         return Err(AuditError {
             line: seq,
             problem: "the audit head row is not signed by the broker key".into(),
@@ -1251,6 +1310,15 @@ pub fn verify_shared(
         if (rows.len() as i64) < PAGE {
             break;
         }
+    }
+    // Every append moves the head in its transaction: nothing follows it.
+    if verifier.lines > seq {
+        return Err(AuditError {
+            line: seq + 1,
+            problem: format!(
+                "the log goes on after line {seq}, which the signed head row names as its last: lines were added"
+            ),
+        });
     }
     verifier.finish()
 }

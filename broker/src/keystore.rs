@@ -309,7 +309,9 @@ impl Keystore {
     /// Reloads the copy, if the store is at `generation` (read by the caller
     /// in its own query) and the copy is older.
     pub fn refresh_to(&self, generation: i64) -> Result<(), KmsError> {
-        if generation != self.generation.load(Ordering::Acquire) {
+        // Generations only grow: a copy already newer than the one asked for
+        // (another request reloaded it meanwhile) is kept.
+        if generation > self.generation.load(Ordering::Acquire) {
             self.reload(generation)?;
         }
         Ok(())
@@ -320,7 +322,7 @@ impl Keystore {
             .writing
             .lock()
             .map_err(|_| error::internal("keystore lock poisoned"))?;
-        if generation != self.generation.load(Ordering::Acquire) {
+        if generation > self.generation.load(Ordering::Acquire) {
             self.reload_locked()?;
         }
         Ok(())
@@ -383,15 +385,26 @@ impl Keystore {
         Ok(alive as u64)
     }
 
-    /// Forgets claimed request ids that no request can carry any more.
-    pub fn forget_request_ids(&self, now_ms: u64) -> Result<u64, KmsError> {
+    /// Forgets claimed request ids that no request can carry any more, `margin`
+    /// after they expired by this broker's clock: replicas' clocks differ, and
+    /// one whose clock is behind still accepts an id for that long.
+    pub fn forget_request_ids(&self, now_ms: u64, margin_ms: u64) -> Result<u64, KmsError> {
         if !self.store.is_shared() {
             return Ok(0);
         }
         self.store.execute(
             "DELETE FROM request_ids WHERE expires_ms < $1",
-            params![now_ms],
+            params![now_ms.saturating_sub(margin_ms)],
         )
+    }
+
+    /// Forgets replicas not heard from since `before` (ms).
+    pub fn forget_replicas(&self, before: u64) -> Result<u64, KmsError> {
+        if !self.store.is_shared() {
+            return Ok(0);
+        }
+        self.store
+            .execute("DELETE FROM replicas WHERE seen_ms < $1", params![before])
     }
 
     /// Runs one change: `change` inside a transaction, then `before_commit`
@@ -431,7 +444,14 @@ impl Keystore {
             // Another replica's change is missing from the copy: applying this
             // one to it could misplace it (a key version numbered after one
             // the copy lacks), so the copy is read again instead.
-            Some(n) if self.generation.load(Ordering::Acquire) != n - 1 => self.reload_locked()?,
+            Some(n) if self.generation.load(Ordering::Acquire) != n - 1 => {
+                // The change is committed whatever happens now: should the
+                // copy not be read (the database gone meanwhile), it is
+                // marked stale, and the next request reloads it.
+                if self.reload_locked().is_err() {
+                    self.generation.store(-1, Ordering::Release);
+                }
+            }
             _ => {
                 apply(&mut *self.write_state()?, &out);
                 if let Some(n) = generation {

@@ -538,22 +538,22 @@ async fn aws_request(
     let region = region.clone();
     let handled = tokio::task::spawn_blocking(move || {
         let call = b.prepare_aws(&request, &region);
-        let authenticated = call.prepared.authenticated();
+        let charged = call.prepared.charges_peer();
         let response = match call.prepared {
             Prepared::Done { response, .. } => response,
             Prepared::Audit { record, response } => {
                 Prepared::finish(b.audit().record(record), response)
             }
         };
-        (aws::respond(&request.body, response), authenticated)
+        (aws::respond(&request.body, response), charged)
     })
     .await;
-    let Ok((response, authenticated)) = handled else {
+    let Ok((response, charged)) = handled else {
         let e = error::internal("the broker is shutting down; retry");
         return http_response(aws::error_response(String::new(), &e), true);
     };
     // A peer that keeps sending what no access key signed is cut off.
-    let close = !authenticated && !slot.failed_unauthenticated();
+    let close = charged && !slot.failed_unauthenticated();
     http_response(response, close)
 }
 
@@ -683,22 +683,22 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         // Operations that change nothing stored run on this task (no thread
         // hand-off) and await their audit record; the rest, whose keystore
         // transactions block on the audit writer, run where blocking is allowed.
-        let (response, authenticated) = match broker.prepare(&request, true) {
+        let (response, charged) = match broker.prepare(&request, true) {
             Some(prepared) => {
-                let authenticated = prepared.authenticated();
+                let charged = prepared.charges_peer();
                 let response = match prepared {
                     Prepared::Done { response, .. } => response,
                     Prepared::Audit { record, response } => {
                         Prepared::finish(broker.audit().record_async(record).await, response)
                     }
                 };
-                (broker.sign(&response), authenticated)
+                (broker.sign(&response), charged)
             }
             None => {
                 let b = broker.clone();
                 match tokio::task::spawn_blocking(move || {
-                    let (response, authenticated) = b.handle(&request);
-                    (b.sign(&response), authenticated)
+                    let (response, charged) = b.handle(&request);
+                    (b.sign(&response), charged)
                 })
                 .await
                 {
@@ -710,7 +710,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                             request_digest: Vec::new(),
                             result: Err(error::internal("the broker is shutting down; retry")),
                         }),
-                        true,
+                        false,
                     ),
                 }
             }
@@ -725,7 +725,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
         // A connection that sent a request no principal signed (or a replay)
         // ends when its peer's allowance of such failures is used up.
-        if !authenticated && !slot.failed_unauthenticated() {
+        if charged && !slot.failed_unauthenticated() {
             return;
         }
     }
@@ -749,6 +749,8 @@ pub async fn serve_health(
 ) -> Result<(), KmsError> {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, say: not a reason to spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let broker = broker.clone();
@@ -784,7 +786,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 async fn readiness(broker: Arc<Broker>) -> (u16, String) {
     let check = tokio::task::spawn_blocking(move || {
-        broker.keystore().integrity_check()?;
+        broker.keystore().store().ping()?;
         broker.keystore().refresh()
     });
     match tokio::time::timeout(READY_TIMEOUT, check).await {

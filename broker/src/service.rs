@@ -461,19 +461,19 @@ impl Broker {
     }
 
     /// Handles one request frame and returns the response to send, and
-    /// whether its sender was authenticated. The audit record is on disk
+    /// whether it counts against its peer ([`Prepared::charges_peer`]). The audit record is on disk
     /// before this returns; if it cannot be written, the response is an error
     /// and carries no result.
     pub fn handle(&self, frame: &[u8]) -> (Response, bool) {
         let prepared = self.guarded(frame, || self.prepare_decoded(frame, decode(frame)));
-        let authenticated = prepared.authenticated();
+        let charged = prepared.charges_peer();
         let response = match prepared {
             Prepared::Done { response, .. } => response,
             Prepared::Audit { record, response } => {
                 Prepared::finish(self.audit.record(record), response)
             }
         };
-        (response, authenticated)
+        (response, charged)
     }
 
     /// Handles a request up to its audit record. With `inline_only`, only
@@ -611,8 +611,7 @@ impl Broker {
                     if let Err(e) = &result {
                         let mut correction = call.record.clone();
                         correction.decision = Decision::Error;
-                        correction.reason =
-                            format!("the change recorded above was rolled back: {e}");
+                        correction.reason = format!("the change was not committed: {e}");
                         let _ = self.audit.record(correction);
                     }
                     return Prepared::Done {
@@ -1467,13 +1466,21 @@ impl Broker {
     /// The periodic upkeep (the server runs it every minute): unauthenticated
     /// failures counted, keys due rotated, keys due destroyed, and on a shared
     /// store request ids no longer acceptable forgotten.
+    /// Each step runs whether or not another failed; the first failure is returned.
     pub fn upkeep(&self, now: u64) -> Result<(), KmsError> {
-        self.record_uncounted()?;
-        self.keystore.refresh()?;
-        self.rotate_due_keys(now)?;
-        self.purge_due_keys(now)?;
-        self.keystore.forget_request_ids(now)?;
-        Ok(())
+        let skew = self.config.clock_skew.as_millis() as u64;
+        let steps = [
+            self.record_uncounted(),
+            self.keystore.refresh().and_then(|()| {
+                self.rotate_due_keys(now)?;
+                self.purge_due_keys(now).map(|_| ())
+            }),
+            self.keystore.forget_request_ids(now, skew).map(|_| ()),
+            self.keystore
+                .forget_replicas(now.saturating_sub(86_400_000))
+                .map(|_| ()),
+        ];
+        steps.into_iter().collect()
     }
 
     /// On a shared store, says that this replica serves (the server calls
@@ -1567,13 +1574,20 @@ pub enum Prepared {
 }
 
 impl Prepared {
-    /// Whether the request's sender was authenticated (signature, freshness,
-    /// unused id); a connection whose sender was not is closed.
-    pub fn authenticated(&self) -> bool {
-        match self {
-            Prepared::Done { authenticated, .. } => *authenticated,
-            Prepared::Audit { record, .. } => record.authenticated,
-        }
+    /// Whether the request counts against its peer's allowance of
+    /// unauthenticated failures (and its connection is closed): its sender was
+    /// not authenticated (signature, freshness, unused id) — unless the broker
+    /// itself failed (its database unreachable, say), which is not the peer's doing.
+    pub fn charges_peer(&self) -> bool {
+        let (authenticated, response) = match self {
+            Prepared::Done {
+                authenticated,
+                response,
+            } => (*authenticated, response),
+            Prepared::Audit { record, response } => (record.authenticated, response),
+        };
+        !authenticated
+            && !matches!(&response.result, Err(e) if e.kind == ErrorKind::KMSInternalException)
     }
 
     /// The response to send after the audit record was written, or not: an

@@ -164,21 +164,36 @@ impl Location {
         Ok(Location::Sqlite(PathBuf::from(path)))
     }
 
-    /// The location without a password, to print or record.
+    /// The location without a password (in the user part or as a
+    /// `password=` parameter), to print or record.
     pub fn redacted(&self) -> String {
         match self {
             Location::Sqlite(p) => p.display().to_string(),
-            Location::Postgres(url) => match url.split_once("://") {
-                Some((scheme, rest)) => match rest.rsplit_once('@') {
-                    Some((user, host)) => {
-                        let user = user.split(':').next().unwrap_or_default();
-                        format!("{scheme}://{user}@{host}")
-                    }
-                    None => url.clone(),
-                },
-                None => url.clone(),
-            },
+            Location::Postgres(url) => redact_url(url),
         }
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((user, host)) => {
+                let user = user.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}@{host}")
+            }
+            None => base.to_owned(),
+        },
+        None => base.to_owned(),
+    };
+    let params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.to_ascii_lowercase().starts_with("password="))
+        .collect();
+    if params.is_empty() {
+        base
+    } else {
+        format!("{base}?{}", params.join("&"))
     }
 }
 
@@ -273,23 +288,46 @@ impl Store {
         self.migrations().len() as i64
     }
 
-    /// A connection: SQLite's one (locked), or one from the pool.
-    fn conn(&self) -> Result<Conn<'_>, KmsError> {
+    /// A connection: SQLite's one (locked), or one from the pool (`relaxed`:
+    /// the relaxed pool's).
+    fn conn(&self, relaxed: bool) -> Result<Conn<'_>, KmsError> {
         Ok(match &self.backend {
             Backend::Sqlite(c) => Conn::Sqlite(
                 c.lock()
                     .map_err(|_| error::internal("keystore lock poisoned"))?,
             ),
-            Backend::Postgres { pool, .. } => Conn::Postgres(pool.get()?),
+            Backend::Postgres { pool, relaxed: r } => {
+                Conn::Postgres(if relaxed { r.get()? } else { pool.get()? })
+            }
         })
+    }
+
+    /// Runs `f` on a connection; if it fails because that connection was found
+    /// closed (PostgreSQL restarted or failed over since it was pooled), once
+    /// more on a new one. Returns the connection with the result.
+    fn on_conn<T>(
+        &self,
+        relaxed: bool,
+        mut f: impl FnMut(&mut Conn<'_>) -> Result<T, KmsError>,
+    ) -> Result<(Conn<'_>, T), KmsError> {
+        let mut conn = self.conn(relaxed)?;
+        match f(&mut conn) {
+            Ok(v) => Ok((conn, v)),
+            Err(_) if conn.is_closed() => {
+                drop(conn);
+                let mut conn = self.conn(relaxed)?;
+                let v = f(&mut conn)?;
+                Ok((conn, v))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Begins a transaction: SQLite takes its writer lock at once (`BEGIN
     /// IMMEDIATE`); PostgreSQL reads committed data and locks rows as the
     /// statements ([`Tx::for_update`]) say.
     pub fn begin(&self) -> Result<Tx<'_>, KmsError> {
-        let mut conn = self.conn()?;
-        conn.batch("BEGIN IMMEDIATE", "BEGIN")?;
+        let (conn, ()) = self.on_conn(false, |c| c.batch("BEGIN IMMEDIATE", "BEGIN"))?;
         Ok(Tx { conn, open: true })
     }
 
@@ -297,11 +335,12 @@ impl Store {
     /// (PostgreSQL's READ COMMITTED would give each statement its own, and a
     /// copy read over several statements could mix two generations).
     pub fn begin_snapshot(&self) -> Result<Tx<'_>, KmsError> {
-        let mut conn = self.conn()?;
-        conn.batch(
-            "BEGIN DEFERRED",
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        )?;
+        let (conn, ()) = self.on_conn(false, |c| {
+            c.batch(
+                "BEGIN DEFERRED",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            )
+        })?;
         Ok(Tx { conn, open: true })
     }
 
@@ -315,8 +354,7 @@ impl Store {
 
     /// Reads rows outside a transaction.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, KmsError> {
-        let mut conn = self.conn()?;
-        conn.query(sql, params)
+        Ok(self.on_conn(false, |c| c.query(sql, params))?.1)
     }
 
     /// The integer in the first column of the first row (an error when there is none).
@@ -327,11 +365,12 @@ impl Store {
     /// As [`Store::query`], for a statement that writes, committed without
     /// waiting for PostgreSQL to flush it (`synchronous_commit = off`): only
     /// for writes that a later flushed commit of the same request covers.
+    ///
+    /// Retried on a new connection if its pooled one was found closed: a
+    /// claim that did commit then reads as a replay (refused, never twice
+    /// accepted).
     pub fn query_relaxed(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, KmsError> {
-        match &self.backend {
-            Backend::Postgres { relaxed, .. } => Conn::Postgres(relaxed.get()?).query(sql, params),
-            Backend::Sqlite(_) => self.query(sql, params),
-        }
+        Ok(self.on_conn(true, |c| c.query(sql, params))?.1)
     }
 
     /// Whether a keystore was made here (its `meta` table holds a schema version).
@@ -387,7 +426,12 @@ impl Store {
         Ok(())
     }
 
-    /// SQLite's integrity check, or PostgreSQL's answer to a query (readiness).
+    /// Whether the store answers a query (readiness).
+    pub fn ping(&self) -> Result<(), KmsError> {
+        self.query_int("SELECT 1", &[]).map(|_| ())
+    }
+
+    /// SQLite's integrity check, or PostgreSQL's answer to a query.
     pub fn check(&self) -> Result<String, KmsError> {
         match &self.backend {
             Backend::Sqlite(_) => self.query("PRAGMA integrity_check", &[])?[0].text(0),
@@ -439,8 +483,10 @@ impl Tx<'_> {
         matches!(self.conn, Conn::Postgres(_))
     }
     pub fn commit(mut self) -> Result<(), KmsError> {
+        // A COMMIT that fails leaves the transaction to the rollback on drop.
+        self.conn.batch("COMMIT", "COMMIT")?;
         self.open = false;
-        self.conn.batch("COMMIT", "COMMIT")
+        Ok(())
     }
 }
 
@@ -470,6 +516,13 @@ fn sqlite_sql(sql: &str) -> Cow<'_, str> {
 }
 
 impl Conn<'_> {
+    fn is_closed(&self) -> bool {
+        match self {
+            Conn::Sqlite(_) => false,
+            Conn::Postgres(c) => c.client.as_ref().is_none_or(|c| c.client.is_closed()),
+        }
+    }
+
     fn batch(&mut self, sqlite: &str, postgres: &str) -> Result<(), KmsError> {
         match self {
             Conn::Sqlite(c) => c.execute_batch(sqlite).map_err(sqlite_err),
@@ -603,11 +656,21 @@ impl postgres::types::ToSql for Value {
     postgres::types::to_sql_checked!();
 }
 
-/// PostgreSQL connections, reused; each keeps its prepared statements.
+/// PostgreSQL connections, reused, at most `max` open at once (a request
+/// waits up to [`PG_WAIT`] for one); each keeps its prepared statements.
 struct PgPool {
     config: postgres::Config,
     relaxed: bool,
-    idle: Mutex<Vec<PgClient>>,
+    max: usize,
+    state: Mutex<PoolState>,
+    returned: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<PgClient>,
+    /// Connections open: idle or taken.
+    open: usize,
 }
 
 struct PgClient {
@@ -622,8 +685,12 @@ struct PgConn<'a> {
     broken: bool,
 }
 
-/// Idle connections kept for reuse; more are opened when needed.
-const PG_IDLE: usize = 32;
+/// Connections per replica: the main pool's and the relaxed pool's (three
+/// replicas fit PostgreSQL's default `max_connections` of 100).
+const PG_MAX: usize = 20;
+const PG_MAX_RELAXED: usize = 8;
+/// How long a request waits for a connection when all are taken.
+const PG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl PgPool {
     fn new(url: &str, relaxed: bool) -> Result<Self, KmsError> {
@@ -637,35 +704,83 @@ impl PgPool {
         Ok(PgPool {
             config,
             relaxed,
-            idle: Mutex::new(Vec::new()),
+            max: if relaxed { PG_MAX_RELAXED } else { PG_MAX },
+            state: Mutex::new(PoolState::default()),
+            returned: std::sync::Condvar::new(),
         })
     }
 
     fn get(&self) -> Result<PgConn<'_>, KmsError> {
-        let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let client = match reused {
-            Some(c) if !c.client.is_closed() => c,
-            _ => {
-                let mut client = self
-                    .config
-                    .connect(postgres::NoTls)
-                    .map_err(|e| error::internal(format!("cannot reach PostgreSQL: {e}")))?;
-                if self.relaxed {
-                    client
-                        .batch_execute("SET synchronous_commit TO off")
-                        .map_err(pg_err)?;
+        fn poisoned<T>(_: T) -> KmsError {
+            error::internal("keystore: connection pool poisoned")
+        }
+        let deadline = std::time::Instant::now() + PG_WAIT;
+        let mut state = self.state.lock().map_err(poisoned)?;
+        loop {
+            while let Some(c) = state.idle.pop() {
+                if !c.client.is_closed() {
+                    return Ok(self.conn(c));
                 }
-                PgClient {
-                    client,
-                    statements: HashMap::new(),
-                }
+                state.open -= 1;
             }
-        };
-        Ok(PgConn {
+            if state.open < self.max {
+                state.open += 1;
+                break;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(error::internal(format!(
+                    "all {} connections to PostgreSQL stayed busy for {} s",
+                    self.max,
+                    PG_WAIT.as_secs()
+                )));
+            }
+            state = self.returned.wait_timeout(state, left).map_err(poisoned)?.0;
+        }
+        drop(state);
+        match self.connect() {
+            Ok(c) => Ok(self.conn(c)),
+            Err(e) => {
+                self.release();
+                Err(e)
+            }
+        }
+    }
+
+    fn conn(&self, client: PgClient) -> PgConn<'_> {
+        PgConn {
             pool: self,
             client: Some(Box::new(client)),
             broken: false,
+        }
+    }
+
+    fn connect(&self) -> Result<PgClient, KmsError> {
+        let mut client = self
+            .config
+            .connect(postgres::NoTls)
+            .map_err(|e| error::internal(format!("cannot reach PostgreSQL: {e}")))?;
+        // Commits wait for the flush (whatever the server's default), but
+        // the relaxed pool's (see `Store::query_relaxed`).
+        client
+            .batch_execute(if self.relaxed {
+                "SET synchronous_commit TO off"
+            } else {
+                "SET synchronous_commit TO on"
+            })
+            .map_err(pg_err)?;
+        Ok(PgClient {
+            client,
+            statements: HashMap::new(),
         })
+    }
+
+    /// A taken connection is gone (broken or closed): another may open.
+    fn release(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.open -= 1;
+        }
+        self.returned.notify_one();
     }
 }
 
@@ -693,14 +808,15 @@ impl PgConn<'_> {
 
 impl Drop for PgConn<'_> {
     fn drop(&mut self) {
-        if let Some(c) = self.client.take()
-            && !self.broken
-            && !c.client.is_closed()
-            && let Ok(mut idle) = self.pool.idle.lock()
-            && idle.len() < PG_IDLE
-        {
-            idle.push(*c);
+        let Some(c) = self.client.take() else { return };
+        if self.broken || c.client.is_closed() {
+            self.pool.release();
+            return;
         }
+        if let Ok(mut state) = self.pool.state.lock() {
+            state.idle.push(*c);
+        }
+        self.pool.returned.notify_one();
     }
 }
 
@@ -712,6 +828,13 @@ mod tests {
     fn locations_parse_and_hide_passwords() {
         let pg = Location::parse("postgres://kms:s3cret@db.internal:5432/keys").unwrap();
         assert_eq!(pg.redacted(), "postgres://kms@db.internal:5432/keys");
+        let pg =
+            Location::parse("postgres://db.internal/keys?user=kms&password=s3cret&sslmode=disable")
+                .unwrap();
+        assert_eq!(
+            pg.redacted(),
+            "postgres://db.internal/keys?user=kms&sslmode=disable"
+        );
         assert_eq!(
             Location::parse("sqlite:/var/lib/kms/keystore.db").unwrap(),
             Location::Sqlite("/var/lib/kms/keystore.db".into())

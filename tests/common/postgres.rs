@@ -10,6 +10,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     child: Option<Child>,
     pub port: u16,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
 }
 
 /// The newest installed server's bin directory (`/usr/lib/postgresql/N/bin`).
@@ -92,10 +94,24 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&init.stderr)
         );
-        let port = super::free_port();
-        let child = as_server_user(&bin.join("postgres"), user)
+        let mut pg = Postgres {
+            dir,
+            child: None,
+            port: super::free_port(),
+            bin,
+            user,
+        };
+        pg.run();
+        Some(pg)
+    }
+
+    /// Starts the server on the cluster (again) and waits until it answers.
+    fn run(&mut self) {
+        let data = self.dir.path().join("data");
+        let sockets = self.dir.path().join("sockets");
+        let child = as_server_user(&self.bin.join("postgres"), self.user)
             .args(["-D", data.to_str().unwrap()])
-            .args(["-p", &port.to_string()])
+            .args(["-p", &self.port.to_string()])
             .args(["-k", sockets.to_str().unwrap()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "max_connections=300"])
@@ -103,14 +119,10 @@ impl Postgres {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let pg = Postgres {
-            dir,
-            child: Some(child),
-            port,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match postgres::Client::connect(&pg.url("postgres"), postgres::NoTls) {
+            match postgres::Client::connect(&self.url("postgres"), postgres::NoTls) {
                 Ok(_) => break,
                 Err(e) => {
                     assert!(Instant::now() < deadline, "PostgreSQL did not start: {e}");
@@ -118,7 +130,33 @@ impl Postgres {
                 }
             }
         }
-        Some(pg)
+    }
+
+    /// SIGKILL to the server and all its processes, as a machine losing power
+    /// (what was not flushed is lost), then a restart on the same cluster
+    /// (crash recovery replays its write-ahead log).
+    pub fn crash_and_restart(&mut self) {
+        let mut postmaster = self.child.take().unwrap();
+        let pid = postmaster.id().to_string();
+        let children = Command::new("pgrep").args(["-P", &pid]).output().unwrap();
+        let _ = postmaster.kill();
+        for child in String::from_utf8_lossy(&children.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", child]).status();
+        }
+        postmaster.wait().unwrap();
+        // The old processes must be gone before the shared memory is reused.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while String::from_utf8_lossy(&children.stdout)
+            .split_whitespace()
+            .any(|c| Path::new(&format!("/proc/{c}")).exists())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL's processes did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.run();
     }
 
     pub fn url(&self, database: &str) -> String {
