@@ -900,3 +900,77 @@ fn a_chain_edited_in_the_database_is_refused_by_the_replicas_and_by_verify() {
     c.verify_audit(0);
     refused_now("went back");
 }
+
+#[test]
+fn replicas_reach_postgresql_over_verified_tls_and_a_failed_init_leaves_nothing() {
+    let Some((pg, ca)) = Postgres::start_tls() else {
+        return;
+    };
+    let url = pg.create_database("kms");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kms");
+    let init = |more: &[&str]| {
+        common::cloister(
+            &[
+                &["kms", "init", "--data-dir", s(&data), "--store"][..],
+                more,
+            ]
+            .concat(),
+        )
+    };
+    // The server takes TLS only: in the clear, it refuses.
+    let e = common::failed_with(&init(&[&url]), "E-KMS-INTERNAL");
+    assert!(e.contains("cannot reach PostgreSQL"), "{e}");
+    assert!(!data.exists(), "a failed init left {}", data.display());
+    // TLS asked for without a CA to check the server with.
+    let e = common::failed_with(
+        &init(&[&format!("{url}?sslmode=require")]),
+        "E-KMS-VALIDATION",
+    );
+    assert!(e.contains("--store-ca"), "{e}");
+    // A certificate from another CA is refused.
+    let other = dir.path().join("other");
+    ok_json(&["kms", "init", "--data-dir", s(&other)]);
+    let e = common::failed_with(
+        &init(&[&url, "--store-ca", s(&other.join("tls/ca.pem"))]),
+        "E-KMS-INTERNAL",
+    );
+    assert!(e.contains("certificate"), "{e}");
+    assert!(!data.exists());
+
+    // With the CA that issued it: TLS 1.3, checked, for every connection.
+    json_of(&init(&[&url, "--store-ca", s(&ca)]), "init over TLS");
+    assert!(data.join("store-ca.pem").exists());
+    let sock = dir.path().join("kms.sock");
+    let _server = Server::start(
+        &[
+            "kms",
+            "serve",
+            "--data-dir",
+            s(&data),
+            "--listen",
+            &format!("unix:{}", s(&sock)),
+        ],
+        &[],
+        &sock,
+    );
+    let admin = Credentials {
+        principal: "admin".into(),
+        key: cloister_attestation::keyfile::read_signing_key(&data.join("admin.key")).unwrap(),
+    };
+    ok(&sock, &admin, Operation::ListKeys);
+    let sessions = pg
+        .client("kms")
+        .query(
+            "SELECT s.ssl, s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'cloister-kms'",
+            &[],
+        )
+        .unwrap();
+    assert!(!sessions.is_empty());
+    for row in &sessions {
+        assert!(row.get::<_, bool>(0), "a broker connection without TLS");
+        assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("TLSv1.3"));
+    }
+    ok_json(&["kms", "audit", "verify", "--data-dir", s(&data)]);
+}

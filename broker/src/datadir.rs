@@ -45,11 +45,21 @@ impl DataDir {
     pub fn store_file(&self) -> PathBuf {
         self.dir.join("store")
     }
+    /// The CA certificates (PEM) for TLS to the shared store, if given at init.
+    pub fn store_ca(&self) -> PathBuf {
+        self.dir.join("store-ca.pem")
+    }
     /// Where the keystore is: the shared store the `store` file names, or
     /// `keystore.db`.
     pub fn store(&self) -> Result<Location, KmsError> {
         match std::fs::read_to_string(self.store_file()) {
-            Ok(url) => Location::parse(url.trim()),
+            Ok(url) => match Location::parse(url.trim())? {
+                Location::Postgres { url, .. } => Ok(Location::Postgres {
+                    url,
+                    ca: self.store_ca().exists().then(|| self.store_ca()),
+                }),
+                sqlite => Ok(sqlite),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Ok(Location::Sqlite(self.keystore()))
             }
@@ -108,6 +118,11 @@ impl DataDir {
                 self.dir.display()
             )));
         }
+        // A shared store is reached, and found empty, before any file is
+        // written: a wrong URL or CA leaves nothing behind to clear.
+        if let Some(location @ Location::Postgres { .. }) = &store {
+            Keystore::check_creatable(location)?;
+        }
         std::fs::create_dir_all(&self.dir).map_err(io)?;
         let kf = |e: keyfile::KeyFileError| error::internal(e.to_string());
         let (root, meta) = match &passphrase {
@@ -143,9 +158,22 @@ impl DataDir {
             .map(|s| vec![("root_salt", s.as_slice())])
             .unwrap_or_default();
         self.tls().init(tls_names)?;
-        let location = store.unwrap_or_else(|| Location::Sqlite(self.keystore()));
+        let location = match store {
+            // The CA goes with the data directory (as a replica copies it).
+            Some(Location::Postgres { url, ca: Some(ca) }) => {
+                let pem = std::fs::read(&ca)
+                    .map_err(|e| error::validation(format!("--store-ca {}: {e}", ca.display())))?;
+                keyfile::write_public(&self.store_ca(), &pem, false).map_err(kf)?;
+                Location::Postgres {
+                    url,
+                    ca: Some(self.store_ca()),
+                }
+            }
+            Some(other) => other,
+            None => Location::Sqlite(self.keystore()),
+        };
         let keystore = Keystore::create(&location, root, &salt_meta)?;
-        if let Location::Postgres(url) = &location {
+        if let Location::Postgres { url, .. } = &location {
             keyfile::write_secret(&self.store_file(), url.as_bytes(), false).map_err(kf)?;
         }
         keystore.add_principal(ADMIN, admin.verifying_key(), ADMIN_POLICY, now_ms(), |_| {

@@ -215,6 +215,18 @@ impl Keystore {
         })
     }
 
+    /// Whether a keystore can be made at `location`: it is reachable and holds
+    /// none yet.
+    pub fn check_creatable(location: &Location) -> Result<(), KmsError> {
+        if Store::connect(location)?.schema_version()?.is_some() {
+            return Err(error::already_exists(format!(
+                "{} already holds a keystore; refusing to replace it",
+                location.redacted()
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads a keystore's meta value without the root key (e.g. the passphrase salt).
     pub fn read_meta(location: &Location, name: &str) -> Result<Option<Vec<u8>>, KmsError> {
         Self::connect_existing(location)?

@@ -140,7 +140,12 @@ impl Row {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
     Sqlite(PathBuf),
-    Postgres(String),
+    /// A connection URL and, for TLS, the CA certificates (PEM) that issued
+    /// the server's certificate.
+    Postgres {
+        url: String,
+        ca: Option<PathBuf>,
+    },
 }
 
 impl Location {
@@ -153,7 +158,10 @@ impl Location {
                     "--store: not a PostgreSQL connection URL ({e}); expected postgres://USER@HOST:PORT/DB"
                 ))
             })?;
-            return Ok(Location::Postgres(s.to_owned()));
+            return Ok(Location::Postgres {
+                url: s.to_owned(),
+                ca: None,
+            });
         }
         let path = s.strip_prefix("sqlite:").unwrap_or(s);
         if path.is_empty() || s.contains("://") {
@@ -169,7 +177,7 @@ impl Location {
     pub fn redacted(&self) -> String {
         match self {
             Location::Sqlite(p) => p.display().to_string(),
-            Location::Postgres(url) => redact_url(url),
+            Location::Postgres { url, .. } => redact_url(url),
         }
     }
 }
@@ -258,13 +266,14 @@ impl Store {
     pub fn connect(location: &Location) -> Result<Self, KmsError> {
         let backend = match location {
             Location::Sqlite(path) => Backend::Sqlite(Mutex::new(open_sqlite(path)?)),
-            Location::Postgres(url) => {
-                let pool = Box::new(PgPool::new(url, false)?);
+            Location::Postgres { url, ca } => {
+                let connector = Connector::new(url, ca.as_deref())?;
+                let pool = Box::new(PgPool::new(url, connector.clone(), false)?);
                 // Connect now, so that a wrong URL fails here with its reason.
                 drop(pool.get()?);
                 Backend::Postgres {
                     pool,
-                    relaxed: Box::new(PgPool::new(url, true)?),
+                    relaxed: Box::new(PgPool::new(url, connector, true)?),
                 }
             }
         };
@@ -656,10 +665,67 @@ impl postgres::types::ToSql for Value {
     postgres::types::to_sql_checked!();
 }
 
+/// How the replicas reach PostgreSQL: TLS (rustls, TLS 1.3, the server's
+/// certificate checked against the given CA and the URL's host name), or in
+/// the clear — which only a loopback or Unix-socket host, or a URL that says
+/// `sslmode=disable`, is allowed.
+#[derive(Clone)]
+enum Connector {
+    Plain,
+    Tls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Connector {
+    fn new(url: &str, ca: Option<&Path>) -> Result<Self, KmsError> {
+        use postgres::config::{Host, SslMode};
+        let config: postgres::Config = url
+            .parse()
+            .map_err(|e| error::validation(format!("--store: {e}")))?;
+        let said_disable = config.get_ssl_mode() == SslMode::Disable;
+        if let Some(ca) = ca {
+            if said_disable {
+                return Err(error::validation(
+                    "--store says sslmode=disable but a CA for TLS to PostgreSQL is given",
+                ));
+            }
+            // Only the host name is checked against the certificate; the
+            // CA file alone decides whom to trust.
+            let tls = cloister_kms_api::tls::ClientTls::new(ca, "localhost")?;
+            return Ok(Connector::Tls(
+                tokio_postgres_rustls::MakeRustlsConnect::new((*tls.config).clone()),
+            ));
+        }
+        let local = |h: &Host| match h {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .trim_matches(|c| c == '[' || c == ']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        };
+        if let Some(far) = config.get_hosts().iter().find(|h| !local(h))
+            && !said_disable
+        {
+            return Err(error::validation(format!(
+                "PostgreSQL at {far:?} is reached over the network: give the CA that issued its certificate (--store-ca) for TLS, or say sslmode=disable in the URL to send keystore traffic in the clear"
+            )));
+        }
+        if config.get_ssl_mode() == SslMode::Require {
+            return Err(error::validation(
+                "--store says sslmode=require: give the CA that issued the server's certificate (--store-ca)",
+            ));
+        }
+        Ok(Connector::Plain)
+    }
+}
+
 /// PostgreSQL connections, reused, at most `max` open at once (a request
 /// waits up to [`PG_WAIT`] for one); each keeps its prepared statements.
 struct PgPool {
     config: postgres::Config,
+    connector: Connector,
     relaxed: bool,
     max: usize,
     state: Mutex<PoolState>,
@@ -693,7 +759,7 @@ const PG_MAX_RELAXED: usize = 8;
 const PG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl PgPool {
-    fn new(url: &str, relaxed: bool) -> Result<Self, KmsError> {
+    fn new(url: &str, connector: Connector, relaxed: bool) -> Result<Self, KmsError> {
         let mut config: postgres::Config = url
             .parse()
             .map_err(|e| error::validation(format!("--store: {e}")))?;
@@ -701,8 +767,12 @@ impl PgPool {
             config.connect_timeout(std::time::Duration::from_secs(5));
         }
         config.application_name("cloister-kms");
+        if matches!(connector, Connector::Tls(_)) {
+            config.ssl_mode(postgres::config::SslMode::Require);
+        }
         Ok(PgPool {
             config,
+            connector,
             relaxed,
             max: if relaxed { PG_MAX_RELAXED } else { PG_MAX },
             state: Mutex::new(PoolState::default()),
@@ -756,10 +826,20 @@ impl PgPool {
     }
 
     fn connect(&self) -> Result<PgClient, KmsError> {
-        let mut client = self
-            .config
-            .connect(postgres::NoTls)
-            .map_err(|e| error::internal(format!("cannot reach PostgreSQL: {e}")))?;
+        let connected = match &self.connector {
+            Connector::Plain => self.config.connect(postgres::NoTls),
+            Connector::Tls(tls) => self.config.connect(tls.clone()),
+        };
+        let mut client = connected.map_err(|e| {
+            // The TLS failure's reason is in the error's source.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            error::internal(format!("cannot reach PostgreSQL: {why}"))
+        })?;
         // Commits wait for the flush (whatever the server's default), but
         // the relaxed pool's (see `Store::query_relaxed`).
         client
@@ -843,6 +923,26 @@ mod tests {
             Location::parse("keystore.db").unwrap(),
             Location::Sqlite("keystore.db".into())
         );
+        // In the clear only to loopback, a Unix socket, or when the URL says so.
+        for plain in [
+            "postgres://kms@127.0.0.1:5432/keys",
+            "postgres://kms@localhost/keys",
+            "postgres://kms@[::1]:5432/keys",
+            "postgres://kms@db.internal/keys?sslmode=disable",
+        ] {
+            assert!(
+                matches!(Connector::new(plain, None), Ok(Connector::Plain)),
+                "{plain}"
+            );
+        }
+        for far in [
+            "postgres://kms@db.internal:5432/keys",
+            "postgres://kms@10.0.0.7/keys",
+            "postgres://kms@localhost/keys?sslmode=require",
+        ] {
+            let e = Connector::new(far, None).err().unwrap();
+            assert!(e.message.contains("--store-ca"), "{far}: {e}");
+        }
         for bad in ["", "sqlite:", "mysql://x/y", "postgres://a:b@h:notaport/db"] {
             let e = Location::parse(bad).unwrap_err();
             assert_eq!(e.kind, crate::ErrorKind::ValidationException, "{bad}");

@@ -12,6 +12,8 @@ pub struct Postgres {
     pub port: u16,
     bin: PathBuf,
     user: Option<(u32, u32)>,
+    /// More server options (TLS).
+    tls: Vec<String>,
 }
 
 /// The newest installed server's bin directory (`/usr/lib/postgresql/N/bin`).
@@ -100,9 +102,117 @@ impl Postgres {
             port: super::free_port(),
             bin,
             user,
+            tls: Vec::new(),
         };
         pg.run();
         Some(pg)
+    }
+
+    /// As [`Postgres::start`], accepting TCP connections over TLS only (its
+    /// certificate, for 127.0.0.1 and localhost, from a CA that openssl makes);
+    /// returns the server and the CA's PEM file. Its own client uses the Unix socket.
+    pub fn start_tls() -> Option<(Postgres, PathBuf)> {
+        let mut pg = Postgres::start()?;
+        let dir = pg.dir.path().join("tls");
+        std::fs::create_dir(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=Test PostgreSQL CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        if let Some((uid, gid)) = pg.user {
+            std::os::unix::fs::chown(dir.join("server.key"), Some(uid), Some(gid)).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(
+            pg.dir.path().join("data/pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .unwrap();
+        pg.tls = vec![
+            "-c".into(),
+            "ssl=on".into(),
+            "-c".into(),
+            format!("ssl_cert_file={}", dir.join("server.pem").display()),
+            "-c".into(),
+            format!("ssl_key_file={}", dir.join("server.key").display()),
+        ];
+        pg.stop();
+        pg.run();
+        Some((pg, dir.join("ca.pem")))
     }
 
     /// Starts the server on the cluster (again) and waits until it answers.
@@ -115,6 +225,7 @@ impl Postgres {
             .args(["-k", sockets.to_str().unwrap()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "max_connections=300"])
+            .args(&self.tls)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -122,7 +233,7 @@ impl Postgres {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match postgres::Client::connect(&self.url("postgres"), postgres::NoTls) {
+            match self.config("postgres").connect(postgres::NoTls) {
                 Ok(_) => break,
                 Err(e) => {
                     assert!(Instant::now() < deadline, "PostgreSQL did not start: {e}");
@@ -171,8 +282,19 @@ impl Postgres {
         self.url(name)
     }
 
+    /// A client of the test's own, through the server's Unix socket.
     pub fn client(&self, database: &str) -> postgres::Client {
-        postgres::Client::connect(&self.url(database), postgres::NoTls).unwrap()
+        self.config(database).connect(postgres::NoTls).unwrap()
+    }
+
+    fn config(&self, database: &str) -> postgres::Config {
+        let mut config = postgres::Config::new();
+        config
+            .host_path(self.dir.path().join("sockets"))
+            .port(self.port)
+            .user("cloister")
+            .dbname(database);
+        config
     }
 
     /// The postmaster's pid (the setpriv wrapper execs the server).

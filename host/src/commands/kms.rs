@@ -46,6 +46,10 @@ pub enum KmsCommand {
         /// (postgres://USER[:PASSWORD]@HOST:PORT/DB) instead of keystore.db.
         #[arg(long)]
         store: Option<String>,
+        /// The CA certificates (PEM) that issued PostgreSQL's certificate: the
+        /// replicas then speak TLS to it (required off loopback), checking it.
+        #[arg(long, requires = "store")]
+        store_ca: Option<PathBuf>,
     },
     /// Serve the broker on one or more addresses until SIGTERM or SIGINT.
     Serve {
@@ -529,13 +533,23 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             passphrase_env,
             tls_names,
             store,
+            store_ca,
         } => {
             let dir = DataDir::new(&data_dir);
             let pass = passphrase(&passphrase_env)?;
             let passphrase_mode = pass.is_some();
-            let store = store
+            let store = match store
                 .map(|s| cloister_kms::store::Location::parse(&s))
-                .transpose()?;
+                .transpose()?
+            {
+                Some(cloister_kms::store::Location::Postgres { url, .. }) => {
+                    Some(cloister_kms::store::Location::Postgres { url, ca: store_ca })
+                }
+                Some(_) if store_ca.is_some() => {
+                    bail!(UsageError("--store-ca is for a PostgreSQL store".into()))
+                }
+                other => other,
+            };
             dir.init(pass, &tls_names, store)?;
             super::print_json(&json!({
                 "DataDir": data_dir.display().to_string(),
@@ -685,7 +699,7 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             let dir = DataDir::new(&data_dir);
             let key = keyfile::read_verifying_key(&dir.broker_pub())?;
             let summary = match dir.store()? {
-                location @ cloister_kms::store::Location::Postgres(_) => {
+                location @ cloister_kms::store::Location::Postgres { .. } => {
                     audit::verify_shared(&cloister_kms::store::Store::connect(&location)?, &key)?
                 }
                 cloister_kms::store::Location::Sqlite(_) => {
@@ -703,7 +717,7 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
         KmsCommand::Audit(AuditCommand::Tail { data_dir, lines }) => {
             let dir = DataDir::new(&data_dir);
             let lines = match dir.store()? {
-                location @ cloister_kms::store::Location::Postgres(_) => {
+                location @ cloister_kms::store::Location::Postgres { .. } => {
                     audit::tail_shared(&cloister_kms::store::Store::connect(&location)?, lines)?
                 }
                 cloister_kms::store::Location::Sqlite(_) => audit::tail(&dir.audit_log(), lines)?,
