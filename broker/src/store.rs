@@ -515,13 +515,28 @@ enum Conn<'a> {
     Postgres(PgConn<'a>),
 }
 
-/// `$1` → `?1`: SQLite's numbered parameters.
+/// `$1` → `?1`: SQLite's numbered parameters. Only a `$` followed by a digit
+/// and outside a quoted literal or identifier is a parameter.
 fn sqlite_sql(sql: &str) -> Cow<'_, str> {
-    if sql.contains('$') {
-        Cow::Owned(sql.replace('$', "?"))
-    } else {
-        Cow::Borrowed(sql)
+    if !sql.contains('$') {
+        return Cow::Borrowed(sql);
     }
+    let mut out = String::with_capacity(sql.len());
+    let mut quote = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '$') if chars.peek().is_some_and(char::is_ascii_digit) => {
+                out.push('?');
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
+    }
+    Cow::Owned(out)
 }
 
 impl Conn<'_> {
@@ -947,6 +962,15 @@ mod tests {
             let e = Location::parse(bad).unwrap_err();
             assert_eq!(e.kind, crate::ErrorKind::ValidationException, "{bad}");
         }
+    }
+
+    #[test]
+    fn only_numbered_dollars_outside_quotes_become_parameters() {
+        assert_eq!(
+            sqlite_sql("SELECT '$1', \"a$2\", $3, price$ FROM t WHERE x = $10"),
+            "SELECT '$1', \"a$2\", ?3, price$ FROM t WHERE x = ?10"
+        );
+        assert!(matches!(sqlite_sql("SELECT 1"), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -22,7 +22,7 @@ fn broker() -> &'static (Broker, String) {
         let dir = std::env::temp_dir().join(format!("cloister-fuzz-aws-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let data = DataDir::new(&dir);
-        data.init(None, &[]).expect("init");
+        data.init(None, &[], None).expect("init");
         let broker = data.open(None, BrokerConfig::default()).expect("open");
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
         broker
