@@ -32,12 +32,12 @@ fn broker() -> &'static (Broker, String) {
                 key.verifying_key(),
                 r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:*","Resource":"*"}}"#,
                 0,
-                || Ok(()),
+                |_| Ok(()),
             )
             .expect("principal");
         let access_key = broker
             .keystore()
-            .create_access_key("arn:aws:iam::111122223333:role/fuzz", 0, |_| Ok(()))
+            .create_access_key("arn:aws:iam::111122223333:role/fuzz", 0, |_, _| Ok(()))
             .expect("access key");
         (broker, access_key.access_key_id)
     })
