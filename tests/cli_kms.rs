@@ -1077,8 +1077,29 @@ fn the_root_key_rotates_and_every_sealed_item_follows_it() {
     );
     assert!(stderr.contains("root.key"), "{stderr}");
     kms.stop();
+    // Another rotation under way (holding the data directory's rotation
+    // lock): refused at once.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data.join("root.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let stderr = failed_with(&cloister(&rotate), "E-KMS-INTERNAL");
+    assert!(stderr.contains("rotation"), "{stderr}");
+    drop(lock);
 
     let old_root = std::fs::read(kms.data().join("root.key")).unwrap();
+    // The keystore as a backup taken before the rotation holds it.
+    assert!(
+        !data.join("keystore.db-wal").exists()
+            || std::fs::metadata(data.join("keystore.db-wal"))
+                .unwrap()
+                .len()
+                == 0
+    );
+    std::fs::copy(data.join("keystore.db"), kms.path("keystore-before.db")).unwrap();
     let rotated = ok_json(&rotate);
     // One key version and one access key secret.
     assert_eq!(rotated["Resealed"], 2, "{rotated}");
@@ -1142,6 +1163,20 @@ fn the_root_key_rotates_and_every_sealed_item_follows_it() {
         decrypted(&kms, &app, &blob),
         b"sealed under the first root key"
     );
+
+    // The rotation kept the key it replaced: a keystore restored from before
+    // the rotation still opens (with a warning), under root.key.prev.
+    kms.stop();
+    assert_eq!(std::fs::read(data.join("root.key.prev")).unwrap(), old_root);
+    std::fs::copy(kms.path("keystore-before.db"), data.join("keystore.db")).unwrap();
+    for stale in ["keystore.db-wal", "keystore.db-shm"] {
+        let _ = std::fs::remove_file(data.join(stale));
+    }
+    kms.serve();
+    assert_eq!(
+        decrypted(&kms, &app, &blob),
+        b"sealed under the first root key"
+    );
 }
 
 #[test]
@@ -1171,19 +1206,63 @@ fn a_passphrase_root_key_rotates_to_a_new_passphrase() {
     assert!(stderr.contains("does not open this keystore"), "{stderr}");
     let stderr = failed_with(&cloister_env(&rotate[..4], &first), "E-KMS-VALIDATION");
     assert!(stderr.contains("--new-passphrase-env"), "{stderr}");
-    json_of(
-        &cloister_env(&rotate, &[first[0], ("NEW", "staple tree ocean")]),
-        "rotate",
-    );
+    // Something sealed before the rotation.
     let sock = dir.path().join("kms.sock");
     let listen = format!("unix:{}", s(&sock));
     let serve = ["kms", "serve", "--data-dir", s(&data), "--listen", &listen];
+    let admin_key = data.join("admin.key");
+    let admin = [
+        ("CLOISTER_KMS_ENDPOINT", listen.as_str()),
+        ("CLOISTER_PRINCIPAL", "admin"),
+        ("CLOISTER_PRINCIPAL_KEY", s(&admin_key)),
+    ];
+    let server = Server::start(&serve, &first, &sock);
+    let key = json_of(&cloister_env(&["kms", "create-key"], &admin), "create-key")["KeyMetadata"]
+        ["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let enc = json_of(
+        &cloister_env(
+            &[
+                "kms",
+                "encrypt",
+                "--key-id",
+                &key,
+                "--plaintext",
+                "under the passphrase",
+            ],
+            &admin,
+        ),
+        "encrypt",
+    );
+    let blob = dir.path().join("blob");
+    std::fs::write(&blob, b64d(&enc["CiphertextBlob"])).unwrap();
+    server.terminate();
+    let rotated = json_of(
+        &cloister_env(&rotate, &[first[0], ("NEW", "staple tree ocean")]),
+        "rotate",
+    );
+    assert_eq!(rotated["Resealed"], 1, "{rotated}");
     let stderr = failed_with(&cloister_env(&serve, &first), "E-KMS-INTERNAL");
     assert!(stderr.contains("does not open this keystore"), "{stderr}");
     let server = Server::start(
         &serve,
         &[("CLOISTER_KMS_PASSPHRASE", "staple tree ocean")],
         &sock,
+    );
+    let out = cloister_env(
+        &[
+            "kms",
+            "decrypt",
+            "--ciphertext-blob",
+            &format!("fileb://{}", s(&blob)),
+        ],
+        &admin,
+    );
+    assert_eq!(
+        b64d(&json_of(&out, "decrypt")["Plaintext"]),
+        b"under the passphrase"
     );
     let (status, _) = server.terminate();
     assert!(status.success());

@@ -937,6 +937,22 @@ fn replicas_reach_postgresql_over_verified_tls_and_a_failed_init_leaves_nothing(
     );
     assert!(e.contains("certificate"), "{e}");
     assert!(!data.exists());
+    // The right CA, but the server is not who the URL names (the address is
+    // right, the name the certificate must carry is not).
+    let port = url.rsplit_once(':').unwrap().1.split('/').next().unwrap();
+    let e = common::failed_with(
+        &init(&[
+            &format!("postgres://cloister@db.invalid:{port}/kms?hostaddr=127.0.0.1"),
+            "--store-ca",
+            s(&ca),
+        ]),
+        "E-KMS-INTERNAL",
+    );
+    assert!(
+        e.contains("certificate") && e.contains("not valid for name"),
+        "{e}"
+    );
+    assert!(!data.exists());
 
     // With the CA that issued it: TLS 1.3, checked, for every connection.
     json_of(&init(&[&url, "--store-ca", s(&ca)]), "init over TLS");

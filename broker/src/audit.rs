@@ -726,9 +726,9 @@ impl AuditLog {
     ) -> Result<Self, KmsError> {
         let io = |e: std::io::Error| error::internal(format!("audit log {}: {e}", path.display()));
         use std::os::unix::fs::OpenOptionsExt;
+        let lock = lock_writer(path)?;
         // A rotation cut short by a crash may leave its new file unused.
         let _ = std::fs::remove_file(next_path(path));
-        let lock = lock_writer(path)?;
         let created = !path.exists();
         let mut file = OpenOptions::new()
             .mode(0o600)
@@ -1263,7 +1263,10 @@ pub fn verify_shared(
         line: 0,
         problem: e.message,
     };
-    let head = store
+    // One snapshot: replicas appending meanwhile do not show as lines past
+    // the head read.
+    let mut tx = store.begin_snapshot().map_err(cannot)?;
+    let head = tx
         .query(
             "SELECT seq, hash, signature FROM audit_head WHERE id = 1",
             &[],
@@ -1291,7 +1294,7 @@ pub fn verify_shared(
     );
     const PAGE: i64 = 10_000;
     loop {
-        let rows = store
+        let rows = tx
             .query(
                 "SELECT seq, line FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
                 crate::params![verifier.lines, PAGE],

@@ -5,6 +5,8 @@
 //! | `keystore.db` | SQLite keystore (WAL, synchronous=FULL) |
 //! | `store` | instead of `keystore.db`: the PostgreSQL URL of a keystore shared by broker replicas (0600), which also holds the audit chain and the request ids used |
 //! | `root.key` | the 32-byte root key, mode 0600 (absent in passphrase mode) |
+//! | `root.key.prev` | the root key before the last `kms rotate-root-key` (0600): delete it once the rotation is safe |
+//! | `root.lock` | held by a root-key rotation, and briefly by whoever reads the root key |
 //! | `broker.key` / `broker.pub` | the broker's Ed25519 key: signs every response and the audit checkpoints |
 //! | `admin.key` / `admin.pub` | the first principal, `admin`, allowed everything |
 //! | `audit.log` | the hash-chained audit log (0600), rotated at 64 MiB into `audit.log.<first seq>` segments that continue the chain |
@@ -24,6 +26,9 @@ use crate::error::{self, KmsError};
 use crate::keystore::Keystore;
 use crate::service::{Broker, BrokerConfig, now_ms};
 use crate::store::Location;
+
+/// How long reading the root key waits for a rotation under way.
+const ROOT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The name of the principal `init` creates.
 pub const ADMIN: &str = "admin";
@@ -75,6 +80,10 @@ impl DataDir {
     /// A new root key during its rotation (see [`DataDir::rotate_root_key`]).
     pub fn root_key_next(&self) -> PathBuf {
         self.dir.join("root.key.next")
+    }
+    /// The root key before the last rotation (see [`DataDir::rotate_root_key`]).
+    pub fn root_key_prev(&self) -> PathBuf {
+        self.dir.join("root.key.prev")
     }
     pub fn broker_key(&self) -> PathBuf {
         self.dir.join("broker.key")
@@ -228,6 +237,8 @@ impl DataDir {
     ) -> Result<u64, KmsError> {
         let location = self.store()?;
         let file_mode = self.root_key().exists();
+        // Held until the new key is installed; a second rotation is refused.
+        let _rotation = self.lock_root(std::time::Duration::ZERO)?;
         if file_mode == new_passphrase.is_some() {
             return Err(error::validation(if file_mode {
                 "this data directory keeps its root key in root.key: rotate it without --new-passphrase-env"
@@ -235,7 +246,12 @@ impl DataDir {
                 "this keystore's root key is derived from a passphrase: give the new one in the environment variable --new-passphrase-env names"
             }));
         }
-        let keystore = Keystore::open(&location, self.root(&location, passphrase)?)?;
+        let root = if file_mode {
+            self.root_file_locked(&location)?
+        } else {
+            self.root(&location, passphrase)?
+        };
+        let keystore = Keystore::open(&location, root)?;
         let broker_key = keyfile::read_signing_key(&self.broker_key())
             .map_err(|e| error::internal(e.to_string()))?;
         let audit = if keystore.store().is_shared() {
@@ -277,10 +293,29 @@ impl DataDir {
         });
         let resealed = match resealed {
             Ok(n) => n,
-            Err(e) => {
-                let _ = std::fs::remove_file(self.root_key_next());
-                return Err(e);
+            // A COMMIT whose answer was lost may have committed: the new key
+            // is removed only once the store is seen not to need it.
+            Err(e) if file_mode => {
+                let new_opens = RootKey::from_file(&self.root_key_next())
+                    .and_then(|next| Keystore::root_opens(&location, &next));
+                return match new_opens {
+                    Ok(false) => {
+                        let _ = std::fs::remove_file(self.root_key_next());
+                        Err(e)
+                    }
+                    Ok(true) => {
+                        self.install_next_root_key()?;
+                        Err(error::internal(format!(
+                            "the rotation committed although its commit reported: {e}; root.key is the new key"
+                        )))
+                    }
+                    Err(unknown) => Err(error::internal(format!(
+                        "the rotation's outcome is unknown ({e}; then {unknown}): {} is kept, and the next open of this data directory uses whichever key opens the keystore",
+                        self.root_key_next().display()
+                    ))),
+                };
             }
+            Err(e) => return Err(e),
         };
         if file_mode {
             self.install_next_root_key()?;
@@ -289,17 +324,95 @@ impl DataDir {
         Ok(resealed)
     }
 
-    /// root.key.next becomes root.key (the keystore is sealed under it).
+    /// root.key.next becomes root.key (the keystore is sealed under it), and
+    /// the key it replaces root.key.prev: kept, so that a keystore restored
+    /// from before the rotation (or a rotation a database failover lost) can
+    /// still be opened. Delete root.key.prev once the rotation is safe.
     fn install_next_root_key(&self) -> Result<(), KmsError> {
+        let io = |e: std::io::Error| {
+            error::internal(format!(
+                "the keystore is sealed under {} but it could not become {}: {e}; rename it by hand",
+                self.root_key_next().display(),
+                self.root_key().display()
+            ))
+        };
+        if self.root_key().exists() {
+            std::fs::rename(self.root_key(), self.root_key_prev()).map_err(io)?;
+        }
         std::fs::rename(self.root_key_next(), self.root_key())
             .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
-            .map_err(|e| {
-                error::internal(format!(
-                    "the keystore is sealed under {} but it could not become {}: {e}; rename it by hand",
-                    self.root_key_next().display(),
-                    self.root_key().display()
-                ))
-            })
+            .map_err(io)
+    }
+
+    /// The root key of a data directory in file mode (the caller holds the
+    /// rotation lock): root.key if it opens the keystore (a leftover
+    /// root.key.next, from a rotation that did not commit, is removed); else
+    /// root.key.next if it does (a rotation committed but not installed: it
+    /// is installed now); else root.key.prev if it does (the keystore is
+    /// older than the last rotation), said on stderr; else root.key, which
+    /// the keystore then refuses.
+    fn root_file_locked(&self, location: &Location) -> Result<RootKey, KmsError> {
+        let root = RootKey::from_file(&self.root_key())?;
+        if Keystore::root_opens(location, &root)? {
+            if self.root_key_next().exists() {
+                std::fs::remove_file(self.root_key_next()).map_err(|e| {
+                    error::internal(format!("{}: {e}", self.root_key_next().display()))
+                })?;
+            }
+            return Ok(root);
+        }
+        if self.root_key_next().exists() {
+            let next = RootKey::from_file(&self.root_key_next())?;
+            if Keystore::root_opens(location, &next)? {
+                self.install_next_root_key()?;
+                return Ok(next);
+            }
+        }
+        if self.root_key_prev().exists() {
+            let prev = RootKey::from_file(&self.root_key_prev())?;
+            if Keystore::root_opens(location, &prev)? {
+                eprintln!(
+                    "cloister kms: the keystore is sealed under the root key before the last rotation ({}): it was restored from before it, or the rotation was lost; rotate again",
+                    self.root_key_prev().display()
+                );
+                return Ok(prev);
+            }
+        }
+        Ok(root)
+    }
+
+    /// Takes the data directory's rotation lock (`root.lock`), waiting up to
+    /// `wait`: a rotation holds it from writing root.key.next until it is
+    /// installed, and whoever reads the root key takes it first, so that no
+    /// one decides about a root.key.next a rotation is still writing.
+    fn lock_root(&self, wait: std::time::Duration) -> Result<std::fs::File, KmsError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join("root.lock");
+        let lock = std::fs::OpenOptions::new()
+            .mode(0o600)
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| error::internal(format!("{}: {e}", path.display())))?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => return Ok(lock),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(error::internal(format!(
+                        "a root-key rotation of {} is under way; try again when it ends",
+                        self.dir.display()
+                    )));
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(error::internal(format!("{}: {e}", path.display())));
+                }
+            }
+        }
     }
 
     /// Files that hold keys or audit data and that others may read (made by
@@ -332,24 +445,8 @@ impl DataDir {
         passphrase: Option<Zeroizing<String>>,
     ) -> Result<RootKey, KmsError> {
         if self.root_key().exists() {
-            let root = RootKey::from_file(&self.root_key())?;
-            if !self.root_key_next().exists() {
-                return Ok(root);
-            }
-            // A rotation was cut short: it committed if the new key opens
-            // the keystore (then it becomes root.key), else it did not.
-            if Keystore::root_opens(location, &root)? {
-                std::fs::remove_file(self.root_key_next()).map_err(|e| {
-                    error::internal(format!("{}: {e}", self.root_key_next().display()))
-                })?;
-                return Ok(root);
-            }
-            let next = RootKey::from_file(&self.root_key_next())?;
-            if Keystore::root_opens(location, &next)? {
-                self.install_next_root_key()?;
-                return Ok(next);
-            }
-            return Ok(root);
+            let _rotation = self.lock_root(ROOT_LOCK_WAIT)?;
+            return self.root_file_locked(location);
         }
         let salt = Keystore::read_meta(location, "root_salt")?.ok_or_else(|| {
             error::not_found(format!(

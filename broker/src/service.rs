@@ -89,6 +89,20 @@ fn request_id_digest(principal: &str, request_id: &str) -> [u8; 16] {
     h.finalize()[..16].try_into().unwrap_or_default()
 }
 
+/// Why an authenticated request was not served: its sender could not be
+/// authenticated (charged to the peer), or it was, and then the broker failed
+/// it (not charged).
+enum Unserved {
+    Unauthenticated(KmsError),
+    Verified(KmsError),
+}
+
+fn replayed(request_id: &str) -> KmsError {
+    error::invalid_signature(format!(
+        "request id {request_id} was already used: a replayed request"
+    ))
+}
+
 /// Request ids seen within the acceptance window, as 16-byte digests.
 #[derive(Default)]
 struct ReplayCache {
@@ -568,7 +582,12 @@ impl Broker {
         let digest = request_digest(&signed.payload);
         match self.authenticate(&signed, &payload, now) {
             Ok(principal) => self.run(principal, payload.operation, record, digest, now),
-            Err(e) => {
+            Err(Unserved::Verified(e)) => {
+                // The sender is who it says: the broker failed it.
+                record.authenticated = true;
+                Self::audited(record, payload.request_id, digest, Err(e))
+            }
+            Err(Unserved::Unauthenticated(e)) => {
                 record.reason = e.to_string();
                 let response = Response {
                     request_id: payload.request_id,
@@ -700,6 +719,20 @@ impl Broker {
         signed: &SignedRequest,
         payload: &RequestPayload,
         now: u64,
+    ) -> Result<PrincipalRecord, Unserved> {
+        let principal = self
+            .authenticate_sender(signed, payload, now)
+            .map_err(Unserved::Unauthenticated)?;
+        self.claim_shared(payload, principal)
+    }
+
+    /// Checks a request's sender: sizes, a known principal, its signature,
+    /// the time, an id this broker has not seen.
+    fn authenticate_sender(
+        &self,
+        signed: &SignedRequest,
+        payload: &RequestPayload,
+        now: u64,
     ) -> Result<PrincipalRecord, KmsError> {
         // Sizes first: nothing longer is looked up, verified or recorded whole.
         if payload.principal.is_empty() || payload.principal.len() > MAX_PRINCIPAL_NAME {
@@ -715,7 +748,7 @@ impl Broker {
         }
         let unknown =
             || error::invalid_signature(format!("unknown principal {:?}", payload.principal));
-        let mut principal = match self.keystore.principal(&payload.principal)? {
+        let principal = match self.keystore.principal(&payload.principal)? {
             Some(p) => p,
             // Another replica may have added it since this copy was read.
             None if self.keystore.store().is_shared() => {
@@ -752,39 +785,48 @@ impl Broker {
                 payload.timestamp_ms.saturating_add(skew),
                 now,
             );
-        let replayed = || {
-            error::invalid_signature(format!(
-                "request id {} was already used: a replayed request",
-                payload.request_id
-            ))
-        };
         if !fresh {
-            return Err(replayed());
-        }
-        if self.keystore.store().is_shared() {
-            // Every replica's guard: the id is claimed in the store, and the
-            // same query says whether the keystore changed since this copy
-            // was read; if it did, the request is judged on the new copy.
-            let (fresh, generation) = self.keystore.claim_request_id(
-                request_id_digest(&payload.principal, &payload.request_id),
-                payload.timestamp_ms.saturating_add(skew),
-            )?;
-            if !fresh {
-                return Err(replayed());
-            }
-            self.keystore.refresh_to(generation)?;
-            principal = self
-                .keystore
-                .principal(&payload.principal)?
-                .filter(|p| p.public_key == principal.public_key)
-                .ok_or_else(|| {
-                    error::invalid_signature(format!(
-                        "principal {:?} was removed or given another key meanwhile",
-                        payload.principal
-                    ))
-                })?;
+            return Err(replayed(&payload.request_id));
         }
         Ok(principal)
+    }
+
+    /// On a shared store, every replica's replay guard: the id is claimed in
+    /// the store, and the same query says whether the keystore changed since
+    /// this copy was read; if it did, the request is judged on the new copy
+    /// (a principal removed or re-keyed meanwhile is refused).
+    fn claim_shared(
+        &self,
+        payload: &RequestPayload,
+        principal: PrincipalRecord,
+    ) -> Result<PrincipalRecord, Unserved> {
+        if !self.keystore.store().is_shared() {
+            return Ok(principal);
+        }
+        let skew = self.config.clock_skew.as_millis() as u64;
+        let (fresh, generation) = self
+            .keystore
+            .claim_request_id(
+                request_id_digest(&payload.principal, &payload.request_id),
+                payload.timestamp_ms.saturating_add(skew),
+            )
+            .map_err(Unserved::Verified)?;
+        if !fresh {
+            return Err(Unserved::Unauthenticated(replayed(&payload.request_id)));
+        }
+        self.keystore
+            .refresh_to(generation)
+            .map_err(Unserved::Verified)?;
+        self.keystore
+            .principal(&payload.principal)
+            .map_err(Unserved::Verified)?
+            .filter(|p| p.public_key == principal.public_key)
+            .ok_or_else(|| {
+                Unserved::Unauthenticated(error::invalid_signature(format!(
+                    "principal {:?} was removed or given another key meanwhile",
+                    payload.principal
+                )))
+            })
     }
 
     /// Remembers request ids that an earlier run accepted (read from the
@@ -1576,18 +1618,16 @@ pub enum Prepared {
 impl Prepared {
     /// Whether the request counts against its peer's allowance of
     /// unauthenticated failures (and its connection is closed): its sender was
-    /// not authenticated (signature, freshness, unused id) — unless the broker
-    /// itself failed (its database unreachable, say), which is not the peer's doing.
+    /// not authenticated (signature, freshness, unused id). A request whose
+    /// signature verified but that the broker then failed to serve (its
+    /// database unreachable at the replay claim) is authenticated: not the
+    /// peer's doing. Anything that fails before the signature is checked
+    /// counts, the broker's own failures included.
     pub fn charges_peer(&self) -> bool {
-        let (authenticated, response) = match self {
-            Prepared::Done {
-                authenticated,
-                response,
-            } => (*authenticated, response),
-            Prepared::Audit { record, response } => (record.authenticated, response),
-        };
-        !authenticated
-            && !matches!(&response.result, Err(e) if e.kind == ErrorKind::KMSInternalException)
+        match self {
+            Prepared::Done { authenticated, .. } => !*authenticated,
+            Prepared::Audit { record, .. } => !record.authenticated,
+        }
     }
 
     /// The response to send after the audit record was written, or not: an
