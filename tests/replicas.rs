@@ -195,6 +195,19 @@ fn add_principal(c: &Cluster, i: usize, name: &str) -> Credentials {
     }
 }
 
+/// A key made through r0 and a blob of `text` under it made through r1.
+fn key_and_blob(c: &Cluster, app: &Credentials, description: &str, text: &[u8]) -> Vec<u8> {
+    let key = key_id(ok(
+        &c.sock(0),
+        app,
+        Operation::CreateKey {
+            description: description.into(),
+            policy: None,
+        },
+    ));
+    blob(ok(&c.sock(1), app, encrypt(&key, text)))
+}
+
 fn key_id(out: Output) -> String {
     match out {
         Output::KeyMetadata(m) => m.key_id,
@@ -685,15 +698,7 @@ fn the_root_key_rotates_under_running_replicas_which_refuse_writes_until_restart
         return;
     };
     let app = add_principal(&c, 0, "app");
-    let key = key_id(ok(
-        &c.sock(0),
-        &app,
-        Operation::CreateKey {
-            description: "before".into(),
-            policy: None,
-        },
-    ));
-    let sealed = blob(ok(&c.sock(1), &app, encrypt(&key, b"before the rotation")));
+    let sealed = key_and_blob(&c, &app, "before", b"before the rotation");
 
     let rotated = ok_json(&["kms", "rotate-root-key", "--data-dir", s(&c.data(0))]);
     assert_eq!(rotated["Resealed"], 1, "{rotated}");
@@ -739,15 +744,7 @@ fn a_database_crash_loses_no_acknowledged_record_or_request_id_claim() {
         return;
     };
     let app = add_principal(&c, 0, "app");
-    let key = key_id(ok(
-        &c.sock(0),
-        &app,
-        Operation::CreateKey {
-            description: "crash".into(),
-            policy: None,
-        },
-    ));
-    let sealed = blob(ok(&c.sock(1), &app, encrypt(&key, b"through the crash")));
+    let sealed = key_and_blob(&c, &app, "crash", b"through the crash");
     let stop_at = Instant::now() + Duration::from_millis(3000);
     let workers: Vec<_> = (0..3)
         .map(|w| {

@@ -418,34 +418,43 @@ fn signed_message(label: &[u8], seq: u64, prev: &str) -> Vec<u8> {
 /// broker (or a command that writes to it) on the same data directory is
 /// refused, instead of forking the chain.
 fn lock_writer(path: &Path) -> Result<File, KmsError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".lock");
-    let lock_path = path.with_file_name(name);
+    // A writer that is stopping (its last handle just dropped) lets go within
+    // moments; one that serves does not.
+    lock_file(
+        &path.with_file_name(name),
+        std::time::Duration::from_secs(2),
+    )?
+    .ok_or_else(|| {
+        error::internal(format!(
+            "another process (a broker serving this data directory?) is writing the audit log {}",
+            path.display()
+        ))
+    })
+}
+
+/// Takes an exclusive lock on `path` (created 0600), waiting up to `wait`;
+/// `None` if another holder kept it that long. The lock lasts as long as the file.
+pub(crate) fn lock_file(path: &Path, wait: std::time::Duration) -> Result<Option<File>, KmsError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let lock = OpenOptions::new()
         .mode(0o600)
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&lock_path)
-        .map_err(|e| error::internal(format!("{}: {e}", lock_path.display())))?;
-    // A writer that is stopping (its last handle just dropped) lets go within
-    // moments; one that serves does not.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        .open(path)
+        .map_err(|e| error::internal(format!("{}: {e}", path.display())))?;
+    let deadline = std::time::Instant::now() + wait;
     loop {
         match lock.try_lock() {
-            Ok(()) => return Ok(lock),
+            Ok(()) => return Ok(Some(lock)),
             Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(error::internal(format!(
-                    "another process (a broker serving this data directory?) is writing the audit log {}",
-                    path.display()
-                )));
-            }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
-                return Err(error::internal(format!("{}: {e}", lock_path.display())));
+                return Err(error::internal(format!("{}: {e}", path.display())));
             }
         }
     }

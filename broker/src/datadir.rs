@@ -386,33 +386,12 @@ impl DataDir {
     /// installed, and whoever reads the root key takes it first, so that no
     /// one decides about a root.key.next a rotation is still writing.
     fn lock_root(&self, wait: std::time::Duration) -> Result<std::fs::File, KmsError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.dir.join("root.lock");
-        let lock = std::fs::OpenOptions::new()
-            .mode(0o600)
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| error::internal(format!("{}: {e}", path.display())))?;
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            match lock.try_lock() {
-                Ok(()) => return Ok(lock),
-                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(error::internal(format!(
-                        "a root-key rotation of {} is under way; try again when it ends",
-                        self.dir.display()
-                    )));
-                }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(error::internal(format!("{}: {e}", path.display())));
-                }
-            }
-        }
+        crate::audit::lock_file(&self.dir.join("root.lock"), wait)?.ok_or_else(|| {
+            error::internal(format!(
+                "a root-key rotation of {} is under way; try again when it ends",
+                self.dir.display()
+            ))
+        })
     }
 
     /// Files that hold keys or audit data and that others may read (made by

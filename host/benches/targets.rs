@@ -509,6 +509,21 @@ fn broker_client(spec: &Path) {
     println!("{count}");
 }
 
+/// How many requests `--broker-client` processes had answered, in all.
+fn answered(children: Vec<std::process::Child>) -> u64 {
+    children
+        .into_iter()
+        .map(|c| {
+            let out = must(c.wait_with_output().unwrap(), "broker client");
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
 /// The file that tells `--broker-client` processes what to do: attested
 /// Decrypts of `blob` as admin from `start` until `end` (Unix ms).
 fn client_spec(w: &World, blob: &[u8], start: u64, end: u64) -> PathBuf {
@@ -682,17 +697,7 @@ fn broker() -> Vec<Figure> {
                 .collect();
             let cpu_before = broker_cpu_s();
             let clients_before = clients_cpu_s();
-            let total: u64 = children
-                .into_iter()
-                .map(|c| {
-                    let out = must(c.wait_with_output().unwrap(), "broker client");
-                    String::from_utf8(out.stdout)
-                        .unwrap()
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap()
-                })
-                .sum();
+            let total = answered(children);
             let rate = total as f64 / seconds as f64;
             // The broker's CPU over the whole client run (set-up included), per
             // request counted: an upper bound.
@@ -948,17 +953,7 @@ fn replicas() -> Vec<Figure> {
             let pg_pids = postgres_pids(postmaster);
             let (broker_before, pg_before) =
                 (cpu_seconds_of(&broker_pids), cpu_seconds_of(&pg_pids));
-            let total: u64 = children
-                .into_iter()
-                .map(|c| {
-                    let out = must(c.wait_with_output().unwrap(), "broker client");
-                    String::from_utf8(out.stdout)
-                        .unwrap()
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap()
-                })
-                .sum();
+            let total = answered(children);
             let rate = total as f64 / seconds as f64;
             broker_us
                 .entry(n)
