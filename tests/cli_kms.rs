@@ -1269,6 +1269,43 @@ fn a_passphrase_root_key_rotates_to_a_new_passphrase() {
 }
 
 #[test]
+fn a_keystore_row_edited_outside_the_broker_is_refused() {
+    let mut kms = Kms::start();
+    kms.add_principal("app", r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"kms:Encrypt","Resource":"*"}}"#);
+    kms.stop();
+    let db = rusqlite::Connection::open(kms.data().join("keystore.db")).unwrap();
+    let original: String = db
+        .query_row(
+            "SELECT policy FROM principals WHERE name = 'app'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE principals SET policy = ?1 WHERE name = 'app'",
+        [ALLOW_ALL],
+    )
+    .unwrap();
+    let listen = kms.endpoint();
+    let data = kms.data();
+    let serve = ["kms", "serve", "--data-dir", s(&data), "--listen", &listen];
+    let stderr = failed_with(&cloister(&serve), "E-KMS-INTERNAL");
+    assert!(
+        stderr.contains("principals row \"app\" fails its integrity check"),
+        "{stderr}"
+    );
+    // Put back as the broker wrote it, the row verifies again.
+    db.execute(
+        "UPDATE principals SET policy = ?1 WHERE name = 'app'",
+        [&original],
+    )
+    .unwrap();
+    drop(db);
+    kms.serve();
+    kms.admin(&["kms", "principal", "list"]);
+}
+
+#[test]
 fn sigkill_during_a_burst_loses_nothing_acknowledged() {
     let mut kms = Kms::start();
     let app = kms.add_principal("app", ALLOW_ALL);

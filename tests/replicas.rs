@@ -987,3 +987,69 @@ fn replicas_reach_postgresql_over_verified_tls_and_a_failed_init_leaves_nothing(
     }
     ok_json(&["kms", "audit", "verify", "--data-dir", s(&data)]);
 }
+
+#[test]
+fn rows_written_in_the_database_without_the_root_key_are_refused() {
+    let Some(c) = Cluster::start(2) else { return };
+    let app = add_principal(&c, 0, "app");
+    let sealed = key_and_blob(&c, &app, "owned by app", b"app's secret");
+    ok(
+        &c.sock(0),
+        &app,
+        Operation::DisableKey {
+            key_id: key_id_of(&c, &app),
+        },
+    );
+    let mut db = c.pg.client("kms");
+    let bump = |db: &mut postgres::Client| {
+        db.execute("UPDATE generation SET n = n + 1", &[]).unwrap();
+    };
+
+    // Whoever can write the database adds a principal of their own, allowed
+    // everything: the replica refuses to read such a keystore at all.
+    let mallory = SigningKey::generate(&mut rand_core::OsRng);
+    db.execute(
+        "INSERT INTO principals (name, public_key, policy, created_ms, mac) VALUES ($1, $2, $3, 0, $4)",
+        &[
+            &"mallory",
+            &mallory.verifying_key().to_bytes().to_vec(),
+            &ALLOW_ALL,
+            &vec![0u8; 32],
+        ],
+    )
+    .unwrap();
+    bump(&mut db);
+    let as_mallory = Credentials {
+        principal: "mallory".into(),
+        key: mallory,
+    };
+    let e = refused(&c.sock(0), &as_mallory, decrypt(&sealed, None));
+    assert!(
+        e.contains("principals row \"mallory\" fails its integrity check"),
+        "{e}"
+    );
+    let e = refused(&c.sock(0), &app, Operation::ListKeys);
+    assert!(e.contains("integrity check"), "{e}");
+    db.execute("DELETE FROM principals WHERE name = 'mallory'", &[])
+        .unwrap();
+    bump(&mut db);
+    ok(&c.sock(0), &app, Operation::ListKeys);
+
+    // A disabled key enabled in the database, its MAC kept: refused too.
+    db.execute("UPDATE keys SET state = 'Enabled'", &[])
+        .unwrap();
+    bump(&mut db);
+    let e = refused(&c.sock(0), &app, decrypt(&sealed, None));
+    assert!(
+        e.contains("keys row") && e.contains("integrity check"),
+        "{e}"
+    );
+}
+
+/// The id of the one key `app` made.
+fn key_id_of(c: &Cluster, app: &Credentials) -> String {
+    match ok(&c.sock(0), app, Operation::ListKeys) {
+        Output::Keys(keys) => keys[0].0.clone(),
+        other => panic!("{other:?}"),
+    }
+}

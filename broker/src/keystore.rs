@@ -22,7 +22,7 @@ use crate::error::{self, KmsError};
 use crate::params;
 use crate::policy::{Policy, PolicyKind};
 use crate::protocol::EncryptionContext;
-use crate::store::{Location, Store, Tx};
+use crate::store::{Location, Store, Tx, Value};
 
 /// The store's generation (shared stores; see [`Keystore::refresh`]).
 const GENERATION: &str = "SELECT n FROM generation WHERE id = 1";
@@ -144,6 +144,8 @@ struct State {
 pub struct Keystore {
     store: Arc<Store>,
     root: RootKey,
+    /// The MAC key of the rows in [`SEALED_ROWS`], derived from the root key.
+    row_key: Zeroizing<[u8; 32]>,
     state: RwLock<State>,
     /// Held by this broker's changes, so that the copy sees them in the order
     /// the database committed them.
@@ -208,6 +210,7 @@ impl Keystore {
         tx.commit()?;
         Ok(Keystore {
             store: Arc::new(store),
+            row_key: row_key(&root),
             root,
             state: RwLock::new(State::default()),
             writing: Mutex::new(()),
@@ -288,10 +291,15 @@ impl Keystore {
             // one transaction: a keystore is at one version or the next.
             let mut tx = store.begin()?;
             store.migrate(&mut tx, version)?;
+            // Rows from before their MACs get them now, once, under this root key.
+            if version < store.row_macs_since() {
+                seal_all_rows(&mut tx, &row_key(&root))?;
+            }
             tx.commit()?;
         }
         let keystore = Keystore {
             store: Arc::new(store),
+            row_key: row_key(&root),
             root,
             state: RwLock::new(State::default()),
             writing: Mutex::new(()),
@@ -345,6 +353,7 @@ impl Keystore {
     fn reload_locked(&self) -> Result<(), KmsError> {
         let mut tx = self.store.begin_snapshot()?;
         self.check_root(&mut tx)?;
+        verify_rows(&mut tx, &self.row_key)?;
         let state = load(&mut tx, &self.root)?;
         let loaded = if tx.is_postgres() {
             tx.query_int(GENERATION, &[])?
@@ -474,6 +483,10 @@ impl Keystore {
         Ok(out)
     }
 
+    fn seal_row(&self, tx: &mut Tx<'_>, rows: &SealedRows, key: Value) -> Result<(), KmsError> {
+        seal_row(tx, &self.row_key, rows, key)
+    }
+
     fn check_root(&self, tx: &mut Tx<'_>) -> Result<(), KmsError> {
         let check = tx
             .query_opt("SELECT value FROM meta WHERE name = 'root_check'", &[])?
@@ -552,6 +565,7 @@ impl Keystore {
                     )?;
                     resealed += 1;
                 }
+                seal_all_rows(tx, &row_key(new))?;
                 tx.execute(
                     "UPDATE meta SET value = $1 WHERE name = 'root_check'",
                     params![new.seal(ROOT_CHECK_AAD, b"ok")?],
@@ -696,6 +710,7 @@ impl Keystore {
                     "INSERT INTO key_versions VALUES ($1, 1, $2, $3)",
                     params![id, sealed, now_ms as i64],
                 )?;
+                self.seal_row(tx, &KEYS, id.into())?;
                 Ok(id)
             },
             |id, tx| before_commit(*id, tx),
@@ -777,6 +792,7 @@ impl Keystore {
                     "INSERT INTO key_versions VALUES ($1, $2, $3, $4)",
                     params![id, version, sealed, now_ms as i64],
                 )?;
+                self.seal_row(tx, &KEYS, id.into())?;
                 Ok(Some((version, next)))
             },
             |rotated, tx| match rotated {
@@ -819,6 +835,7 @@ impl Keystore {
                         rotation.map(|r| r.next_ms)
                     ],
                 )?;
+                self.seal_row(tx, &KEYS, id.into())?;
                 Ok(rotation)
             },
             |_, tx| before_commit(tx),
@@ -873,9 +890,10 @@ impl Keystore {
                     )));
                 }
                 tx.execute(
-                    "INSERT INTO access_keys VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO access_keys (access_key_id, principal, secret, created_ms) VALUES ($1, $2, $3, $4)",
                     params![&record.access_key_id, principal, sealed, now_ms as i64],
                 )?;
+                self.seal_row(tx, &ACCESS_KEYS, (&record.access_key_id).into())?;
                 Ok(())
             },
             |_, tx| before_commit(&record.access_key_id, tx),
@@ -959,6 +977,7 @@ impl Keystore {
                     "UPDATE keys SET state = $2, deletion_ms = $3 WHERE key_id = $1",
                     params![id, to.as_str(), deletion_ms.map(|d| d as i64)],
                 )?;
+                self.seal_row(tx, &KEYS, id.into())?;
                 Ok(())
             },
             |_, tx| before_commit(tx),
@@ -988,6 +1007,7 @@ impl Keystore {
                 if changed == 0 {
                     return Err(error::not_found(format!("key {id} does not exist")));
                 }
+                self.seal_row(tx, &KEYS, id.into())?;
                 Ok(())
             },
             |_, tx| before_commit(tx),
@@ -1026,7 +1046,11 @@ impl Keystore {
                     )));
                 }
                 stored_state(tx, id)?;
-                tx.execute("INSERT INTO aliases VALUES ($1, $2)", params![alias, id])?;
+                tx.execute(
+                    "INSERT INTO aliases (alias, key_id) VALUES ($1, $2)",
+                    params![alias, id],
+                )?;
+                self.seal_row(tx, &ALIASES, alias.into())?;
                 Ok(())
             },
             |_, tx| before_commit(tx),
@@ -1064,9 +1088,10 @@ impl Keystore {
                     )));
                 }
                 tx.execute(
-                    "INSERT INTO principals VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO principals (name, public_key, policy, created_ms) VALUES ($1, $2, $3, $4)",
                     params![name, &public_key.to_bytes()[..], policy_json, now_ms as i64],
                 )?;
+                self.seal_row(tx, &PRINCIPALS, name.into())?;
                 Ok(())
             },
             |_, tx| before_commit(tx),
@@ -1131,9 +1156,10 @@ impl Keystore {
                     )));
                 }
                 tx.execute(
-                    "INSERT INTO trust_roots VALUES ($1, $2, $3)",
+                    "INSERT INTO trust_roots (label, der, added_ms) VALUES ($1, $2, $3)",
                     params![label, der, now_ms as i64],
                 )?;
+                self.seal_row(tx, &TRUST_ROOTS, label.into())?;
                 Ok(())
             },
             |_, tx| before_commit(tx),
@@ -1212,6 +1238,155 @@ impl Keystore {
     pub fn integrity_check(&self) -> Result<String, KmsError> {
         self.store.check()
     }
+}
+
+/// Rows whose every field (but their `mac`) is covered by an HMAC-SHA256 under
+/// a key derived from the root key: whoever can write the store, but does not
+/// hold the root key, cannot make a principal, policy, trust root, key state,
+/// alias or access key's owner that the broker accepts — every load checks
+/// them all. (Material and access-key secrets are sealed under the root key
+/// itself.) A row copied back from an older state still verifies: a rollback
+/// is not detected row by row.
+pub struct SealedRows {
+    table: &'static str,
+    key: &'static str,
+    fields: &'static [&'static str],
+}
+
+const KEYS: SealedRows = SealedRows {
+    table: "keys",
+    key: "key_id",
+    fields: &[
+        "key_id",
+        "description",
+        "state",
+        "created_ms",
+        "deletion_ms",
+        "policy",
+        "rotation_days",
+        "next_rotation_ms",
+    ],
+};
+const ALIASES: SealedRows = SealedRows {
+    table: "aliases",
+    key: "alias",
+    fields: &["alias", "key_id"],
+};
+const PRINCIPALS: SealedRows = SealedRows {
+    table: "principals",
+    key: "name",
+    fields: &["name", "public_key", "policy", "created_ms"],
+};
+const TRUST_ROOTS: SealedRows = SealedRows {
+    table: "trust_roots",
+    key: "label",
+    fields: &["label", "der", "added_ms"],
+};
+const ACCESS_KEYS: SealedRows = SealedRows {
+    table: "access_keys",
+    key: "access_key_id",
+    fields: &["access_key_id", "principal", "secret", "created_ms"],
+};
+const SEALED_ROWS: [&SealedRows; 5] = [&KEYS, &ALIASES, &PRINCIPALS, &TRUST_ROOTS, &ACCESS_KEYS];
+
+/// The rows' MAC key: HKDF-SHA256 of the root key.
+fn row_key(root: &RootKey) -> Zeroizing<[u8; 32]> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    hkdf::Hkdf::<sha2::Sha256>::new(None, root.bytes())
+        .expand(b"cloister-kms-row-mac-v1", key.as_mut())
+        .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA256 length"));
+    key
+}
+
+/// A row's MAC: over its table's name and each field, typed and length-prefixed.
+fn row_mac(key: &[u8; 32], table: &str, values: &[Value]) -> Result<Vec<u8>, KmsError> {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)
+        .map_err(|_| error::internal("row MAC key"))?;
+    mac.update(table.as_bytes());
+    mac.update(&[0]);
+    for v in values {
+        match v {
+            Value::Null => mac.update(&[0]),
+            Value::Int(i) => {
+                mac.update(&[1]);
+                mac.update(&i.to_be_bytes());
+            }
+            Value::Text(t) => {
+                mac.update(&[2]);
+                mac.update(&(t.len() as u64).to_be_bytes());
+                mac.update(t.as_bytes());
+            }
+            Value::Blob(b) => {
+                mac.update(&[3]);
+                mac.update(&(b.len() as u64).to_be_bytes());
+                mac.update(b);
+            }
+        }
+    }
+    Ok(mac.finalize().into_bytes().to_vec())
+}
+
+/// Computes and stores the MAC of the row of `rows` whose key is `key`, as the
+/// transaction now has it.
+fn seal_row(
+    tx: &mut Tx<'_>,
+    row_key: &[u8; 32],
+    rows: &SealedRows,
+    key: Value,
+) -> Result<(), KmsError> {
+    let select = format!(
+        "SELECT {} FROM {} WHERE {} = $1",
+        rows.fields.join(", "),
+        rows.table,
+        rows.key
+    );
+    let row = tx
+        .query_opt(&select, std::slice::from_ref(&key))?
+        .ok_or_else(|| error::internal(format!("keystore: no {} row to seal", rows.table)))?;
+    let mac = row_mac(row_key, rows.table, row.values())?;
+    tx.execute(
+        &format!("UPDATE {} SET mac = $2 WHERE {} = $1", rows.table, rows.key),
+        &[key, Value::Blob(mac)],
+    )?;
+    Ok(())
+}
+
+/// Seals every row of every table in [`SEALED_ROWS`] (a migration, a root-key rotation).
+fn seal_all_rows(tx: &mut Tx<'_>, row_key: &[u8; 32]) -> Result<(), KmsError> {
+    for rows in SEALED_ROWS {
+        let keys = tx.query(&format!("SELECT {} FROM {}", rows.key, rows.table), &[])?;
+        for k in keys {
+            seal_row(tx, row_key, rows, k.values()[0].clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks every sealed row's MAC; the first row that fails is named.
+fn verify_rows(tx: &mut Tx<'_>, row_key: &[u8; 32]) -> Result<(), KmsError> {
+    use subtle::ConstantTimeEq;
+    for rows in SEALED_ROWS {
+        let select = format!("SELECT {}, mac FROM {}", rows.fields.join(", "), rows.table);
+        for row in tx.query(&select, &[])? {
+            let (fields, stored) = row.values().split_at(rows.fields.len());
+            let expected = row_mac(row_key, rows.table, fields)?;
+            let intact =
+                matches!(stored, [Value::Blob(m)] if bool::from(m.as_slice().ct_eq(&expected)));
+            if !intact {
+                let which = match &fields[0] {
+                    Value::Text(t) => format!("{t:?}"),
+                    Value::Blob(b) => hex::encode(b),
+                    other => format!("{other:?}"),
+                };
+                return Err(error::internal(format!(
+                    "keystore: the {} row {which} fails its integrity check: it was written or changed outside the broker (without the root key)",
+                    rows.table
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A key's state as stored, read (and on a shared store, locked) inside a transaction.

@@ -22,9 +22,13 @@ use crate::error::{self, KmsError};
 const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_initial.sql"),
     include_str!("../migrations/sqlite/0002_access_keys_rotation.sql"),
+    include_str!("../migrations/sqlite/0003_row_macs.sql"),
 ];
 /// PostgreSQL's schema migrations, in order.
-const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_initial.sql")];
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_initial.sql"),
+    include_str!("../migrations/postgres/0002_row_macs.sql"),
+];
 
 /// A column value, as both engines store it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +112,10 @@ fn malformed(i: usize, want: &str, got: &Value) -> KmsError {
 }
 
 impl Row {
+    /// The row's values, in the order selected.
+    pub fn values(&self) -> &[Value] {
+        &self.0
+    }
     fn value(&self, i: usize) -> &Value {
         self.0.get(i).unwrap_or(&Value::Null)
     }
@@ -289,6 +297,14 @@ impl Store {
         match self.backend {
             Backend::Sqlite(_) => SQLITE_MIGRATIONS,
             Backend::Postgres { .. } => POSTGRES_MIGRATIONS,
+        }
+    }
+
+    /// The first schema version whose rows carry MACs (see `keystore`).
+    pub fn row_macs_since(&self) -> i64 {
+        match self.backend {
+            Backend::Sqlite(_) => 3,
+            Backend::Postgres { .. } => 2,
         }
     }
 

@@ -845,8 +845,8 @@ async fn the_listener_speaks_http_with_aws_error_shapes() {
     server.await.unwrap().unwrap();
 }
 
-/// A keystore of schema 1 (before access keys and rotation) is migrated in
-/// place when a newer broker opens it, keeping its keys.
+/// A keystore of schema 1 (before access keys, rotation and row MACs) is
+/// migrated in place when a newer broker opens it, keeping its keys.
 #[test]
 fn a_schema_1_keystore_is_migrated_with_its_keys() {
     let env = Env::new();
@@ -876,7 +876,9 @@ fn a_schema_1_keystore_is_migrated_with_its_keys() {
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
             "DROP TABLE access_keys; ALTER TABLE keys DROP COLUMN rotation_days; \
-             ALTER TABLE keys DROP COLUMN next_rotation_ms; \
+             ALTER TABLE keys DROP COLUMN next_rotation_ms; ALTER TABLE keys DROP COLUMN mac; \
+             ALTER TABLE aliases DROP COLUMN mac; ALTER TABLE principals DROP COLUMN mac; \
+             ALTER TABLE trust_roots DROP COLUMN mac; \
              UPDATE meta SET value = 1 WHERE name = 'schema_version';",
         )
         .unwrap();
@@ -904,7 +906,9 @@ fn a_schema_1_keystore_is_migrated_with_its_keys() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+    // Its rows were sealed as it was migrated: they verify at the next open too.
+    let env = env.reopen();
     env.principal(ROLE, ALLOW_ALL);
 }
 
