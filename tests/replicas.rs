@@ -1035,7 +1035,23 @@ fn rows_written_in_the_database_without_the_root_key_are_refused() {
     bump(&mut db);
     ok(&c.sock(0), &app, Operation::ListKeys);
 
-    // A disabled key enabled in the database, its MAC kept: refused too.
+    // A key's policy widened in the database, quietly (no generation moved):
+    // the broker's next change of that key starts from the row it checks,
+    // and refuses it, rather than sealing the edit with its own write.
+    db.execute("UPDATE keys SET policy = $1", &[&ALLOW_ALL])
+        .unwrap();
+    let e = refused(
+        &c.sock(0),
+        &app,
+        Operation::EnableKey {
+            key_id: key_id_of(&c, &app),
+        },
+    );
+    assert!(
+        e.contains("keys row") && e.contains("integrity check"),
+        "{e}"
+    );
+    // A disabled key enabled there too: any reload refuses the row.
     db.execute("UPDATE keys SET state = 'Enabled'", &[])
         .unwrap();
     bump(&mut db);

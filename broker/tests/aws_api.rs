@@ -845,6 +845,34 @@ async fn the_listener_speaks_http_with_aws_error_shapes() {
     server.await.unwrap().unwrap();
 }
 
+/// Someone who can write the keystore but not the root key sets its schema
+/// version back (and drops the MAC columns) so that a migration would seal a
+/// row they forged: the root check, under the root key, says the rows carry
+/// MACs already, and the keystore is refused.
+#[test]
+fn a_schema_version_set_back_to_have_forged_rows_sealed_is_refused() {
+    let env = Env::new();
+    let path = env.dir.path().join("kms/keystore.db");
+    let dir = env.dir;
+    drop(env.broker);
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE keys DROP COLUMN mac; ALTER TABLE aliases DROP COLUMN mac; \
+             ALTER TABLE principals DROP COLUMN mac; ALTER TABLE trust_roots DROP COLUMN mac; \
+             ALTER TABLE access_keys DROP COLUMN mac; \
+             UPDATE principals SET policy = '{\"Version\":\"2012-10-17\",\"Statement\":{\"Effect\":\"Allow\",\"Action\":\"*\",\"Resource\":\"*\"}}'; \
+             UPDATE meta SET value = 2 WHERE name = 'schema_version';",
+        )
+        .unwrap();
+    }
+    let e = DataDir::new(dir.path().join("kms"))
+        .open(None, BrokerConfig::default())
+        .err()
+        .unwrap();
+    assert!(e.message.contains("edited outside the broker"), "{e}");
+}
+
 /// A keystore of schema 1 (before access keys, rotation and row MACs) is
 /// migrated in place when a newer broker opens it, keeping its keys.
 #[test]
@@ -880,6 +908,15 @@ fn a_schema_1_keystore_is_migrated_with_its_keys() {
              ALTER TABLE aliases DROP COLUMN mac; ALTER TABLE principals DROP COLUMN mac; \
              ALTER TABLE trust_roots DROP COLUMN mac; \
              UPDATE meta SET value = 1 WHERE name = 'schema_version';",
+        )
+        .unwrap();
+        // A schema-1 keystore's root check, as brokers of then wrote it.
+        let root =
+            cloister_kms::crypto::RootKey::from_file(&env.dir.path().join("kms/root.key")).unwrap();
+        let old_check = root.seal(b"cloister-kms-root-check-v1", b"ok").unwrap();
+        conn.execute(
+            "UPDATE meta SET value = ?1 WHERE name = 'root_check'",
+            [old_check],
         )
         .unwrap();
     }
