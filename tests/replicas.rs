@@ -896,6 +896,19 @@ fn a_chain_edited_in_the_database_is_refused_by_the_replicas_and_by_verify() {
     .unwrap();
     c.verify_audit(0);
     refused_now("went back");
+    // Restarted, the replica still knows how far the chain went.
+    let mut c = c;
+    c.replicas[0].take().unwrap().terminate();
+    let out = common::cloister(&[
+        "kms",
+        "serve",
+        "--data-dir",
+        s(&c.data(0)),
+        "--listen",
+        &format!("unix:{}", s(&c.sock(0))),
+    ]);
+    let e = common::failed_with(&out, "E-KMS-INTERNAL");
+    assert!(e.contains("went back") && e.contains("audit.seen"), "{e}");
 }
 
 #[test]

@@ -567,7 +567,11 @@ fn run_writer(mut sink: impl Sink, rx: mpsc::Receiver<Job>) {
 
 /// Appends lines to a shared store's chain inside `tx` (see
 /// [`AuditLog::open_shared`]); returns the seq of the first.
-fn append_shared(tx: &mut Tx<'_>, chain: &SharedChain, lines: Vec<Line>) -> Result<u64, KmsError> {
+fn append_shared(
+    tx: &mut Tx<'_>,
+    chain: &SharedChain,
+    lines: Vec<Line>,
+) -> Result<(u64, u64), KmsError> {
     let head = tx
         .query_opt(
             "SELECT seq, hash, signature FROM audit_head WHERE id = 1 FOR UPDATE",
@@ -623,7 +627,7 @@ fn append_shared(tx: &mut Tx<'_>, chain: &SharedChain, lines: Vec<Line>) -> Resu
         .fetch_max(head_seq, std::sync::atomic::Ordering::AcqRel);
     if head_seq < seen {
         return Err(edited(format!(
-            "its head went back from line {seen} to line {head_seq}: rows were removed or an older state restored"
+            "its head went back from line {seen} to line {head_seq}: rows were removed or an older state restored (if the database was restored on purpose, remove the data directory's audit.seen)"
         )));
     }
     let mut next_seq = head_seq + 1;
@@ -660,7 +664,7 @@ fn append_shared(tx: &mut Tx<'_>, chain: &SharedChain, lines: Vec<Line>) -> Resu
             base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())
         ],
     )?;
-    Ok(first)
+    Ok((first, last))
 }
 
 /// Whether `signature` (base64) is the broker's over a head (`seq`, `hash`).
@@ -679,19 +683,56 @@ fn head_signed(key: &VerifyingKey, seq: u64, hash: &str, signature: &str) -> boo
 struct SharedWriter {
     store: std::sync::Arc<Store>,
     chain: std::sync::Arc<SharedChain>,
+    /// Where the highest head seen is kept, what it says, and since when.
+    seen: std::path::PathBuf,
+    recorded: u64,
+    recorded_at: std::time::Instant,
 }
+
+impl SharedWriter {
+    /// Keeps the highest head seen in the data directory (at most every
+    /// second, and when idle): best effort, a crash may lose the last second.
+    fn record_seen(&mut self, now: bool) {
+        let high = self
+            .chain
+            .high_water
+            .load(std::sync::atomic::Ordering::Acquire);
+        if high <= self.recorded || (!now && self.recorded_at.elapsed() < HEARTBEAT_OF_SEEN) {
+            return;
+        }
+        let tmp = self.seen.with_extension("tmp");
+        match std::fs::write(&tmp, format!("{high}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &self.seen))
+        {
+            Ok(()) => {
+                self.recorded = high;
+                self.recorded_at = std::time::Instant::now();
+            }
+            Err(e) => eprintln!("cloister kms: {}: {e}", self.seen.display()),
+        }
+    }
+}
+
+/// How often the highest head seen is written down while batches come.
+const HEARTBEAT_OF_SEEN: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Sink for SharedWriter {
     fn write_batch(&mut self, lines: Vec<Line>) -> Result<u64, KmsError> {
         // A failed batch is rolled back whole: the chain in the store is
         // intact, so (unlike a file) the next batch may be tried.
         let mut tx = self.store.begin()?;
-        let first = append_shared(&mut tx, &self.chain, lines)?;
+        let (first, last) = append_shared(&mut tx, &self.chain, lines)?;
         tx.commit()?;
+        // Committed: the chain is at least this long now.
+        self.chain
+            .high_water
+            .fetch_max(last, std::sync::atomic::Ordering::AcqRel);
+        self.record_seen(false);
         Ok(first)
     }
 
     fn idle(&mut self) -> Result<(), KmsError> {
+        self.record_seen(true);
         Ok(())
     }
 }
@@ -842,19 +883,35 @@ impl AuditLog {
     /// its lines after the chain's end, inserts them, moves the signed head,
     /// and commits before any of its requests is answered. A startup line
     /// names the replica.
+    ///
+    /// `seen` (a file of the data directory) keeps the highest head this
+    /// broker saw across restarts: a chain rolled back while it was stopped
+    /// is refused when it starts.
     pub fn open_shared(
         store: std::sync::Arc<Store>,
         signing_key: SigningKey,
         replica: &str,
+        seen: &Path,
     ) -> Result<Self, KmsError> {
+        let recorded = match std::fs::read_to_string(seen) {
+            Ok(text) => text
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| error::internal(format!("{} is not a line number", seen.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(error::internal(format!("{}: {e}", seen.display()))),
+        };
         let chain = std::sync::Arc::new(SharedChain {
             signing_key,
             replica: replica.to_owned(),
-            high_water: std::sync::atomic::AtomicU64::new(0),
+            high_water: std::sync::atomic::AtomicU64::new(recorded),
         });
         let mut writer = SharedWriter {
             store,
             chain: chain.clone(),
+            seen: seen.to_path_buf(),
+            recorded,
+            recorded_at: std::time::Instant::now(),
         };
         let start = Line {
             note: Some(format!("replica {replica} started")),
@@ -877,7 +934,9 @@ impl AuditLog {
     /// otherwise to the log file, on disk before the change commits.
     pub fn record_in(&self, tx: &mut Tx<'_>, request: RequestRecord) -> Result<u64, KmsError> {
         match &self.shared {
-            Some(chain) => append_shared(tx, chain, vec![Self::request_line(request)]),
+            Some(chain) => {
+                append_shared(tx, chain, vec![Self::request_line(request)]).map(|(first, _)| first)
+            }
             None => self.record(request),
         }
     }

@@ -11,6 +11,7 @@
 //! | `admin.key` / `admin.pub` | the first principal, `admin`, allowed everything |
 //! | `audit.log` | the hash-chained audit log (0600), rotated at 64 MiB into `audit.log.<first seq>` segments that continue the chain |
 //! | `audit.head` | the log's last seq and hash, signed by the broker |
+//! | `audit.seen` | with a shared store: the highest line of its audit chain seen (a rollback below it is refused) |
 //! | `tls/` | the local CA and the server certificate for TCP listeners |
 
 use std::path::PathBuf;
@@ -102,6 +103,11 @@ impl DataDir {
     }
     pub fn audit_head(&self) -> PathBuf {
         self.dir.join("audit.head")
+    }
+    /// With a shared store: the highest line of its audit chain this data
+    /// directory's broker saw (a chain rolled back below it is refused).
+    pub fn audit_seen(&self) -> PathBuf {
+        self.dir.join("audit.seen")
     }
     pub fn tls(&self) -> crate::tls::TlsFiles {
         crate::tls::TlsFiles::new(self.dir.join("tls"))
@@ -209,6 +215,7 @@ impl DataDir {
                 keystore.store().clone(),
                 broker_key.clone(),
                 &config.replica,
+                &self.audit_seen(),
             )?;
             return Ok(Broker::new(keystore, audit, config, broker_key));
         }
@@ -259,6 +266,7 @@ impl DataDir {
                 keystore.store().clone(),
                 broker_key.clone(),
                 &format!("rotate-root-key@{}", crate::service::default_replica_name()),
+                &self.audit_seen(),
             )?
         } else {
             AuditLog::open(&self.audit_log(), &self.audit_head(), broker_key)?
