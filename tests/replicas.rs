@@ -133,6 +133,15 @@ impl Cluster {
             .collect()
     }
 
+    /// The request ids of the chain's allowed requests.
+    fn allowed_request_ids(&self) -> std::collections::HashSet<String> {
+        self.audit_lines()
+            .iter()
+            .filter(|l| l["decision"] == "Allow")
+            .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     fn verify_audit(&self, i: usize) -> Value {
         ok_json(&["kms", "audit", "verify", "--data-dir", s(&self.data(i))])
     }
@@ -595,12 +604,7 @@ fn a_replica_killed_mid_burst_loses_no_acknowledged_key_blob_or_record() {
 
     // The survivors know every acknowledged key and open every acknowledged blob,
     // and every acknowledged request is in the chain.
-    let recorded: std::collections::HashSet<String> = c
-        .audit_lines()
-        .iter()
-        .filter(|l| l["decision"] == "Allow")
-        .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
-        .collect();
+    let recorded = c.allowed_request_ids();
     for (n, (created_id, key, encrypted, text)) in acked.iter().enumerate() {
         let sock = c.sock([0, 2][n % 2]);
         ok(
@@ -777,12 +781,7 @@ fn a_database_crash_loses_no_acknowledged_record_or_request_id_claim() {
         .flat_map(|w| w.join().unwrap())
         .collect();
     eprintln!("{} decrypts acknowledged around the crash", acked.len());
-    let recorded: std::collections::HashSet<String> = c
-        .audit_lines()
-        .iter()
-        .filter(|l| l["decision"] == "Allow")
-        .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
-        .collect();
+    let recorded = c.allowed_request_ids();
     let after = acked
         .iter()
         .filter(|(id, _)| !recorded.contains(id))

@@ -1417,15 +1417,25 @@ fn verified_row(
         .transpose()
 }
 
+/// A row's values followed by their MAC, as written.
+fn with_mac(
+    row_key: &[u8; 32],
+    rows: &SealedRows,
+    mut values: Vec<Value>,
+) -> Result<Vec<Value>, KmsError> {
+    let mac = row_mac(row_key, rows.table, &values)?;
+    values.push(Value::Blob(mac));
+    Ok(values)
+}
+
 /// Inserts a row with the MAC of exactly these values (the first is the key).
 fn insert_row(
     tx: &mut Tx<'_>,
     row_key: &[u8; 32],
     rows: &SealedRows,
-    mut values: Vec<Value>,
+    values: Vec<Value>,
 ) -> Result<(), KmsError> {
-    let mac = row_mac(row_key, rows.table, &values)?;
-    values.push(Value::Blob(mac));
+    let values = with_mac(row_key, rows, values)?;
     let placeholders: Vec<String> = (1..=values.len()).map(|i| format!("${i}")).collect();
     tx.execute(
         &format!(
@@ -1446,10 +1456,9 @@ fn update_row(
     tx: &mut Tx<'_>,
     row_key: &[u8; 32],
     rows: &SealedRows,
-    mut values: Vec<Value>,
+    values: Vec<Value>,
 ) -> Result<(), KmsError> {
-    let mac = row_mac(row_key, rows.table, &values)?;
-    values.push(Value::Blob(mac));
+    let values = with_mac(row_key, rows, values)?;
     let sets: Vec<String> = rows
         .fields
         .iter()

@@ -89,9 +89,8 @@ fn request_id_digest(principal: &str, request_id: &str) -> [u8; 16] {
     h.finalize()[..16].try_into().unwrap_or_default()
 }
 
-/// Why an authenticated request was not served: its sender could not be
-/// authenticated (charged to the peer), or it was, and then the broker failed
-/// it (not charged).
+/// Why a request was not served: its sender could not be authenticated
+/// (charged to the peer), or it was, and then the broker failed it (not charged).
 enum Unserved {
     Unauthenticated(KmsError),
     Verified(KmsError),
