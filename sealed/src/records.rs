@@ -34,6 +34,36 @@ pub fn trim(field: &[u8]) -> &[u8] {
 /// representable power of ten — one correctly rounded operation.
 pub fn parse_f64(field: &[u8]) -> Option<f64> {
     let s = trim(field);
+    match exact_decimal(s) {
+        Some(value) => Some(value),
+        None => std::str::from_utf8(s).ok()?.parse().ok(),
+    }
+}
+
+/// Parses a decimal number as `str::parse::<f32>` does (the same value, to the
+/// last bit, and `None` where it fails), surrounding ASCII whitespace removed.
+/// Plain decimals take [`parse_f64`]'s fast path, then are narrowed to `f32`:
+/// rounding the exact value to `f64` first cannot move it across a point
+/// halfway between two `f32` values (those points are `f64` values), so the
+/// narrowed result is the `f32` nearest the exact value — unless the `f64`
+/// lands exactly on such a halfway point, which the standard library decides.
+pub fn parse_f32(field: &[u8]) -> Option<f32> {
+    let s = trim(field);
+    if let Some(value) = exact_decimal(s) {
+        // The fast path's values are 0 or within 1e-22..1e15, inside f32's
+        // normal range, where an f32 keeps 24 of an f64's 53 significant bits:
+        // the 29 bits dropped from a halfway point are 1 followed by zeros.
+        const DROPPED: u64 = (1 << 29) - 1;
+        if value.to_bits() & DROPPED != 1 << 28 {
+            return Some(value as f32);
+        }
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
+}
+
+/// The value of a plain decimal (`-12.5`; at most 15 significant digits and 22
+/// fraction digits), correctly rounded to `f64`, or `None` for anything else.
+fn exact_decimal(s: &[u8]) -> Option<f64> {
     let (negative, digits) = match s.first() {
         Some(b'-') => (true, &s[1..]),
         Some(b'+') => (false, &s[1..]),
@@ -76,7 +106,7 @@ pub fn parse_f64(field: &[u8]) -> Option<f64> {
         let value = mantissa as f64 / POWERS[fraction_digits as usize];
         return Some(if negative { -value } else { value });
     }
-    std::str::from_utf8(s).ok()?.parse().ok()
+    None
 }
 
 /// Appends `value` with `decimals` digits after the point, exactly as
@@ -289,6 +319,77 @@ mod tests {
             same(&format!("{p}"));
             same(&format!("{p:.3}"));
             same(&format!("-{:.1}", (next() % 3000) as f64 / 10.0));
+        }
+    }
+
+    #[test]
+    fn f32_parsing_is_the_standard_librarys() {
+        let same = |text: &str| {
+            let ours = parse_f32(text.as_bytes());
+            let std = text.trim_ascii().parse::<f32>().ok();
+            assert_eq!(
+                ours.map(f32::to_bits),
+                std.map(f32::to_bits),
+                "{text:?}: {ours:?} vs {std:?}"
+            );
+        };
+        for text in [
+            "0",
+            "-0",
+            "61",
+            " 124 ",
+            "47.5",
+            "-3.25",
+            ".5",
+            "5.",
+            ".",
+            "",
+            "-",
+            "1e5",
+            "inf",
+            "NaN",
+            "1,5",
+            "12a",
+            "\t180\r",
+            "٣",
+            "1\u{a0}",
+            // Halfway between two f32 (2^24 + 1 and + 3): ties go to even.
+            "16777217",
+            "16777219",
+            "-16777217.000",
+            "16777217.0000001",
+            "16777216.9999999",
+            // At and past the ends of f32's normal range.
+            "340282346638528859811704183484516925440",
+            "340282356779733661637539395458142568448",
+            "0.0000000000000000000000000000000000000117549435",
+            "0.00000000000000000000001",
+            "123456789012345",
+            "0.1000000000000000055511151231257827",
+        ] {
+            same(text);
+        }
+        let mut next = stream(3);
+        for _ in 0..200_000 {
+            let v = f32::from_bits(next() as u32);
+            same(&format!("{v}"));
+            same(&format!("{v:e}"));
+            // Every integer from 2^24 to 2^25 that is halfway between two f32.
+            let halfway = (1u64 << 24) + 2 * (next() % (1 << 23)) + 1;
+            same(&format!("{halfway}"));
+            same(&format!("{halfway}.{}", next() % 10));
+            let p = (next() % 100_000_000_000) as f64 / 10f64.powi((next() % 16) as i32);
+            same(&format!("{p}"));
+            same(&format!("-{p:.5}"));
+            // A point halfway between two f32, written with 15 significant
+            // digits: often nearer to it than half an f64 step, so that the
+            // f64 of the decimal is the halfway point itself while the decimal
+            // is not (narrowing it would round to even, maybe the wrong way).
+            // (Below 1, where such points need more digits than 15.)
+            let low = f32::from_bits(0x3800_0000 + (next() as u32 % 0x0780_0000));
+            let halfway = (f64::from(low) + f64::from(low.next_up())) / 2.0;
+            let decimals = (14 - halfway.log10().floor() as i32).clamp(0, 22) as usize;
+            same(&format!("{halfway:.decimals$}"));
         }
     }
 

@@ -134,8 +134,8 @@ impl Handler for Inference {
                 writer.write_record(header.as_bytes())?;
                 let mut rows = String::new();
                 let mut write_rows = |rows: &mut String| {
-                    for row in rows.split_inclusive('\n') {
-                        writer.write_record(row.as_bytes())?;
+                    for row in rows.as_bytes().split_inclusive(|b| *b == b'\n') {
+                        writer.write_record(row)?;
                     }
                     rows.clear();
                     Ok::<_, Error>(())
