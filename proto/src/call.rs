@@ -82,16 +82,17 @@ pub async fn read_chunks<R: AsyncRead + Unpin>(
 ) -> Result<Vec<u8>, CallError> {
     let mut out = Vec::new();
     loop {
-        let chunk = frame::read_frame(r, CHUNK as u32)
+        // Each frame lands in `out` directly; one over the limit is refused
+        // once read (at most CHUNK bytes past it).
+        let len = frame::read_frame_into(r, CHUNK as u32, &mut out)
             .await?
             .ok_or(CallError::Closed)?;
-        if chunk.is_empty() {
+        if len == 0 {
             return Ok(out);
         }
-        if out.len() + chunk.len() > max {
+        if out.len() > max {
             return Err(CallError::TooLarge(max));
         }
-        out.extend_from_slice(&chunk);
     }
 }
 
@@ -117,5 +118,58 @@ pub async fn call<S: AsyncRead + AsyncWrite + Unpin>(
     match status {
         CallStatus::Ok => read_chunks(stream, MAX_ANSWER).await,
         CallStatus::Err { code, message } => Err(CallError::Refused { code, message }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(bytes: &[u8], max: usize) -> Result<Vec<u8>, CallError> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(read_chunks(&mut &bytes[..], max))
+    }
+
+    fn chunked(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(write_chunks(&mut out, data))
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_message_of_many_frames_reads_back_whole() {
+        let data: Vec<u8> = (0..CHUNK * 2 + 12_345).map(|i| (i % 251) as u8).collect();
+        let wire = chunked(&data);
+        assert_eq!(read(&wire, data.len()).unwrap(), data);
+        assert_eq!(read(&chunked(&[]), 0).unwrap(), b"");
+    }
+
+    #[test]
+    fn over_the_limit_truncated_and_unended_messages_are_refused() {
+        let data = vec![7u8; CHUNK + 10];
+        let wire = chunked(&data);
+        assert!(
+            matches!(read(&wire, data.len() - 1), Err(CallError::TooLarge(n)) if n == data.len() - 1)
+        );
+        // Cut inside the second frame's payload, and inside its header.
+        let first = frame::HEADER_LEN + CHUNK;
+        assert!(matches!(
+            read(&wire[..first + frame::HEADER_LEN + 3], usize::MAX),
+            Err(CallError::Frame(FrameError::Truncated { got, expected }))
+                if got == frame::HEADER_LEN + 3 && expected == frame::HEADER_LEN + 10
+        ));
+        assert!(matches!(
+            read(&wire[..first + 2], usize::MAX),
+            Err(CallError::Frame(FrameError::Truncated { got: 2, .. }))
+        ));
+        // Every frame, but not the empty one that ends the message.
+        let unended = &wire[..wire.len() - frame::HEADER_LEN];
+        assert!(matches!(read(unended, usize::MAX), Err(CallError::Closed)));
     }
 }

@@ -70,6 +70,21 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: u32,
 ) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut payload = Vec::new();
+    Ok(read_frame_into(r, max, &mut payload)
+        .await?
+        .map(|_| payload))
+}
+
+/// Reads one frame and appends its payload to `out` (no buffer of its own for
+/// a message read in many frames); returns the payload's length, or `Ok(None)`
+/// when the peer closed cleanly between frames. On an error `out` may hold
+/// part of the payload: the caller drops it.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    out: &mut Vec<u8>,
+) -> Result<Option<usize>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let got = read_full(r, &mut header).await?;
     if got == 0 {
@@ -82,15 +97,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         });
     }
     let len = check_header(&header, max)?;
-    let mut payload = vec![0u8; len];
-    let got = read_full(r, &mut payload).await?;
-    if got < payload.len() {
+    let start = out.len();
+    out.resize(start + len, 0);
+    let got = read_full(r, &mut out[start..]).await?;
+    if got < len {
         return Err(FrameError::Truncated {
             got: HEADER_LEN + got,
-            expected: HEADER_LEN + payload.len(),
+            expected: HEADER_LEN + len,
         });
     }
-    Ok(Some(payload))
+    Ok(Some(len))
 }
 
 /// The header of a frame of `len` bytes; refuses a length over `max`.
