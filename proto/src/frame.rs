@@ -9,7 +9,8 @@
 //!
 //! The length is checked against the receiver's cap before the payload buffer is
 //! allocated, so a hostile peer cannot make a receiver reserve memory it did not
-//! agree to. Payloads are CBOR messages ([`encode`], [`decode`]).
+//! agree to; the buffer is filled as bytes arrive (nothing is written ahead of
+//! them). Payloads are CBOR messages ([`encode`], [`decode`]).
 
 use std::io::Cursor;
 
@@ -97,9 +98,17 @@ pub async fn read_frame_into<R: AsyncRead + Unpin>(
         });
     }
     let len = check_header(&header, max)?;
+    // Memory is reserved (address space), and filled only as bytes arrive: a
+    // peer that sends a header and stalls holds no resident memory for it.
     let start = out.len();
-    out.resize(start + len, 0);
-    let got = read_full(r, &mut out[start..]).await?;
+    out.reserve(len);
+    let mut payload = (&mut *r).take(len as u64);
+    while out.len() - start < len {
+        if payload.read_buf(out).await? == 0 {
+            break;
+        }
+    }
+    let got = out.len() - start;
     if got < len {
         return Err(FrameError::Truncated {
             got: HEADER_LEN + got,
