@@ -57,8 +57,6 @@ pub const MAX_CID: u32 = u32::MAX - 10_000;
 pub const UID_POOL: u32 = 65_536;
 /// The most of a console that `console` returns (its end).
 const MAX_CONSOLE: u64 = 1 << 20;
-/// The buffer of each direction of a relayed call.
-const RELAY_BUFFER: usize = 64 << 10;
 
 /// How the supervisor is run.
 pub struct Options {
@@ -382,15 +380,7 @@ async fn client(supervisor: Arc<Supervisor>, mut stream: cloister_proto::Stream)
                     .await
                     .is_ok()
                 {
-                    // 64 KiB at a time each way (tokio's default is 8 KiB): a
-                    // request of tens of MB in a few hundred system calls.
-                    let _ = tokio::io::copy_bidirectional_with_sizes(
-                        &mut stream,
-                        &mut enclave,
-                        RELAY_BUFFER,
-                        RELAY_BUFFER,
-                    )
-                    .await;
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut enclave).await;
                 }
                 return;
             }
