@@ -1441,7 +1441,7 @@ fn inference() -> Vec<Figure> {
         if !only.is_empty() && !only.split(',').any(|m| m == *model) {
             continue;
         }
-        // tract's tree ensemble walks its leaf table linearly: ~1,000 records/s
+        // tract's tree ensemble walks its leaf table linearly: ~4,000 records/s
         // for the forest natively, so it gets a tenth of the records.
         let rows: u64 = if *model == "forest" { 10_000 } else { 100_000 };
         let csv = w.h.path(&format!("synthetic-{rows}.csv"));

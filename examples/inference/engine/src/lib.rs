@@ -184,7 +184,7 @@ fn parse_record<'l>(line: &'l [u8], features: usize, values: &mut Vec<f32>) -> O
         .filter(|id| !id.is_empty() && id.len() <= MAX_ID)
         .and_then(|id| std::str::from_utf8(id).ok())?;
     for field in fields {
-        match records::parse_f32(field) {
+        match number(field) {
             Some(v) if v.is_finite() && values.len() - start < features => values.push(v),
             _ => {
                 values.truncate(start);
@@ -199,8 +199,15 @@ fn parse_record<'l>(line: &'l [u8], features: usize, values: &mut Vec<f32>) -> O
     Some(id)
 }
 
+/// A field's number, as `str::trim` then `parse::<f32>` read it: the byte
+/// parser first, the standard library for what it refuses (such as a number
+/// with non-ASCII whitespace around it).
+fn number(field: &[u8]) -> Option<f32> {
+    records::parse_f32(field).or_else(|| std::str::from_utf8(field).ok()?.trim().parse().ok())
+}
+
 fn is_number(field: Option<&[u8]>) -> bool {
-    field.is_some_and(|f| records::parse_f32(f).is_some())
+    field.and_then(number).is_some()
 }
 
 impl Scorer<'_> {
