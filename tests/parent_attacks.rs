@@ -422,6 +422,64 @@ fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
         .output()
         .unwrap();
     failed_with(&out, "E-SUPERVISOR-UNAUTHORIZED");
+    // Its request is drained, not held, however large: it sees the refusal,
+    // not a broken pipe, after sending an image of 15 MB (far more than a
+    // socket buffers).
+    let large = w.h.path("large.cimg");
+    w.h.ok(&[
+        "build-enclave",
+        "--wasm",
+        s(&common::guest("inference")),
+        "--name",
+        "large",
+        "--version",
+        "1",
+        "--output",
+        s(&large),
+    ]);
+    std::fs::set_permissions(&large, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(std::fs::metadata(&large).unwrap().len() > 10 << 20);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65533",
+            "--regid=65533",
+            "--clear-groups",
+            "--",
+            common::bin(),
+            "run-enclave",
+            "--image",
+            s(&large),
+        ])
+        .envs(w.h.env())
+        .output()
+        .unwrap();
+    failed_with(&out, "E-SUPERVISOR-UNAUTHORIZED");
+    // A peer that announces a request and stalls is answered, and cut off,
+    // after the control read timeout.
+    {
+        use std::io::{Read, Write};
+        let mut stalled =
+            std::os::unix::net::UnixStream::connect(w.h.path("supervisor.sock")).unwrap();
+        stalled.write_all(&[1, 0, 0x10, 0, 0]).unwrap();
+        stalled.write_all(b"0123456789").unwrap();
+        stalled
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut answer = Vec::new();
+        stalled.read_to_end(&mut answer).unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_secs(9)
+                && waited < std::time::Duration::from_secs(40),
+            "cut off after {waited:?}"
+        );
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.contains("E-PROTO-IO") && answer.contains("did not arrive within 10 s"),
+            "{answer}"
+        );
+    }
     // An allowed uid manages only the enclaves it launched: another parent
     // (uid 65533, allowed too) can neither call, read nor stop this one.
     let other_parent = |args: &[&str]| {

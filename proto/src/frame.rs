@@ -118,6 +118,36 @@ pub async fn read_frame_into<R: AsyncRead + Unpin>(
     Ok(Some(len))
 }
 
+/// Reads one frame and drops its payload through a fixed buffer, however
+/// large it says it is (up to `max`); returns its length, or `Ok(None)` on a
+/// clean close. For a peer that is refused but should still see the refusal
+/// rather than a broken pipe.
+pub async fn skip_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+) -> Result<Option<usize>, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let got = read_full(r, &mut header).await?;
+    if got == 0 {
+        return Ok(None);
+    }
+    if got < HEADER_LEN {
+        return Err(FrameError::Truncated {
+            got,
+            expected: HEADER_LEN,
+        });
+    }
+    let len = check_header(&header, max)?;
+    let got = tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink()).await?;
+    if got < len as u64 {
+        return Err(FrameError::Truncated {
+            got: HEADER_LEN + got as usize,
+            expected: HEADER_LEN + len,
+        });
+    }
+    Ok(Some(len))
+}
+
 /// The header of a frame of `len` bytes; refuses a length over `max`.
 pub fn header(len: usize, max: u32) -> Result<[u8; HEADER_LEN], FrameError> {
     let len = u32::try_from(len)

@@ -57,6 +57,8 @@ pub const MAX_CID: u32 = u32::MAX - 10_000;
 pub const UID_POOL: u32 = 65_536;
 /// The most of a console that `console` returns (its end).
 const MAX_CONSOLE: u64 = 1 << 20;
+/// How long a control connection may take to send its request.
+pub const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the supervisor is run.
 pub struct Options {
@@ -361,12 +363,29 @@ fn authorize(options: &Options, stream: &cloister_proto::Stream) -> Result<u32, 
 async fn client(supervisor: Arc<Supervisor>, mut stream: cloister_proto::Stream) {
     let answer = async {
         let uid = authorize(&supervisor.options, &stream);
-        // The request is read (bounded) even from a refused peer: closing
-        // before it is read would make the client's write fail with a broken
-        // pipe instead of showing it the refusal.
-        let request = frame::recv::<_, Request>(&mut stream, MAX_CONTROL).await;
+        // A refused peer's request is read too, and dropped through a fixed
+        // buffer: closing before it is read would make the client's write fail
+        // with a broken pipe instead of showing it the refusal. Neither may
+        // take longer than CONTROL_READ_TIMEOUT, so a stalled peer holds
+        // nothing for long.
+        let read = async {
+            match uid {
+                Ok(_) => frame::recv::<_, Request>(&mut stream, MAX_CONTROL).await,
+                Err(_) => frame::skip_frame(&mut stream, MAX_CONTROL)
+                    .await
+                    .map(|_| None),
+            }
+        };
+        let request = tokio::time::timeout(CONTROL_READ_TIMEOUT, read).await;
         let uid = uid?;
         let request = request
+            .map_err(|_| Refusal::Coded {
+                code: "E-PROTO-IO",
+                message: format!(
+                    "the request did not arrive within {} s",
+                    CONTROL_READ_TIMEOUT.as_secs()
+                ),
+            })?
             .map_err(Refusal::coded)?
             .ok_or_else(|| Refusal::NotFound("(no request)".into()))?;
         supervisor.handle(uid, request).await
