@@ -408,20 +408,26 @@ fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--platform"));
+    // The cloister CLI as another uid.
+    let as_uid = |uid: u32, args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "--",
+                common::bin(),
+            ])
+            .args(args)
+            .envs(w.h.env())
+            .output()
+            .unwrap()
+    };
     // A uid the supervisor does not allow is refused outright.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65533",
-            "--regid=65533",
-            "--clear-groups",
-            "--",
-            common::bin(),
-            "describe-enclaves",
-        ])
-        .envs(w.h.env())
-        .output()
-        .unwrap();
-    failed_with(&out, "E-SUPERVISOR-UNAUTHORIZED");
+    failed_with(
+        &as_uid(65533, &["describe-enclaves"]),
+        "E-SUPERVISOR-UNAUTHORIZED",
+    );
     // Its request is drained, not held, however large: it sees the refusal,
     // not a broken pipe, after sending an image of 15 MB (far more than a
     // socket buffers).
@@ -439,21 +445,10 @@ fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
     ]);
     std::fs::set_permissions(&large, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(std::fs::metadata(&large).unwrap().len() > 10 << 20);
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65533",
-            "--regid=65533",
-            "--clear-groups",
-            "--",
-            common::bin(),
-            "run-enclave",
-            "--image",
-            s(&large),
-        ])
-        .envs(w.h.env())
-        .output()
-        .unwrap();
-    failed_with(&out, "E-SUPERVISOR-UNAUTHORIZED");
+    failed_with(
+        &as_uid(65533, &["run-enclave", "--image", s(&large)]),
+        "E-SUPERVISOR-UNAUTHORIZED",
+    );
     // A peer that announces a request and stalls is answered, and cut off,
     // after the control read timeout.
     {
@@ -482,20 +477,7 @@ fn the_parent_holds_no_nsm_key_and_does_not_shape_the_runtime() {
     }
     // An allowed uid manages only the enclaves it launched: another parent
     // (uid 65533, allowed too) can neither call, read nor stop this one.
-    let other_parent = |args: &[&str]| {
-        Command::new("setpriv")
-            .args([
-                "--reuid=65532",
-                "--regid=65532",
-                "--clear-groups",
-                "--",
-                common::bin(),
-            ])
-            .args(args)
-            .envs(w.h.env())
-            .output()
-            .unwrap()
-    };
+    let other_parent = |args: &[&str]| as_uid(65532, args);
     // It sees the enclave (as nitro-cli's users of one host do), no more.
     assert!(
         json_of(

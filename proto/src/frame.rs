@@ -86,18 +86,9 @@ pub async fn read_frame_into<R: AsyncRead + Unpin>(
     max: u32,
     out: &mut Vec<u8>,
 ) -> Result<Option<usize>, FrameError> {
-    let mut header = [0u8; HEADER_LEN];
-    let got = read_full(r, &mut header).await?;
-    if got == 0 {
+    let Some(len) = read_header(r, max).await? else {
         return Ok(None);
-    }
-    if got < HEADER_LEN {
-        return Err(FrameError::Truncated {
-            got,
-            expected: HEADER_LEN,
-        });
-    }
-    let len = check_header(&header, max)?;
+    };
     // Memory is reserved (address space), and filled only as bytes arrive: a
     // peer that sends a header and stalls holds no resident memory for it.
     let start = out.len();
@@ -126,6 +117,25 @@ pub async fn skip_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: u32,
 ) -> Result<Option<usize>, FrameError> {
+    let Some(len) = read_header(r, max).await? else {
+        return Ok(None);
+    };
+    let got = tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink()).await?;
+    if got < len as u64 {
+        return Err(FrameError::Truncated {
+            got: HEADER_LEN + got as usize,
+            expected: HEADER_LEN + len,
+        });
+    }
+    Ok(Some(len))
+}
+
+/// A frame's payload length from its header, checked against `max`;
+/// `Ok(None)` when the peer closed cleanly before it.
+async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+) -> Result<Option<usize>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let got = read_full(r, &mut header).await?;
     if got == 0 {
@@ -137,15 +147,7 @@ pub async fn skip_frame<R: AsyncRead + Unpin>(
             expected: HEADER_LEN,
         });
     }
-    let len = check_header(&header, max)?;
-    let got = tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink()).await?;
-    if got < len as u64 {
-        return Err(FrameError::Truncated {
-            got: HEADER_LEN + got as usize,
-            expected: HEADER_LEN + len,
-        });
-    }
-    Ok(Some(len))
+    check_header(&header, max).map(Some)
 }
 
 /// The header of a frame of `len` bytes; refuses a length over `max`.
