@@ -2,8 +2,9 @@
 //! workload, its imports (the NSM through the supervisor, the keyring, the
 //! attested KMS client, the measured configuration, the console).
 //!
-//! Each call runs in a fresh instance (a fresh Store) with the image's memory
-//! limit (summed over all of its memories), an epoch deadline for its CPU budget and a wall-clock deadline that
+//! Each call runs in a new instance (a new Store, in a call slot of wasmtime's
+//! pooling allocator whose memory was zeroed when its last call ended) with the
+//! image's memory limit (summed over all of its memories), an epoch deadline for its CPU budget and a wall-clock deadline that
 //! also covers time blocked in WASI or KMS calls, so a guest that loops, sleeps,
 //! hoards memory or panics loses only its own call. Keys released during a call
 //! live in that call's keyring and are zeroized when it ends, whether it
@@ -290,13 +291,13 @@ impl wasmtime::ResourceLimiter for CallLimits {
         Ok(true)
     }
     fn instances(&self) -> usize {
-        64
+        MAX_CORE_INSTANCES as usize
     }
     fn tables(&self) -> usize {
-        64
+        MAX_TABLES as usize
     }
     fn memories(&self) -> usize {
-        16
+        MAX_MEMORIES as usize
     }
 }
 
@@ -818,9 +819,55 @@ fn broker_route(image: &Image, access: Option<KmsAccess>) -> Result<BrokerRoute,
     })
 }
 
+/// Linear memory a call slot keeps mapped after its call, zeroed with `memset`
+/// when the call ends (the rest is returned to the kernel): the next call
+/// reuses those pages without page faults and still finds only zeros.
+pub const WARM_MEMORY_BYTES: usize = 64 << 20;
+
+/// What one call may instantiate: core instances, memories, tables, and the
+/// elements of one table. The pool's slots are these times the enclave's
+/// concurrent calls (each memory slot reserves 4 GiB of address space, so 1,024
+/// calls reserve 32 TiB of the 128 TiB a process has); a component over them
+/// is refused when the enclave starts.
+const MAX_CORE_INSTANCES: u32 = 64;
+const MAX_MEMORIES: u32 = 8;
+const MAX_TABLES: u32 = 32;
+const MAX_TABLE_ELEMENTS: usize = 1 << 16;
+
+/// The runtime's engine: [`config`] with wasmtime's pooling allocator, one
+/// slot per concurrent call. A slot's memory, tables and async stack are reset
+/// when its call ends — memory to zeros (`memset` for the first
+/// [`WARM_MEMORY_BYTES`], `madvise(MADV_DONTNEED)` beyond), stacks zeroed —
+/// so a call never sees an earlier call's bytes; memories cannot grow past the
+/// enclave's limit.
+fn runtime_config(max_calls: u32, memory_bytes: usize) -> wasmtime::Config {
+    let mut pool = wasmtime::PoolingAllocationConfig::new();
+    pool.total_component_instances(max_calls)
+        .total_stacks(max_calls)
+        .max_core_instances_per_component(MAX_CORE_INSTANCES)
+        .total_core_instances(max_calls * MAX_CORE_INSTANCES)
+        .max_memories_per_component(MAX_MEMORIES)
+        .max_memories_per_module(MAX_MEMORIES)
+        .total_memories(max_calls * MAX_MEMORIES)
+        .max_tables_per_component(MAX_TABLES)
+        .max_tables_per_module(MAX_TABLES)
+        .total_tables(max_calls * MAX_TABLES)
+        .table_elements(MAX_TABLE_ELEMENTS)
+        .max_memory_size(memory_bytes)
+        .linear_memory_keep_resident(WARM_MEMORY_BYTES.min(memory_bytes))
+        .max_unused_warm_slots(0);
+    let mut wt = config();
+    wt.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool))
+        .async_stack_zeroing(true);
+    wt
+}
+
 impl Enclave {
     pub fn start(config: EnclaveConfig) -> Result<Enclave, EnclaveError> {
-        let engine = Engine::new(&self::config()).map_err(start_err)?;
+        let manifest = &config.image.manifest;
+        let memory_bytes = (config.memory_mib as usize) << 20;
+        let engine = Engine::new(&runtime_config(manifest.max_concurrent_calls, memory_bytes))
+            .map_err(start_err)?;
         // SAFETY: wasmtime runs deserialized code as native code without checking
         // it. These bytes come from the supervisor over this process's private
         // channel; the supervisor compiled them from this image's component with
@@ -837,7 +884,6 @@ impl Enclave {
         let pre = WorkloadPre::new(linker.instantiate_pre(&component).map_err(start_err)?)
             .map_err(start_err)?;
 
-        let manifest = &config.image.manifest;
         let (rotate, grace) =
             gateway::schedule(|k| manifest.config.get(k).cloned()).map_err(EnclaveError::Start)?;
         let gateway = Gateway::new(rotate, grace);
