@@ -371,6 +371,79 @@ fn run_call_attest_terminate() {
     );
 }
 
+/// The supervisor keeps one runtime process started ahead of the next launch
+/// (a spare: exec'd, in its own network namespace, waiting for its start
+/// message), and a launch takes it; but not after the runtime binary changed:
+/// the spare runs the old binary, which the new measurement (PCR1) does not
+/// describe, so it is killed and the launch starts the new binary.
+#[test]
+fn a_launch_takes_the_spare_runtime_unless_the_binary_changed() {
+    use std::os::unix::fs::MetadataExt;
+    let mut h = Host::new();
+    let installed = Path::new(common::bin()).with_file_name("cloister-runtime");
+    let runtime = h.path("cloister-runtime");
+    std::fs::copy(&installed, &runtime).unwrap();
+    h.start_supervisor(&["--runtime", s(&runtime)]);
+    let supervisor = h.supervisor.as_ref().unwrap().pid().to_string();
+    let children = || -> Vec<u64> {
+        let out = std::process::Command::new("pgrep")
+            .args(["-P", &supervisor])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    };
+    let alive = |pid: u64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").starts_with(" Z"))
+    };
+    let wait_for = |what: &str, f: &dyn Fn() -> Option<u64>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let exe_inode = |pid: u64| std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino();
+    let (image, _) = h.build("t.cimg", &[]);
+    // Warm the code cache first: a cold launch compiles in a child of its own.
+    h.ok(&["run-enclave", "--image", s(&image), "--enclave-name", "w"]);
+    h.ok(&["terminate-enclave", "--enclave-name", "w"]);
+    let spare = wait_for("spare", &|| match children()[..] {
+        [one] => Some(one),
+        _ => None,
+    });
+    let run = h.ok(&["run-enclave", "--image", s(&image), "--enclave-name", "a"]);
+    assert_eq!(
+        run["ProcessID"].as_u64(),
+        Some(spare),
+        "the launch took the spare"
+    );
+    let stale = wait_for("next spare", &|| {
+        children().into_iter().find(|p| *p != spare && alive(*p))
+    });
+    assert_eq!(exe_inode(stale), std::fs::metadata(&runtime).unwrap().ino());
+    // The runtime binary is replaced (a new file, as an upgrade writes it).
+    let new = h.path("cloister-runtime.new");
+    std::fs::copy(&installed, &new).unwrap();
+    std::fs::rename(&new, &runtime).unwrap();
+    let run = h.ok(&["run-enclave", "--image", s(&image), "--enclave-name", "b"]);
+    let b = run["ProcessID"].as_u64().unwrap();
+    assert_ne!(b, stale, "a spare of the replaced binary was used");
+    assert_eq!(
+        exe_inode(b),
+        std::fs::metadata(&runtime).unwrap().ino(),
+        "enclave b runs the binary its PCR1 measures"
+    );
+    wait_for("end of the stale spare", &|| (!alive(stale)).then_some(0));
+    assert_eq!(h.call_ok(&["--enclave-name", "b"], b"echo:hello"), b"hello");
+}
+
 /// A call never sees an earlier call's memory, though the runtime reuses call
 /// slots: the first `WARM_MEMORY_BYTES` (64 MiB) of a slot's memory are zeroed
 /// in place when its call ends, the rest returned to the kernel. A marker left

@@ -31,11 +31,10 @@ pub struct Report {
     pub uid: u32,
 }
 
-/// Steps that must run while the process has a single thread: a network
-/// namespace of its own (while it may still make one), then, when the
-/// supervisor named one, the unprivileged uid (no supplementary groups), then
-/// the process flags (after the uid change, which would reset some of them).
-pub fn before_threads(report: &mut Report, uid: Option<u32>) -> Result<(), String> {
+/// The first step, before the supervisor's start message (a runtime started
+/// ahead of the next launch has done it by then): a network namespace of its
+/// own, while the process may still make one.
+pub fn own_network_namespace(report: &mut Report) {
     report.network_namespace = match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
         Ok(()) => "own (empty)".into(),
         Err(e) => {
@@ -46,6 +45,13 @@ pub fn before_threads(report: &mut Report, uid: Option<u32>) -> Result<(), Strin
             format!("shared with the host ({e}); inet sockets blocked by seccomp")
         }
     };
+}
+
+/// Steps that must run while the process has a single thread, after
+/// [`own_network_namespace`]: when the supervisor named one, the unprivileged
+/// uid (no supplementary groups), then the process flags (after the uid
+/// change, which would reset some of them).
+pub fn before_threads(report: &mut Report, uid: Option<u32>) -> Result<(), String> {
     if let Some(uid) = uid {
         use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
         let (u, g) = (Uid::from_raw(uid), Gid::from_raw(uid));

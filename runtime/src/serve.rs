@@ -19,10 +19,13 @@ use crate::hardening;
 /// The `cloister-runtime` binary's main.
 pub fn main() -> anyhow::Result<()> {
     let channel = Arc::new(RuntimeEnd::new());
+    let mut report = hardening::Report::default();
+    // The supervisor may start this process ahead of the launch it will serve:
+    // everything before the start message is the same for every enclave.
+    hardening::own_network_namespace(&mut report);
     let start = channel.start().context(
         "no boot message from the supervisor (this binary is started by `cloister supervisor`)",
     )?;
-    let mut report = hardening::Report::default();
     let result = match start {
         Start::Boot(boot) => hardening::before_threads(&mut report, boot.uid)
             .map_err(anyhow::Error::msg)

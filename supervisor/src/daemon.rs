@@ -164,15 +164,42 @@ impl ErrorCode for StateError {
     }
 }
 
+/// (device, inode, size, mtime) of the runtime binary.
+type Stamp = (u64, u64, u64, i64);
+
 /// The runtime binary and its measurement.
 struct RuntimeBinary {
     path: PathBuf,
     pcr1: pcr::Pcr,
-    /// (device, inode, size, mtime) when measured: a changed file is measured again.
-    stamp: (u64, u64, u64, i64),
+    /// When measured: a changed file is measured again.
+    stamp: Stamp,
 }
 
-fn stamp(path: &Path) -> anyhow::Result<(u64, u64, u64, i64)> {
+/// A runtime process started ahead of the next launch, so that a launch does
+/// not wait for exec, the dynamic loader and a network namespace: it has done
+/// only what is the same for every enclave (its own network namespace) and
+/// waits for its start message. It runs the binary of `stamp`; a launch after
+/// the binary changed discards it. Its standard error goes to `log`, renamed to
+/// the enclave's log when a launch takes it.
+struct Spare {
+    child: tokio::process::Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    stamp: Stamp,
+    log: PathBuf,
+}
+
+impl Spare {
+    /// Kills it (kill_on_drop; tokio reaps it) and removes its log.
+    fn discard(self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The log files of spare runtimes, `spare-*.log` in the logs directory.
+const SPARE_LOG_PREFIX: &str = "spare-";
+
+fn stamp(path: &Path) -> anyhow::Result<Stamp> {
     let m =
         std::fs::metadata(path).with_context(|| format!("runtime binary {}", path.display()))?;
     Ok((m.dev(), m.ino(), m.size(), m.mtime()))
@@ -201,6 +228,7 @@ struct Supervisor {
     nsm: Nsm,
     cache: CodeCache,
     runtime: Mutex<RuntimeBinary>,
+    spare: Mutex<Option<Spare>>,
     enclaves: Mutex<BTreeMap<String, Running>>,
     /// CIDs and names reserved by launches in progress.
     reserved: Mutex<Vec<Reservation>>,
@@ -284,6 +312,16 @@ pub fn run(mut options: Options) -> anyhow::Result<()> {
     let cache = CodeCache::open(&options.state_dir)?;
     make_dir(&options.state_dir.join("enclaves"), 0o711)?;
     private_dir(&options.state_dir.join("logs"))?;
+    // Spares of an earlier supervisor exited with it; their logs go too.
+    for entry in std::fs::read_dir(options.state_dir.join("logs"))?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SPARE_LOG_PREFIX)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     if nix::unistd::geteuid().is_root() {
         reachable_by_others(&options.state_dir)?;
     }
@@ -308,10 +346,12 @@ pub fn run(mut options: Options) -> anyhow::Result<()> {
             nsm,
             cache,
             runtime: Mutex::new(runtime),
+            spare: Mutex::new(None),
             enclaves: Mutex::new(BTreeMap::new()),
             reserved: Mutex::new(Vec::new()),
             options,
         });
+        supervisor.refill_spare();
         eprintln!(
             "cloister supervisor: listening on {}",
             supervisor.options.listen
@@ -631,12 +671,92 @@ impl Supervisor {
     }
 
     /// PCR1 of the runtime binary as it is now on disk.
-    fn runtime_binary(&self) -> anyhow::Result<(PathBuf, pcr::Pcr)> {
+    fn runtime_binary(&self) -> anyhow::Result<(PathBuf, pcr::Pcr, Stamp)> {
         let mut rt = lock(&self.runtime);
         if stamp(&rt.path)? != rt.stamp {
             *rt = RuntimeBinary::measure(rt.path.clone())?;
         }
-        Ok((rt.path.clone(), rt.pcr1))
+        Ok((rt.path.clone(), rt.pcr1, rt.stamp))
+    }
+
+    /// Starts a runtime process of `runtime` with its standard error to `log`.
+    fn spawn_runtime_process(
+        runtime: &Path,
+        log: &Path,
+    ) -> anyhow::Result<(tokio::process::Child, ChildStdin, ChildStdout)> {
+        let log_file = std::fs::File::create(log).with_context(|| log.display().to_string())?;
+        let mut child = tokio::process::Command::new(runtime)
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log_file)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| runtime.display().to_string())?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("no channel to the runtime");
+        };
+        Ok((child, stdin, stdout))
+    }
+
+    /// Starts a spare runtime process (see [`Spare`]) unless there is one.
+    fn refill_spare(&self) {
+        if lock(&self.spare).is_some() {
+            return;
+        }
+        let made = self.runtime_binary().and_then(|(path, _, stamp)| {
+            let mut rnd = [0u8; 8];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
+            let log = self
+                .options
+                .state_dir
+                .join("logs")
+                .join(format!("{SPARE_LOG_PREFIX}{}.log", hex::encode(rnd)));
+            let (child, stdin, stdout) = Self::spawn_runtime_process(&path, &log)?;
+            Ok(Spare {
+                child,
+                stdin,
+                stdout,
+                stamp,
+                log,
+            })
+        });
+        match made {
+            Ok(spare) => {
+                let mut slot = lock(&self.spare);
+                match slot.as_ref() {
+                    // Another refill was quicker: this one is not needed.
+                    Some(_) => spare.discard(),
+                    None => *slot = Some(spare),
+                }
+            }
+            Err(e) => eprintln!("cloister supervisor: no spare runtime process: {e:#}"),
+        }
+    }
+
+    /// A runtime process of the binary measured as `stamp` for an enclave
+    /// whose log is `log`: the spare when it runs that binary and is alive
+    /// (then another spare is started), else a new process.
+    fn runtime_process(
+        self: &Arc<Self>,
+        runtime: &Path,
+        stamp: Stamp,
+        log: &Path,
+    ) -> anyhow::Result<(tokio::process::Child, ChildStdin, ChildStdout)> {
+        let spare = lock(&self.spare).take();
+        let supervisor = self.clone();
+        tokio::task::spawn_blocking(move || supervisor.refill_spare());
+        if let Some(mut spare) = spare {
+            if spare.stamp == stamp
+                && matches!(spare.child.try_wait(), Ok(None))
+                && std::fs::rename(&spare.log, log).is_ok()
+            {
+                return Ok((spare.child, spare.stdin, spare.stdout));
+            }
+            spare.discard();
+        }
+        Self::spawn_runtime_process(runtime, log)
     }
 
     async fn launch(self: Arc<Self>, spec: RunSpec, caller: u32) -> Result<EnclaveInfo, Refusal> {
@@ -668,7 +788,7 @@ impl Supervisor {
     ) -> Result<EnclaveInfo, Refusal> {
         let Reservation { cid, name, uid } = slot;
         let start = |e: anyhow::Error| Refusal::Start(format!("{e:#}"));
-        let (runtime_path, pcr1) = self.runtime_binary().map_err(start)?;
+        let (runtime_path, pcr1, runtime_stamp) = self.runtime_binary().map_err(start)?;
         // PCR3 names the identity whose credentials the runtime signs with (the
         // principal, when no role is given), or a parent holding one principal's
         // key could claim another's role.
@@ -719,7 +839,7 @@ impl Supervisor {
         let log = self.log_path(&enclave_id);
         let launched = self
             .spawn_runtime(
-                &runtime_path,
+                (&runtime_path, runtime_stamp),
                 &enclave_id,
                 &dir,
                 &log,
@@ -841,8 +961,8 @@ impl Supervisor {
 
     #[allow(clippy::too_many_arguments)]
     async fn spawn_runtime(
-        &self,
-        runtime: &Path,
+        self: &Arc<Self>,
+        (runtime, runtime_stamp): (&Path, Stamp),
         enclave_id: &str,
         dir: &Path,
         log_path: &Path,
@@ -870,21 +990,9 @@ impl Supervisor {
         if source != crate::cache::Source::Cache {
             eprintln!("cloister supervisor: {enclave_id}: code {source:?}");
         }
-        let log = std::fs::File::create(log_path).map_err(|e| start(e.into()))?;
-        let mut command = tokio::process::Command::new(runtime);
-        command
-            .env_clear()
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
-            .map_err(|e| start(anyhow::anyhow!("{}: {e}", runtime.display())))?;
-        let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(Refusal::Start("no channel to the runtime".into()));
-        };
+        let (mut child, mut stdin, mut stdout) = self
+            .runtime_process(runtime, runtime_stamp, log_path)
+            .map_err(start)?;
         let boot = Boot {
             enclave_id: enclave_id.to_owned(),
             // As root, the runtime makes its own network namespace, then drops to
