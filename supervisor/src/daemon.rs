@@ -697,6 +697,10 @@ impl Supervisor {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             bail!("no channel to the runtime");
         };
+        // The boot message (image and compiled code, often MBs) in fewer
+        // hand-offs than 64 KiB each; the kernel's limit may refuse, then the
+        // pipe keeps its size.
+        let _ = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
         Ok((child, stdin, stdout))
     }
 
@@ -736,17 +740,16 @@ impl Supervisor {
     }
 
     /// A runtime process of the binary measured as `stamp` for an enclave
-    /// whose log is `log`: the spare when it runs that binary and is alive
-    /// (then another spare is started), else a new process.
+    /// whose log is `log`: the spare when it runs that binary and is alive,
+    /// else a new process. The caller starts the next spare once its launch is
+    /// done (not during it: on few cores the two would compete).
     fn runtime_process(
-        self: &Arc<Self>,
+        &self,
         runtime: &Path,
         stamp: Stamp,
         log: &Path,
     ) -> anyhow::Result<(tokio::process::Child, ChildStdin, ChildStdout)> {
         let spare = lock(&self.spare).take();
-        let supervisor = self.clone();
-        tokio::task::spawn_blocking(move || supervisor.refill_spare());
         if let Some(mut spare) = spare {
             if spare.stamp == stamp
                 && matches!(spare.child.try_wait(), Ok(None))
@@ -849,6 +852,8 @@ impl Supervisor {
                 &image,
             )
             .await;
+        let supervisor = self.clone();
+        tokio::task::spawn_blocking(move || supervisor.refill_spare());
         let (mut child, stdin, stdout, ready) = match launched {
             Ok(l) => l,
             Err(e) => {
@@ -961,7 +966,7 @@ impl Supervisor {
 
     #[allow(clippy::too_many_arguments)]
     async fn spawn_runtime(
-        self: &Arc<Self>,
+        &self,
         (runtime, runtime_stamp): (&Path, Stamp),
         enclave_id: &str,
         dir: &Path,
