@@ -853,6 +853,10 @@ fn runtime_config(max_calls: u32, memory_bytes: usize) -> wasmtime::Config {
         .max_tables_per_module(MAX_TABLES)
         .total_tables(max_calls * MAX_TABLES)
         .table_elements(MAX_TABLE_ELEMENTS)
+        // Checks of a component's metadata only (nothing is reserved for them):
+        // large enough for big components (interpreters, .NET, JS engines).
+        .max_core_instance_size(16 << 20)
+        .max_component_instance_size(16 << 20)
         .max_memory_size(memory_bytes)
         .linear_memory_keep_resident(WARM_MEMORY_BYTES.min(memory_bytes))
         .max_unused_warm_slots(0);
@@ -957,6 +961,9 @@ impl Enclave {
             .max(1);
         store.set_epoch_deadline(ticks);
         let classify = |e: wasmtime::Error| -> EnclaveError {
+            if e.is::<wasmtime::PoolConcurrencyLimitError>() {
+                return EnclaveError::Busy(self.max_calls);
+            }
             if matches!(
                 e.downcast_ref::<wasmtime::Trap>(),
                 Some(wasmtime::Trap::Interrupt)

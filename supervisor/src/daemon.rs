@@ -164,8 +164,8 @@ impl ErrorCode for StateError {
     }
 }
 
-/// (device, inode, size, mtime) of the runtime binary.
-type Stamp = (u64, u64, u64, i64);
+/// (device, inode, size, mtime and ctime in ns) of the runtime binary.
+type Stamp = (u64, u64, u64, i128, i128);
 
 /// The runtime binary and its measurement.
 struct RuntimeBinary {
@@ -202,7 +202,14 @@ const SPARE_LOG_PREFIX: &str = "spare-";
 fn stamp(path: &Path) -> anyhow::Result<Stamp> {
     let m =
         std::fs::metadata(path).with_context(|| format!("runtime binary {}", path.display()))?;
-    Ok((m.dev(), m.ino(), m.size(), m.mtime()))
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    Ok((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec()),
+    ))
 }
 
 impl RuntimeBinary {
@@ -852,8 +859,12 @@ impl Supervisor {
                 &image,
             )
             .await;
+        // On a runtime worker thread, which lives as long as the supervisor:
+        // the kernel sends a child's parent-death signal when the *thread*
+        // that forked it exits (a blocking-pool thread does, after 10 s idle),
+        // which would kill the enclave that later takes this spare.
         let supervisor = self.clone();
-        tokio::task::spawn_blocking(move || supervisor.refill_spare());
+        tokio::spawn(async move { supervisor.refill_spare() });
         let (mut child, stdin, stdout, ready) = match launched {
             Ok(l) => l,
             Err(e) => {
