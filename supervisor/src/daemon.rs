@@ -705,8 +705,8 @@ impl Supervisor {
             bail!("no channel to the runtime");
         };
         // The boot message (image and compiled code, often MBs) in fewer
-        // hand-offs than 64 KiB each; the kernel's limit may refuse, then the
-        // pipe keeps its size.
+        // hand-offs than 64 KiB each, until the runtime is ready; the kernel's
+        // limit may refuse, then the pipe keeps its size.
         let _ = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
         Ok((child, stdin, stdout))
     }
@@ -1037,6 +1037,10 @@ impl Supervisor {
         let log_tail = || std::fs::read_to_string(log_path).unwrap_or_default();
         match tokio::time::timeout(START_TIMEOUT, first).await {
             Ok(Ok(Some(FromRuntime::Ready { hardening, vsock }))) => {
+                // Booted: back to the default size, which is all NSM answers
+                // need (the kernel counts pipe capacity per user, and a
+                // supervisor that is not root gets small pipes past its limit).
+                let _ = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 16));
                 Ok((child, stdin, stdout, (hardening, vsock)))
             }
             Ok(Ok(Some(FromRuntime::Failed { message }))) => Err(Refusal::Start(message)),
