@@ -822,7 +822,7 @@ fn broker_route(image: &Image, access: Option<KmsAccess>) -> Result<BrokerRoute,
 /// Linear memory a call slot keeps mapped after its call, zeroed with `memset`
 /// when the call ends (the rest is returned to the kernel): the next call
 /// reuses those pages without page faults and still finds only zeros.
-pub const WARM_MEMORY_BYTES: usize = 64 << 20;
+const WARM_MEMORY_BYTES: usize = 64 << 20;
 
 /// What one call may instantiate: core instances, memories, tables, and the
 /// elements of one table. The pool's slots are these times the enclave's

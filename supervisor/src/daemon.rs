@@ -849,7 +849,8 @@ impl Supervisor {
         let log = self.log_path(&enclave_id);
         let launched = self
             .spawn_runtime(
-                (&runtime_path, runtime_stamp),
+                &runtime_path,
+                runtime_stamp,
                 &enclave_id,
                 &dir,
                 &log,
@@ -978,7 +979,8 @@ impl Supervisor {
     #[allow(clippy::too_many_arguments)]
     async fn spawn_runtime(
         &self,
-        (runtime, runtime_stamp): (&Path, Stamp),
+        runtime: &Path,
+        runtime_stamp: Stamp,
         enclave_id: &str,
         dir: &Path,
         log_path: &Path,
